@@ -11,6 +11,7 @@ traceback, and a hang (gloo p2p has been seen to hang elsewhere) fails after
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import traceback
 
@@ -38,8 +39,9 @@ def _worker(rank, world_size, port, fn, args, queue):
     torch.set_num_threads(1)
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
-        result = fn(rank, world_size, *args)
-        queue.put((rank, "ok", result))
+        # Plain pickle bytes: torch's queue would share tensors through file
+        # descriptors that die with this process before the parent reads them.
+        queue.put((rank, "ok", pickle.dumps(fn(rank, world_size, *args))))
     except BaseException:  # noqa: BLE001 - the traceback is the report
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -71,7 +73,7 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 300.0) -> list:
                     f"called it); got ranks {sorted(results)}"
                 ) from exc
             if status == "ok":
-                results[rank] = payload
+                results[rank] = pickle.loads(payload)
             else:
                 errors.append(f"--- rank {rank} ---\n{payload}")
                 break

@@ -1,0 +1,212 @@
+"""Structured configs for every group of the Hydra tree in conf/, and their validation.
+
+OmegaConf enforces types when the YAML groups and command-line overrides are
+merged into these dataclasses (a non-integer size fails there, naming the
+key). `validate` adds the checks that need more than a type: ranges, known
+attention kinds, divisibility over context-parallel ranks, data files. It runs
+right after composition, before any process group starts, and raises
+ConfigError with one line naming the key, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+
+from ltrain.attention.registry import resolve_layer_kinds
+from ltrain.data.config import DataConfig, DataConfigError, validate_data_config
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work; the message is the one line shown to the user."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    vocab_size: int = 512
+    dim: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    ffn_dim: int = 0  # 0: SwiGLU's 8/3 * dim rounded up to multiple_of
+    multiple_of: int = 64
+    norm_eps: float = 1e-5
+    rope_base: float = 10000.0
+    rope_scaling: str = "none"  # none | linear (position interpolation) | ntk
+    rope_factor: float = 1.0
+    tie_embeddings: bool = True
+    activation_checkpointing: bool = False
+    init_std: float = 0.02
+
+
+@dataclass
+class AttentionConfig:
+    # One letter per layer, repeated to n_layers (see ltrain.attention.registry
+    # for the letters), unless `layers` lists every layer's kind by name.
+    pattern: str = "D"
+    layers: Optional[List[str]] = None
+
+
+@dataclass
+class ParallelConfig:
+    dp: int = -1  # -1: whatever the world size leaves after cp
+    cp: int = 1
+    cp_impl: str = "ring"  # ring | ulysses
+    zero_stage: int = 0
+    backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | gloo | nccl
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    warmup_steps: int = 20
+    schedule: str = "cosine"  # cosine | constant
+    grad_clip: float = 1.0  # 0 disables clipping
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 300
+    grad_accum: int = 1
+    precision: str = "fp32"  # fp32 | bf16
+    seed: int = 1234
+    log_every: int = 10
+    out_dir: str = "outputs"
+    run_name: str = "${ltrain_run_id:}"
+    device: str = "auto"  # auto | cpu | cuda
+    progress: bool = True
+
+
+@dataclass
+class TrackingConfig:
+    backend: str = "console"  # console | none
+    project: str = "ltrain"
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+CHOICES = {
+    "model.rope_scaling": ("none", "linear", "ntk"),
+    "parallel.cp_impl": ("ring", "ulysses"),
+    "parallel.zero_stage": (0, 1, 2, 3),
+    "parallel.backend": ("auto", "gloo", "nccl"),
+    "optim.schedule": ("cosine", "constant"),
+    "trainer.precision": ("fp32", "bf16"),
+    "trainer.device": ("auto", "cpu", "cuda"),
+    "tracking.backend": ("console", "none"),
+}
+
+POSITIVE_INTS = (
+    "model.vocab_size", "model.dim", "model.n_layers", "model.n_heads", "model.n_kv_heads",
+    "model.multiple_of", "parallel.cp", "optim.warmup_steps", "trainer.max_steps",
+    "trainer.grad_accum", "trainer.log_every",
+)
+NON_NEGATIVE = ("model.ffn_dim", "optim.weight_decay", "optim.grad_clip", "optim.min_lr_ratio")
+POSITIVE = ("model.norm_eps", "model.rope_base", "model.rope_factor", "model.init_std", "optim.lr")
+
+
+def _get(cfg, dotted: str):
+    node = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def _fail(key: str, value, allowed: str) -> None:
+    raise ConfigError(f"{key}={value!r} is invalid: {allowed}")
+
+
+def run_id() -> str:
+    """One run name shared by every rank, so all ranks write one output dir.
+
+    `${now:}` would resolve per rank (FIELD_NOTES); the launcher's job or
+    rendezvous id, or the torchrun agent's pid on one node, is common to all.
+    """
+    if os.environ.get("LTRAIN_RUN_ID"):
+        return os.environ["LTRAIN_RUN_ID"]
+    if os.environ.get("SLURM_JOB_ID"):
+        return f"slurm-{os.environ['SLURM_JOB_ID']}"
+    rdzv = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+    if rdzv != "none":
+        return f"torchrun-{rdzv}"
+    if "LOCAL_RANK" in os.environ:
+        return f"torchrun-{os.uname().nodename}-{os.getppid()}"
+    return datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
+
+
+def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
+    """Raise ConfigError on the first setting that cannot work."""
+    for key, allowed in CHOICES.items():
+        if _get(cfg, key) not in allowed:
+            _fail(key, _get(cfg, key), "allowed values are " + ", ".join(map(str, allowed)))
+    for key in POSITIVE_INTS:
+        if _get(cfg, key) <= 0:
+            _fail(key, _get(cfg, key), "must be a positive integer")
+    for key in NON_NEGATIVE:
+        if _get(cfg, key) < 0:
+            _fail(key, _get(cfg, key), "must be >= 0")
+    for key in POSITIVE:
+        if _get(cfg, key) <= 0:
+            _fail(key, _get(cfg, key), "must be > 0")
+
+    m = cfg.model
+    if m.dim % m.n_heads:
+        _fail("model.dim", m.dim, f"must be divisible by model.n_heads={m.n_heads}")
+    if (m.dim // m.n_heads) % 2:
+        _fail("model.dim", m.dim, "head dim (dim / n_heads) must be even for rotary embeddings")
+    if m.n_heads % m.n_kv_heads:
+        _fail("model.n_kv_heads", m.n_kv_heads, f"must divide model.n_heads={m.n_heads}")
+
+    try:
+        resolve_layer_kinds(cfg.attention.pattern, cfg.attention.layers, m.n_layers)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+    try:
+        validate_data_config(cfg.data)
+    except DataConfigError as exc:
+        raise ConfigError(str(exc)) from None
+
+    p = cfg.parallel
+    world = world_size_from_env() if world_size is None else world_size
+    if world % p.cp:
+        _fail("parallel.cp", p.cp, f"must divide the world size {world}")
+    dp = world // p.cp
+    if p.dp not in (-1, dp):
+        _fail("parallel.dp", p.dp, f"world size {world} / parallel.cp {p.cp} gives {dp}; set {dp} or -1")
+    # Zigzag cuts each sequence into 2*cp chunks.
+    chunks = 2 * p.cp if p.cp > 1 else 1
+    if cfg.data.seq_len % chunks:
+        _fail("data.seq_len", cfg.data.seq_len, f"must be divisible by 2 x parallel.cp = {chunks}")
+
+
+def register_configs() -> None:
+    """Register the schema (typed merge target for conf/) and the run-id resolver."""
+    if not OmegaConf.has_resolver("ltrain_run_id"):
+        OmegaConf.register_new_resolver("ltrain_run_id", run_id, use_cache=True)
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+

@@ -1,0 +1,146 @@
+"""Synthetic long-context tasks over the byte tokenizer, generated on the fly.
+
+Every sample is exactly seq_len+1 byte ids and ends with its answer, so the
+answer span is always the last `answer_len` tokens. Sample `index` of seed
+`seed` depends on nothing else (numpy Generator seeded with [seed, index]),
+which makes the stream independent of process count and timing.
+
+passkey: filler text with "The pass key is 12345. Remember it. ..." hidden at
+    a depth (fraction of the filler before it), then the question.
+recall:  "abcd:1234 efgh:5678 ... " pairs, filler if any room is left, then
+    "\\nabcd:" and the value.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ltrain.data.config import DataConfig
+from ltrain.data.tokenizer import BYTE_VOCAB_SIZE
+
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+_NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key. "
+_QUESTION = "What is the pass key? The pass key is "
+_LETTERS = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz", dtype=np.uint8)
+
+Probe = tuple[torch.Tensor, int, int]  # tokens LongTensor[seq_len+1], answer_start, answer_len
+
+
+def _rng(seed_or_rng: int | np.random.Generator | tuple[int, ...]) -> np.random.Generator:
+    if isinstance(seed_or_rng, np.random.Generator):
+        return seed_or_rng
+    return np.random.default_rng(seed_or_rng)
+
+
+def _filler(n: int) -> str:
+    reps = n // len(FILLER) + 1
+    return (FILLER * reps)[:n]
+
+
+def _passkey_text(rng: np.random.Generator, length: int, depth: float, digits: int) -> tuple[str, int]:
+    key = "".join(str(d) for d in rng.integers(0, 10, digits))
+    needle = _NEEDLE.format(key=key)
+    room = length - len(needle) - len(_QUESTION) - digits
+    if room < 0:
+        raise ValueError(f"a passkey probe needs seq_len >= {length - room - 1}, got {length - 1}")
+    before = round(depth * room)
+    return _filler(before) + needle + _filler(room - before) + _QUESTION + key, digits
+
+
+def _recall_text(rng: np.random.Generator, length: int, pairs: int, key_len: int, value_len: int) -> tuple[str, int]:
+    pair_len = key_len + 1 + value_len + 1  # "key:value "
+    query_len = 1 + key_len + 1 + value_len  # "\nkey:value"
+    fit = (length - query_len) // pair_len
+    n = min(fit, 26**key_len) if pairs == 0 else pairs
+    if n < 1 or n > fit:
+        raise ValueError(f"{max(n, 1)} recall pairs need seq_len >= {query_len + max(n, 1) * pair_len - 1}, got {length - 1}")
+    # Distinct keys: draw key numbers without replacement, spell them base 26.
+    codes = rng.choice(26**key_len, size=n, replace=False)
+    keys = _LETTERS[(codes[:, None] // 26 ** np.arange(key_len - 1, -1, -1)) % 26]
+    values = (rng.integers(0, 10, (n, value_len)) + ord("0")).astype(np.uint8)
+    q = int(rng.integers(n))
+    colon, space = np.full((n, 1), ord(":"), np.uint8), np.full((n, 1), ord(" "), np.uint8)
+    body = np.hstack([keys, colon, values, space]).tobytes().decode("ascii")  # "key:value " rows
+    query = f"\n{keys[q].tobytes().decode()}:{values[q].tobytes().decode()}"
+    return body + _filler(length - len(body) - query_len) + query, value_len
+
+
+def _encode(text: str) -> np.ndarray:
+    return np.frombuffer(text.encode("ascii"), dtype=np.uint8).astype(np.int64)
+
+
+def make_passkey(seed_or_rng, seq_len: int, depth: float, digits: int = 5) -> Probe:
+    """One passkey probe: (tokens LongTensor[seq_len+1], answer_start, answer_len)."""
+    text, n = _passkey_text(_rng(seed_or_rng), seq_len + 1, depth, digits)
+    return torch.from_numpy(_encode(text)), seq_len + 1 - n, n
+
+
+def make_recall(seed_or_rng, seq_len: int, pairs: int = 0, key_len: int = 4, value_len: int = 4) -> Probe:
+    """One associative-recall probe: (tokens LongTensor[seq_len+1], answer_start, answer_len)."""
+    text, n = _recall_text(_rng(seed_or_rng), seq_len + 1, pairs, key_len, value_len)
+    return torch.from_numpy(_encode(text)), seq_len + 1 - n, n
+
+
+def min_seq_len(cfg: DataConfig) -> int:
+    """Shortest data.seq_len the configured task can fill."""
+    passkey = len(_NEEDLE.format(key="0" * cfg.passkey_digits)) + len(_QUESTION) + cfg.passkey_digits - 1
+    pairs = max(cfg.recall_pairs, 1)
+    recall = pairs * (cfg.recall_key_len + cfg.recall_value_len + 2) + cfg.recall_key_len + cfg.recall_value_len + 1
+    return {"passkey": passkey, "recall": recall, "mixed": max(passkey, recall)}[cfg.task]
+
+
+class SyntheticSource:
+    """An endless stream of task samples; `sample(i)` is a pure function of (seed, i)."""
+
+    num_samples = None  # endless: the sampler walks indices in order
+    vocab_size = BYTE_VOCAB_SIZE
+
+    def __init__(self, cfg: DataConfig, seed: int):
+        self.cfg = cfg
+        self.seed = seed
+        params = (cfg.task, cfg.passkey_digits, cfg.depth_min, cfg.depth_max,
+                  cfg.recall_pairs, cfg.recall_key_len, cfg.recall_value_len)
+        self.fingerprint = "synthetic-v1:" + hashlib.sha256(repr(params).encode()).hexdigest()[:16]
+
+    def sample(self, index: int) -> tuple[np.ndarray, None]:
+        """int64 tokens [seq_len+1]; no document ids (a sample is one document)."""
+        cfg, rng = self.cfg, np.random.default_rng([self.seed, int(index)])
+        task = cfg.task if cfg.task != "mixed" else ("passkey", "recall")[int(rng.integers(2))]
+        if task == "passkey":
+            depth = rng.uniform(cfg.depth_min, cfg.depth_max)
+            text, _ = _passkey_text(rng, cfg.seq_len + 1, depth, cfg.passkey_digits)
+        else:
+            text, _ = _recall_text(rng, cfg.seq_len + 1, cfg.recall_pairs, cfg.recall_key_len, cfg.recall_value_len)
+        return _encode(text), None
+
+
+@torch.no_grad()
+def probe_accuracy(logits_fn: Callable[[torch.Tensor], torch.Tensor], probes: list[Probe], batch_size: int = 8) -> float:
+    """Fraction of probes whose answer tokens are all the greedy (argmax) prediction.
+
+    Teacher-forced: input_ids = tokens[:-1] [B, seq_len]; the logit at position
+    p predicts token p+1. `logits_fn(input_ids[B, N]) -> logits[B, N, V]`.
+    """
+    correct = 0
+    for i in range(0, len(probes), batch_size):
+        chunk = probes[i : i + batch_size]
+        tokens = torch.stack([t for t, _, _ in chunk])
+        logits = logits_fn(tokens[:, :-1])
+        for row, (t, start, n) in enumerate(chunk):
+            pred = logits[row, start - 1 : start - 1 + n].argmax(-1).to(t.device)
+            correct += bool(torch.equal(pred, t[start : start + n]))
+    return correct / len(probes)
+
+
+def passkey_accuracy(logits_fn, *, seq_len: int, n: int, depth: float, seed: int, digits: int = 5) -> float:
+    """Greedy passkey retrieval accuracy over `n` probes at a fixed depth."""
+    return probe_accuracy(logits_fn, [make_passkey((seed, i), seq_len, depth, digits) for i in range(n)])
+
+
+def recall_accuracy(logits_fn, *, seq_len: int, n: int, seed: int, pairs: int = 0) -> float:
+    """Greedy associative-recall accuracy over `n` probes."""
+    return probe_accuracy(logits_fn, [make_recall((seed, i), seq_len, pairs) for i in range(n)])

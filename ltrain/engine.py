@@ -1,0 +1,72 @@
+"""DeepSpeed engine for the model: ZeRO stage, precision, accumulation, clipping
+and the warmup + cosine LR schedule, all from the config.
+
+DS_ACCELERATOR must be set before deepspeed is imported, hence the order here.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+# DeepSpeed JIT-builds ops on first use; keep its cache out of the shared global one.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/ltrain/torch_extensions"))
+
+import deepspeed  # noqa: E402
+from torch.optim.lr_scheduler import LambdaLR  # noqa: E402
+
+from ltrain.parallel.topology import deepspeed_mpu  # noqa: E402
+
+
+def lr_lambda(step: int, *, warmup_steps: int, max_steps: int, schedule: str, min_lr_ratio: float) -> float:
+    """Linear warmup to 1, then cosine decay to min_lr_ratio at max_steps (or constant)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices only; norms (1-D) are left alone, as in Llama/GPT training."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def deepspeed_config(cfg) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": cfg.data.micro_batch_size,
+        "gradient_accumulation_steps": cfg.trainer.grad_accum,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        "bf16": {"enabled": cfg.trainer.precision == "bf16"},
+        # A client torch AdamW: a config-defined optimizer would JIT-build fused_adam.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+def build_engine(model: torch.nn.Module, cfg):
+    """-> DeepSpeed engine (optimizer and LR scheduler inside), reducing over dp x cp."""
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(
+        param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps
+    )
+    scheduler = LambdaLR(
+        optimizer,
+        lambda step: lr_lambda(
+            step, warmup_steps=o.warmup_steps, max_steps=cfg.trainer.max_steps,
+            schedule=o.schedule, min_lr_ratio=o.min_lr_ratio,
+        ),
+    )
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler,
+        config=deepspeed_config(cfg), mpu=deepspeed_mpu(), dist_init_required=False,
+    )
+    return engine

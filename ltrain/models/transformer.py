@@ -1,0 +1,83 @@
+"""Llama-style decoder whose layers each use the attention kind the config names.
+
+embedding -> n_layers x [x + attn(norm(x)), x + mlp(norm(x))] -> norm -> head
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ltrain.attention.context import AttnContext
+from ltrain.attention.registry import build_attention, resolve_layer_kinds
+from ltrain.models.layers import RMSNorm, SwiGLU, swiglu_hidden
+from ltrain.models.rope import rope_tables
+
+
+class Block(nn.Module):
+    def __init__(self, layer_idx: int, kind: str, model_cfg, attn_cfg):
+        super().__init__()
+        self.kind = kind
+        self.attn_norm = RMSNorm(model_cfg.dim, model_cfg.norm_eps)
+        self.attn = build_attention(kind, layer_idx, model_cfg, attn_cfg)
+        self.mlp_norm = RMSNorm(model_cfg.dim, model_cfg.norm_eps)
+        self.mlp = SwiGLU(model_cfg.dim, swiglu_hidden(model_cfg.dim, model_cfg.ffn_dim, model_cfg.multiple_of))
+
+    def forward(self, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), ctx)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, model_cfg, attn_cfg):
+        super().__init__()
+        self.cfg = model_cfg
+        self.kinds = resolve_layer_kinds(attn_cfg.pattern, attn_cfg.layers, model_cfg.n_layers)
+        self.embed = nn.Embedding(model_cfg.vocab_size, model_cfg.dim)
+        self.layers = nn.ModuleList(
+            Block(i, kind, model_cfg, attn_cfg) for i, kind in enumerate(self.kinds)
+        )
+        self.norm = RMSNorm(model_cfg.dim, model_cfg.norm_eps)
+        self.head = None if model_cfg.tie_embeddings else nn.Linear(model_cfg.dim, model_cfg.vocab_size, bias=False)
+        self.attn_stats: dict = {}
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std); residual output projections scaled by 1/sqrt(2 n_layers) (GPT-2)."""
+        std = self.cfg.init_std
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                scale = 1 / math.sqrt(2 * self.cfg.n_layers) if getattr(module, "is_residual_out", False) else 1.0
+                nn.init.normal_(module.weight, mean=0.0, std=std * scale)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: Optional[torch.Tensor] = None,
+        cp_group: Optional[dist.ProcessGroup] = None,
+    ) -> torch.Tensor:
+        """input_ids: [B, N] -> logits [B, N, vocab]; positions: [B, N] global positions
+        (default arange(N); under context parallelism the shard's own positions)."""
+        b, n = input_ids.shape
+        if positions is None:
+            positions = torch.arange(n, device=input_ids.device).expand(b, n)
+        head_dim = self.cfg.dim // self.cfg.n_heads
+        cos, sin = rope_tables(
+            positions, head_dim, base=self.cfg.rope_base, scaling=self.cfg.rope_scaling,
+            factor=self.cfg.rope_factor,
+        )
+        ctx = AttnContext(positions=positions, cos=cos, sin=sin, cp_group=cp_group)
+        x = self.embed(input_ids)
+        for layer in self.layers:
+            if self.cfg.activation_checkpointing and self.training:
+                x = checkpoint(layer, x, ctx, use_reentrant=False)
+            else:
+                x = layer(x, ctx)
+        x = self.norm(x)
+        self.attn_stats = ctx.stats
+        return self.head(x) if self.head is not None else x @ self.embed.weight.t()

@@ -1,0 +1,161 @@
+"""`ltrain-train`: the Hydra entry point and the training loop.
+
+    ltrain-train model=small attention=dense trainer.max_steps=50
+    torchrun --nproc_per_node=2 -m ltrain.train parallel.dp=2
+
+Order matters: compose -> validate (no process group yet) -> topology ->
+model -> DeepSpeed engine -> data -> loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import sys
+import time
+
+import warnings
+
+# megatron-core warns at import that Transformer Engine / Apex are absent; ltrain uses neither.
+warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+
+import hydra  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from ltrain.config import ConfigError, TrainConfig, register_configs, validate  # noqa: E402
+
+log = logging.getLogger("ltrain")
+
+
+def setup_logging(rank: int, run_dir: str) -> None:
+    level = logging.INFO if rank == 0 else logging.WARNING
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if rank == 0:
+        handlers.append(logging.FileHandler(os.path.join(run_dir, "train.log")))
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s: %(message)s",
+                        handlers=handlers, force=True)
+    for noisy in ("DeepSpeed", "deepspeed", "megatron"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def grad_norm_before_step(model: torch.nn.Module) -> float | None:
+    """The reduced gradient norm where the grads still sit on the parameters.
+
+    DeepSpeed reports a norm only when its optimizer wrapper (ZeRO >= 1 or
+    bf16) computed one; for ZeRO-0 fp32 the reduced grads are on `p.grad`
+    between backward and step.
+    """
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return float(torch.nn.utils.get_total_norm(grads)) if grads else None
+
+
+def train(cfg: TrainConfig, run_dir: str) -> list[float]:
+    """Run the loop; returns the per-step mean losses (every rank gets the global value)."""
+    # Heavy imports after validation, so a config error answers fast.
+    from ltrain.data.loader import build_loader
+    from ltrain.engine import build_engine
+    from ltrain.loss import lm_loss
+    from ltrain.models.transformer import Transformer
+    from ltrain.parallel.topology import destroy_topology, init_topology
+    from ltrain.tracking import build_tracker
+
+    if cfg.parallel.cp > 1:
+        raise ConfigError(
+            f"parallel.cp={cfg.parallel.cp} is invalid: context-parallel attention is not available "
+            "in this version; use parallel.cp=1"
+        )
+    topo = init_topology(cfg.parallel.cp, cfg.parallel.backend, cfg.trainer.device)
+    os.makedirs(run_dir, exist_ok=True)
+    setup_logging(topo.rank, run_dir)
+    if topo.rank == 0:
+        with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+            f.write(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+        log.info("run dir %s | world %d = dp %d x cp %d | backend %s",
+                 run_dir, topo.world_size, topo.dp, topo.cp, topo.backend)
+
+    torch.manual_seed(cfg.trainer.seed)  # identical initial weights on every rank
+    model = Transformer(cfg.model, cfg.attention).to(topo.device)
+    log.info("model %s: %.2fM parameters, layers %s", cfg.model.name,
+             sum(p.numel() for p in model.parameters()) / 1e6, "".join(k[0].upper() for k in model.kinds))
+    engine = build_engine(model, cfg)
+    loader = build_loader(cfg.data, seed=cfg.trainer.seed, dp_rank=topo.dp_rank, dp_size=topo.dp)
+    if loader.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size={cfg.model.vocab_size} is invalid: the data's tokenizer has "
+            f"{loader.vocab_size} tokens; set model.vocab_size >= {loader.vocab_size}"
+        )
+    tracker = build_tracker(cfg.tracking, rank=topo.rank, run_dir=run_dir)
+
+    tokens_per_step = cfg.data.micro_batch_size * cfg.data.seq_len * cfg.trainer.grad_accum * topo.dp
+    bar = tqdm(total=cfg.trainer.max_steps, disable=topo.rank != 0 or not cfg.trainer.progress,
+               desc="train", unit="step", dynamic_ncols=True, mininterval=1.0)
+    losses: list[float] = []
+    window_start, window_tokens = time.perf_counter(), 0
+    for step in range(1, cfg.trainer.max_steps + 1):
+        step_start = time.perf_counter()
+        stats = torch.zeros(2, dtype=torch.float64)  # [loss sum, token count] over micro steps
+        for _ in range(cfg.trainer.grad_accum):
+            batch = {k: v.to(topo.device) for k, v in loader.next_batch().items()}
+            logits = engine(batch["input_ids"], batch.get("position_ids"), topo.cp_group)
+            loss, loss_sum, count = lm_loss(logits, batch["labels"], topo.cp_group)
+            engine.backward(loss)
+            if engine.is_gradient_accumulation_boundary():
+                pre_clip_norm = grad_norm_before_step(model)
+            engine.step()
+            stats += torch.tensor([loss_sum.item(), count.item()], dtype=torch.float64)
+        dist.all_reduce(stats, group=topo.dp_cp_group)
+        mean_loss = (stats[0] / stats[1]).item()
+        losses.append(mean_loss)
+        step_time = time.perf_counter() - step_start
+        window_tokens += tokens_per_step
+        bar.update(1)
+        bar.set_postfix(loss=f"{mean_loss:.4f}", tok_s=f"{tokens_per_step / step_time:,.0f}", refresh=False)
+        if step % cfg.trainer.log_every == 0 or step == cfg.trainer.max_steps:
+            elapsed = time.perf_counter() - window_start
+            grad_norm = engine.get_global_grad_norm()
+            grad_norm = pre_clip_norm if grad_norm is None else grad_norm
+            tracker.log({
+                "loss": mean_loss,
+                "lr": engine.get_lr()[0],
+                "grad_norm": float("nan") if grad_norm is None else float(grad_norm),
+                "tokens_per_s": window_tokens / elapsed,
+                "step_time_s": step_time,
+                "peak_mem_gb": peak_memory_gb(topo.device),
+                "seq_len": cfg.data.seq_len,
+            }, step=step)
+            window_start, window_tokens = time.perf_counter(), 0
+    bar.close()
+    tracker.finish()
+    destroy_topology()
+    return losses
+
+
+@hydra.main(config_path="pkg://ltrain.conf", config_name="train", version_base="1.3")
+def hydra_main(dcfg: DictConfig) -> None:
+    cfg: TrainConfig = OmegaConf.to_object(dcfg)
+    try:
+        validate(cfg)
+        train(cfg, HydraConfig.get().runtime.output_dir)
+    except ConfigError as exc:
+        print(f"ltrain: config error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main() -> None:
+    register_configs()
+    hydra_main()
+
+
+if __name__ == "__main__":
+    main()

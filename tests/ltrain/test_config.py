@@ -1,0 +1,94 @@
+"""Every config file composes; every validation error names its key."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+from ltrain.config import ConfigError, TrainConfig, register_configs, validate
+
+CONF = Path(__file__).resolve().parents[2] / "conf"
+register_configs()
+
+
+def load(*overrides: str) -> TrainConfig:
+    with initialize_config_module("ltrain.conf", version_base="1.3"):
+        return OmegaConf.to_object(compose("train", overrides=list(overrides)))
+
+
+def group_options():
+    for group in sorted(p for p in CONF.iterdir() if p.is_dir() and p.name != "__pycache__"):
+        for f in sorted(group.glob("*.yaml")):
+            yield f"{group.name}={f.stem}"
+
+
+@pytest.mark.parametrize("override", list(group_options()))
+def test_every_preset_composes_and_validates(override, tmp_path):
+    extra = []
+    if override == "data=memmap":  # needs a real prepared corpus: made by the data tests
+        src = tmp_path / "a.txt"
+        src.write_text("hello world\n" * 500)
+        subprocess.run([sys.executable, "-m", "ltrain.data.prepare", str(src), str(tmp_path / "out")], check=True)
+        extra = [f"data.path={tmp_path / 'out'}", "data.seq_len=128"]
+    cfg = load(override, *extra)
+    assert isinstance(cfg, TrainConfig)
+    validate(cfg, world_size=1)
+
+
+def test_default_is_tiny_dense_synthetic():
+    cfg = load()
+    assert (cfg.model.name, cfg.attention.pattern, cfg.data.kind) == ("tiny", "D", "synthetic")
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("model.dim=-8", "model.dim"),
+        ("model.n_layers=0", "model.n_layers"),
+        ("model.n_kv_heads=3", "model.n_kv_heads"),
+        ("optim.lr=0", "optim.lr"),
+        ("trainer.precision=fp8", "trainer.precision"),
+        ("parallel.zero_stage=4", "parallel.zero_stage"),
+        ("model.rope_scaling=yarn", "model.rope_scaling"),
+        ("attention.pattern=DQ", "attention.pattern"),
+        ("attention.layers=[dense,foo,dense,dense]", "attention.layers[1]"),
+        ("data.kind=parquet", "data.kind"),
+        ("data.seq_len=-1", "data.seq_len"),
+    ],
+)
+def test_validation_error_names_key(override, key):
+    with pytest.raises(ConfigError) as err:
+        validate(load(override), world_size=1)
+    msg = str(err.value)
+    assert key in msg and "\n" not in msg
+    assert override.split("=", 1)[1].split(",")[0].strip("[") in msg
+
+
+def test_unknown_attention_kind_lists_allowed():
+    with pytest.raises(ConfigError, match="allowed: D=dense"):
+        validate(load("attention.pattern=X"), world_size=1)
+
+
+def test_cp_must_divide_world_and_seq_len():
+    with pytest.raises(ConfigError, match="parallel.cp=3 .*world size 4"):
+        validate(load("parallel.cp=3"), world_size=4)
+    with pytest.raises(ConfigError, match="data.seq_len=258 .*2 x parallel.cp = 4"):
+        validate(load("parallel.cp=2", "data.seq_len=258"), world_size=4)
+    with pytest.raises(ConfigError, match="parallel.dp=3"):
+        validate(load("parallel.dp=3"), world_size=4)
+
+
+def test_missing_data_path_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="data.path"):
+        validate(load("data=memmap", f"data.path={tmp_path / 'nope'}"), world_size=1)
+
+
+def test_wrong_type_is_rejected_at_compose_time():
+    with pytest.raises(ConfigCompositionException, match="model.dim"):
+        load("model.dim=1.5")
+    with pytest.raises(ConfigCompositionException, match="not_a_key"):
+        load("model.not_a_key=1")

@@ -1,0 +1,61 @@
+"""`ltrain-train` end to end, as a user runs it: Hydra CLI, real DeepSpeed, real files."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_cli(args, tmp_path, *, launcher=(sys.executable, "-m", "ltrain.train"), timeout=600):
+    env = {**os.environ, "LTRAIN_RUN_ID": "test", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(
+        [*launcher, f"trainer.out_dir={tmp_path}", *args],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+    return proc, tmp_path / "test"
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_default_run_learns_and_writes_its_outputs(tmp_path):
+    """The README's first command: the embedded default config, loss must fall."""
+    proc, run_dir = run_cli(["trainer.log_every=10"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = read_metrics(run_dir)
+    assert rows[-1]["step"] == 300
+    first, last = rows[0]["loss"], rows[-1]["loss"]
+    assert last < 0.5 * first, f"loss did not fall enough: {first} -> {last}"
+    assert all(r["tokens_per_s"] > 0 and r["grad_norm"] == r["grad_norm"] for r in rows)  # no NaN
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["model"]["name"] == "tiny" and saved["trainer"]["run_name"] == "test"
+    assert "step 300" in proc.stdout + proc.stderr
+
+
+def test_config_error_is_one_line_before_any_process_group(tmp_path):
+    proc, run_dir = run_cli(["model.n_kv_heads=3"], tmp_path)
+    assert proc.returncode == 2
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert lines[-1].startswith("ltrain: config error: model.n_kv_heads=3")
+    assert "Traceback" not in proc.stderr
+    assert not (run_dir / "config.yaml").exists()
+
+
+@pytest.mark.slow
+def test_torchrun_two_data_parallel_ranks(tmp_path):
+    proc, run_dir = run_cli(
+        ["parallel.dp=2", "trainer.max_steps=20", "trainer.log_every=5"], tmp_path,
+        launcher=(sys.executable, "-m", "torch.distributed.run", "--standalone",
+                  "--nproc_per_node=2", "-m", "ltrain.train"),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = read_metrics(run_dir)
+    assert [r["step"] for r in rows] == [5, 10, 15, 20]
+    assert "dp 2 x cp 1" in (run_dir / "train.log").read_text()
