@@ -46,11 +46,38 @@ class ModelConfig:
 
 
 @dataclass
+class S2Config:
+    """S2-Attention; defaults are the paper's / Phi-3-small's (REFERENCES.md)."""
+
+    block_size: int = 64
+    local_blocks: int = 16
+    vert_stride: int = 8
+    homo_head: bool = False
+    head_sliding_offset: int = 1  # 1: vLLM / Phi-3-small; 0: DKernel's default
+    num_dense_heads: int = 0
+
+
+@dataclass
+class InfLLMV2Config:
+    """InfLLM-V2; defaults are MiniCPM4's public sparse_config (REFERENCES.md)."""
+
+    kernel_size: int = 32
+    kernel_stride: int = 16
+    block_size: int = 64
+    topk: int = 64
+    init_blocks: int = 1
+    window_size: int = 2048
+    dense_len: int = 8192
+
+
+@dataclass
 class AttentionConfig:
     # One letter per layer, repeated to n_layers (see ltrain.attention.registry
     # for the letters), unless `layers` lists every layer's kind by name.
     pattern: str = "D"
     layers: Optional[List[str]] = None
+    s2: S2Config = field(default_factory=S2Config)
+    infllm_v2: InfLLMV2Config = field(default_factory=InfLLMV2Config)
 
 
 @dataclass
@@ -86,12 +113,19 @@ class TrainerConfig:
     run_name: str = "${ltrain_run_id:}"
     device: str = "auto"  # auto | cpu | cuda
     progress: bool = True
+    ckpt_dir: str = "${trainer.out_dir}/${trainer.run_name}/checkpoints"
+    ckpt_every: int = 100  # 0: only at the end
+    keep_last: int = 2
+    resume: str = "auto"  # auto (newest complete checkpoint in ckpt_dir, if any) | none | PATH
 
 
 @dataclass
 class TrackingConfig:
-    backend: str = "console"  # console | none
+    backend: str = "console"  # console | wandb | none
     project: str = "ltrain"
+    mode: str = "offline"  # wandb: offline (no network, no account) | online
+    entity: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
 
 
 @dataclass
@@ -113,15 +147,16 @@ CHOICES = {
     "optim.schedule": ("cosine", "constant"),
     "trainer.precision": ("fp32", "bf16"),
     "trainer.device": ("auto", "cpu", "cuda"),
-    "tracking.backend": ("console", "none"),
+    "tracking.backend": ("console", "wandb", "none"),
+    "tracking.mode": ("offline", "online"),
 }
 
 POSITIVE_INTS = (
     "model.vocab_size", "model.dim", "model.n_layers", "model.n_heads", "model.n_kv_heads",
     "model.multiple_of", "parallel.cp", "optim.warmup_steps", "trainer.max_steps",
-    "trainer.grad_accum", "trainer.log_every",
+    "trainer.grad_accum", "trainer.log_every", "trainer.keep_last",
 )
-NON_NEGATIVE = ("model.ffn_dim", "optim.weight_decay", "optim.grad_clip", "optim.min_lr_ratio")
+NON_NEGATIVE = ("model.ffn_dim", "optim.weight_decay", "optim.grad_clip", "optim.min_lr_ratio", "trainer.ckpt_every")
 POSITIVE = ("model.norm_eps", "model.rope_base", "model.rope_factor", "model.init_std", "optim.lr")
 
 
@@ -185,6 +220,10 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
         resolve_layer_kinds(cfg.attention.pattern, cfg.attention.layers, m.n_layers)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+
+    resume = cfg.trainer.resume
+    if resume not in ("auto", "none") and not os.path.isdir(resume):
+        _fail("trainer.resume", resume, "allowed: auto, none, or an existing checkpoint directory")
 
     try:
         validate_data_config(cfg.data)

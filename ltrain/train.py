@@ -27,6 +27,7 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from ltrain import checkpoint  # noqa: E402
 from ltrain.config import ConfigError, TrainConfig, register_configs, validate  # noqa: E402
 
 log = logging.getLogger("ltrain")
@@ -75,6 +76,7 @@ def train(cfg: TrainConfig, run_dir: str) -> list[float]:
             f"parallel.cp={cfg.parallel.cp} is invalid: context-parallel attention is not available "
             "in this version; use parallel.cp=1"
         )
+    checkpoint.check_writable(cfg.trainer.ckpt_dir)
     topo = init_topology(cfg.parallel.cp, cfg.parallel.backend, cfg.trainer.device)
     os.makedirs(run_dir, exist_ok=True)
     setup_logging(topo.rank, run_dir)
@@ -95,14 +97,19 @@ def train(cfg: TrainConfig, run_dir: str) -> list[float]:
             f"model.vocab_size={cfg.model.vocab_size} is invalid: the data's tokenizer has "
             f"{loader.vocab_size} tokens; set model.vocab_size >= {loader.vocab_size}"
         )
-    tracker = build_tracker(cfg.tracking, rank=topo.rank, run_dir=run_dir)
+    resumed = checkpoint.load(engine, loader, cfg.trainer.ckpt_dir, cfg.trainer.resume)
+    start = resumed.step if resumed else 0
+    tracker = build_tracker(cfg.tracking, rank=topo.rank, run_dir=run_dir,
+                            config=OmegaConf.to_container(OmegaConf.structured(cfg)),
+                            run_id=resumed.tracker_run_id if resumed else None)
 
     tokens_per_step = cfg.data.micro_batch_size * cfg.data.seq_len * cfg.trainer.grad_accum * topo.dp
-    bar = tqdm(total=cfg.trainer.max_steps, disable=topo.rank != 0 or not cfg.trainer.progress,
+    bar = tqdm(total=cfg.trainer.max_steps, initial=start, disable=topo.rank != 0 or not cfg.trainer.progress,
                desc="train", unit="step", dynamic_ncols=True, mininterval=1.0)
     losses: list[float] = []
     window_start, window_tokens = time.perf_counter(), 0
-    for step in range(1, cfg.trainer.max_steps + 1):
+    tokens = resumed.tokens if resumed else 0
+    for step in range(start + 1, cfg.trainer.max_steps + 1):
         step_start = time.perf_counter()
         stats = torch.zeros(2, dtype=torch.float64)  # [loss sum, token count] over micro steps
         for _ in range(cfg.trainer.grad_accum):
@@ -119,6 +126,7 @@ def train(cfg: TrainConfig, run_dir: str) -> list[float]:
         losses.append(mean_loss)
         step_time = time.perf_counter() - step_start
         window_tokens += tokens_per_step
+        tokens += tokens_per_step
         bar.update(1)
         bar.set_postfix(loss=f"{mean_loss:.4f}", tok_s=f"{tokens_per_step / step_time:,.0f}", refresh=False)
         if step % cfg.trainer.log_every == 0 or step == cfg.trainer.max_steps:
@@ -135,6 +143,12 @@ def train(cfg: TrainConfig, run_dir: str) -> list[float]:
                 "seq_len": cfg.data.seq_len,
             }, step=step)
             window_start, window_tokens = time.perf_counter(), 0
+        every = cfg.trainer.ckpt_every
+        if (every and step % every == 0) or step == cfg.trainer.max_steps:
+            checkpoint.save(engine, cfg.trainer.ckpt_dir, step=step, tokens=tokens, loader=loader,
+                            tracker_run_id=tracker.run_id, keep_last=cfg.trainer.keep_last,
+                            extra={"seq_len": cfg.data.seq_len, "dp": topo.dp, "cp": topo.cp,
+                                   "zero_stage": cfg.parallel.zero_stage})
     bar.close()
     tracker.finish()
     destroy_topology()
@@ -149,6 +163,9 @@ def hydra_main(dcfg: DictConfig) -> None:
         train(cfg, HydraConfig.get().runtime.output_dir)
     except ConfigError as exc:
         print(f"ltrain: config error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except checkpoint.CheckpointError as exc:
+        print(f"ltrain: checkpoint error: {exc}", file=sys.stderr)
         sys.exit(2)
 
 

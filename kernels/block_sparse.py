@@ -1,0 +1,128 @@
+"""block_sparse_attention: the public op, one autograd Function over two
+implementations (Triton kernel, PyTorch reference) with the same forward and
+backward contract.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+
+import torch
+
+from . import block_sparse_ref, block_sparse_triton
+from .layout import BlockLayout
+
+BLOCK_SIZES = (16, 32, 64, 128)
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+IMPLS = ("auto", "triton", "torch")
+_warned_head_dims: set[int] = set()
+
+
+class BlockSparseAttention(torch.autograd.Function):
+    """(q, k, v) -> (out, lse); the backward takes gradients of both, so a
+    caller that merges partial results through lse (ring attention) gets exact
+    gradients: d lse_i / d s_ij = p_ij folds into delta_i = do_i . o_i - dlse_i."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, layout, impl, opts):
+        out, lse = impl.forward(q, k, v, layout, **opts)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.layout, ctx.impl, ctx.opts = layout, impl, opts
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(out)
+        delta = (dout.float() * out.float()).sum(-1)
+        if dlse is not None:
+            delta = delta - dlse
+        dq, dk, dv = ctx.impl.backward(dout.contiguous(), q, k, v, lse, delta.contiguous(), ctx.layout, **ctx.opts)
+        return dq, dk, dv, None, None, None
+
+
+def _check(q, k, v, layout, block_size, impl):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be [B, H, N, D], got shape {tuple(t.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
+    B, Hq, Nq, D = q.shape
+    _, Hkv, Nk, Dk = k.shape
+    if k.shape[0] != B or Dk != D:
+        raise ValueError(f"k/v {tuple(k.shape)} do not match q {tuple(q.shape)} in batch or head dim")
+    if Hq % Hkv:
+        raise ValueError(f"q heads ({Hq}) must be a multiple of k/v heads ({Hkv}) for GQA")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"dtype mismatch: q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    if q.dtype not in DTYPES:
+        raise ValueError(f"dtype {q.dtype} not supported; use one of {DTYPES}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if block_size not in BLOCK_SIZES:
+        raise ValueError(f"block_size must be one of {BLOCK_SIZES}, got {block_size}")
+    for name, n in (("Nq", Nq), ("Nk", Nk)):
+        if n % block_size:
+            raise ValueError(f"{name}={n} is not divisible by block_size={block_size}: pad the sequence to a multiple of block_size")
+    if not isinstance(layout, BlockLayout):
+        raise ValueError(f"layout must be a BlockLayout, got {type(layout).__name__}")
+    Bl, Hl, Mq = layout.counts.shape
+    if Mq != Nq // block_size:
+        raise ValueError(f"layout has {Mq} query blocks but q has Nq/block_size = {Nq}/{block_size} = {Nq // block_size}")
+    if layout.num_k_blocks != Nk // block_size:
+        raise ValueError(f"layout has {layout.num_k_blocks} key blocks but k has Nk/block_size = {Nk // block_size}")
+    if Hl not in (1, Hkv, Hq):
+        raise ValueError(f"layout heads must be 1, Hkv={Hkv} or Hq={Hq}, got {Hl}")
+    if Bl not in (1, B):
+        raise ValueError(f"layout batch must be 1 or B={B}, got {Bl}")
+    if layout.device != q.device:
+        raise ValueError(f"layout is on {layout.device} but q is on {q.device}")
+
+
+def _select_impl(q, impl):
+    D = q.shape[-1]
+    if impl == "torch" or (impl == "auto" and not q.is_cuda):
+        return block_sparse_ref
+    if D not in block_sparse_triton.HEAD_DIMS:
+        if impl == "triton":
+            raise ValueError(f"head dim {D} not supported by the Triton kernel (supported: {block_sparse_triton.HEAD_DIMS}); use impl='torch'")
+        if D not in _warned_head_dims:
+            _warned_head_dims.add(D)
+            warnings.warn(f"block_sparse_attention: head dim {D} has no Triton kernel; using the (slower) PyTorch reference")
+        return block_sparse_ref
+    if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before import for the CPU interpreter)")
+    return block_sparse_triton
+
+
+def block_sparse_attention(q, k, v, layout: BlockLayout, *, block_size: int = 64, causal: bool = True,
+                           sm_scale: float | None = None, q_start: int = 0, k_start: int = 0,
+                           return_lse: bool = False, impl: str = "auto"):
+    """Block-sparse softmax attention.
+
+    q: [B, Hq, Nq, D], k, v: [B, Hkv, Nk, D] (Hq a multiple of Hkv; query head
+    h reads KV head h // (Hq / Hkv)); layout: BlockLayout with Nq/block_size
+    query blocks and Nk/block_size key blocks, batch 1 or B, heads 1, Hkv or Hq.
+
+        o_i = sum_{j in active blocks, visible} softmax_j(sm_scale * q_i . k_j) v_j
+
+    visible means k_start + j <= q_start + i when causal (global positions, so a
+    caller holding chunks of a longer sequence gets the right mask). A row with
+    no visible key gets o_i = 0 and lse_i = -inf, and zero gradients.
+
+    Returns out [B, Hq, Nq, D] in q.dtype, and lse [B, Hq, Nq] fp32 (natural
+    log) when return_lse. impl: "auto" (Triton on CUDA, reference on CPU),
+    "triton" or "torch".
+    """
+    _check(q, k, v, layout, block_size, impl)
+    opts = dict(block_size=block_size, causal=causal, q_start=int(q_start), k_start=int(k_start),
+                sm_scale=float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(q.shape[-1]))
+    out, lse = BlockSparseAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), layout,
+                                          _select_impl(q, impl), opts)
+    return (out, lse) if return_lse else out

@@ -1,0 +1,11 @@
+"""Triton kernels run in the interpreter when there is no GPU (ARCHITECTURE.md).
+
+Set before any test module imports a kernel: triton.jit picks interpreter or
+compiler when the kernel is decorated."""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -1,0 +1,103 @@
+"""The public op: argument validation, dispatch and the autograd Function."""
+
+import pytest
+import torch
+
+from ltrain.kernels import BlockLayout, block_sparse_attention
+from tests.kernels.test_block_sparse_ref import NAMES, assert_close, make_qkv, run
+
+
+def inputs(B=1, Hq=4, Hkv=2, N=64, D=32, dtype=torch.float32):
+    q, k, v, *_ = make_qkv(B, Hq, Hkv, N, N, D, dtype=dtype)
+    return q, k, v
+
+
+def call(q, k, v, layout=None, **kw):
+    layout = layout if layout is not None else BlockLayout.causal(q.shape[2] // 16, k.shape[2] // 16)
+    return block_sparse_attention(q, k, v, layout, **{"block_size": 16, **kw})
+
+
+@pytest.mark.parametrize("make_layout,match", [
+    (lambda: BlockLayout.causal(3, 4), "query blocks"),
+    (lambda: BlockLayout.causal(4, 3), "key blocks"),
+    (lambda: BlockLayout.from_block_mask(torch.ones(1, 3, 4, 4, dtype=torch.bool)), "layout heads"),
+    (lambda: BlockLayout.from_block_mask(torch.ones(3, 1, 4, 4, dtype=torch.bool)), "layout batch"),
+])
+def test_layout_shape_mismatch(make_layout, match):
+    with pytest.raises(ValueError, match=match):
+        call(*inputs(B=2), make_layout())
+
+
+def test_layout_not_a_blocklayout():
+    with pytest.raises(ValueError, match="layout must be a BlockLayout"):
+        call(*inputs(), torch.ones(1, 1, 4, 4, dtype=torch.bool))
+
+
+def test_sequence_not_divisible_by_block_size():
+    q, k, v = inputs(N=72)
+    with pytest.raises(ValueError, match="Nq=72 .*pad the sequence to a multiple of block_size"):
+        call(q, k, v, BlockLayout.causal(4, 4))
+    q, _, _ = inputs(N=64)
+    _, k, v = inputs(N=72)
+    with pytest.raises(ValueError, match="Nk=72 .*pad the sequence"):
+        call(q, k, v, BlockLayout.causal(4, 4))
+
+
+def test_block_size_unsupported():
+    with pytest.raises(ValueError, match="block_size"):
+        call(*inputs(), BlockLayout.causal(8, 8), block_size=8)
+
+
+def test_gqa_heads_not_a_multiple():
+    with pytest.raises(ValueError, match=r"q heads \(4\) must be a multiple of k/v heads \(3\)"):
+        call(*inputs(Hq=4, Hkv=3))
+
+
+def test_dtype_mismatch_and_unsupported():
+    q, k, v = inputs()
+    with pytest.raises(ValueError, match="dtype mismatch"):
+        call(q.half(), k, v)
+    with pytest.raises(ValueError, match="not supported"):
+        call(q.double(), k.double(), v.double())
+
+
+def test_shape_mismatches():
+    q, k, v = inputs()
+    with pytest.raises(ValueError, match="k and v"):
+        call(q, k, v[..., :16])
+    with pytest.raises(ValueError, match=r"q must be \[B, H, N, D\]"):
+        call(q[0], k, v)
+    with pytest.raises(ValueError, match="batch or head dim"):
+        call(q[..., :16], k, v)
+
+
+def test_unknown_impl():
+    with pytest.raises(ValueError, match="impl must be one of"):
+        call(*inputs(), impl="cuda")
+
+
+def test_triton_rejects_unsupported_head_dim():
+    with pytest.raises(ValueError, match="head dim 48 not supported by the Triton kernel"):
+        call(*inputs(D=48), impl="triton")
+
+
+def test_torch_path_serves_any_head_dim():
+    q, k, v = inputs(D=48)
+    assert call(q, k, v, impl="auto").shape == q.shape
+
+
+def test_auto_on_cpu_is_the_reference():
+    q, k, v, do, dlse = make_qkv(1, 4, 2, 64, 64, 32)
+    fn = lambda impl: (lambda q, k, v: call(q, k, v, impl=impl, return_lse=True))
+    assert_close(run(fn("auto"), q, k, v, do, dlse), run(fn("torch"), q, k, v, do, dlse), NAMES, rtol=0, atol=0)
+
+
+def test_return_lse_flag_sm_scale_and_non_contiguous_inputs():
+    q, k, v = inputs()
+    out = call(q.transpose(1, 2).contiguous().transpose(1, 2), k, v, sm_scale=0.5)
+    assert isinstance(out, torch.Tensor) and out.shape == q.shape and out.dtype == q.dtype
+    out2, lse = call(q, k, v, sm_scale=0.5, return_lse=True)
+    assert lse.dtype == torch.float32 and lse.shape == q.shape[:3]
+    torch.testing.assert_close(out, out2, rtol=0, atol=0)
+    out.sum().backward()   # out only: the Function gets no lse gradient
+    assert q.grad is not None and torch.isfinite(q.grad).all()

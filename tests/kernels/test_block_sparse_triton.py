@@ -1,0 +1,58 @@
+"""Triton kernel (forward, lse, dq, dk, dv) against the PyTorch reference.
+Without a GPU it runs in the Triton interpreter (tests/kernels/conftest.py
+sets TRITON_INTERPRET=1), so shapes stay small."""
+
+import pytest
+import torch
+
+from ltrain.kernels import BlockLayout, block_sparse_attention
+from tests.kernels.test_block_sparse_ref import NAMES, assert_close, half_precision_errors, make_qkv, random_layout, run
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def compare(B, Hq, Hkv, Nq, Nk, D, layout, block_size, **kw):
+    q, k, v, do, dlse = (t.to(DEVICE) for t in make_qkv(B, Hq, Hkv, Nq, Nk, D))
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    layout = layout.to(DEVICE)
+    fn = lambda impl: (lambda q, k, v: block_sparse_attention(q, k, v, layout, block_size=block_size, return_lse=True,
+                                                              impl=impl, **kw))
+    got = run(fn("triton"), q, k, v, do, dlse)
+    assert_close(got, run(fn("torch"), q, k, v, do, dlse), NAMES)
+    return got
+
+
+def test_per_head_layout_gqa_with_empty_rows():
+    mask = torch.rand(1, 4, 4, 4, generator=torch.Generator().manual_seed(0)) < 0.5
+    mask[0, 1, 2] = False
+    out, lse, *grads = compare(2, 4, 2, 64, 64, 32, BlockLayout.from_block_mask(mask), 16)
+    assert (out[:, 1, 32:48] == 0).all() and (lse[:, 1, 32:48] == float("-inf")).all()
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
+def test_per_batch_per_kv_group_layout():
+    compare(2, 4, 2, 128, 128, 64, random_layout(2, 2, 4, 4, density=0.6, seed=1), 32)
+
+
+@pytest.mark.parametrize("q_start,k_start", [(40, 0), (0, 64)])
+def test_global_offsets_shared_layout(q_start, k_start):
+    out, lse, *_ = compare(1, 2, 1, 64, 64, 32, random_layout(1, 1, 4, 4, density=0.7, seed=2), 16,
+                           q_start=q_start, k_start=k_start)
+    if k_start > q_start + 63:
+        assert (out == 0).all() and (lse == float("-inf")).all()
+
+
+def test_non_causal_rectangular():
+    compare(1, 2, 2, 32, 64, 32, random_layout(1, 2, 2, 4, density=0.6, seed=3), 16, causal=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_within_sdpa_error(dtype):
+    def triton_fn(q, k, v, layout):
+        out, lse = block_sparse_attention(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), layout.to(DEVICE), block_size=16,
+                                          return_lse=True, impl="triton")
+        return out.cpu(), lse.cpu()
+    got, base = half_precision_errors(dtype, triton_fn)
+    assert got[0] <= 2 * base[0], (got, base)
+    for g, b in zip(got[1:], base[1:]):
+        assert g <= 3 * b, (got, base)
