@@ -71,6 +71,14 @@ class InfLLMV2Config:
 
 
 @dataclass
+class LinearConfig:
+    """Lightning (linear) attention layers."""
+
+    decay: bool = True  # per-head decay lambda_h (TransNormerLLM); False: plain causal linear attention
+    chunk_size: int = 64
+
+
+@dataclass
 class AttentionConfig:
     # One letter per layer, repeated to n_layers (see ltrain.attention.registry
     # for the letters), unless `layers` lists every layer's kind by name.
@@ -78,6 +86,7 @@ class AttentionConfig:
     layers: Optional[List[str]] = None
     s2: S2Config = field(default_factory=S2Config)
     infllm_v2: InfLLMV2Config = field(default_factory=InfLLMV2Config)
+    linear: LinearConfig = field(default_factory=LinearConfig)
 
 
 @dataclass

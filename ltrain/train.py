@@ -61,6 +61,11 @@ def grad_norm_before_step(model: torch.nn.Module) -> float | None:
     return float(torch.nn.utils.get_total_norm(grads)) if grads else None
 
 
+def attention_stats(stats: dict) -> dict:
+    """Per-layer numbers the attention kinds reported (mode, attended fraction), as plain values."""
+    return {k: v.item() if isinstance(v, torch.Tensor) else v for k, v in stats.items()}
+
+
 def train(cfg: TrainConfig, run_dir: str) -> list[float]:
     """Run the loop; returns the per-step mean losses (every rank gets the global value)."""
     # Heavy imports after validation, so a config error answers fast.
@@ -141,6 +146,7 @@ def train(cfg: TrainConfig, run_dir: str) -> list[float]:
                 "step_time_s": step_time,
                 "peak_mem_gb": peak_memory_gb(topo.device),
                 "seq_len": cfg.data.seq_len,
+                **attention_stats(model.attn_stats),
             }, step=step)
             window_start, window_tokens = time.perf_counter(), 0
         every = cfg.trainer.ckpt_every

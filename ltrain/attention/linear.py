@@ -1,0 +1,69 @@
+"""`linear`: lightning attention (causal linear attention with per-head decay).
+
+Follows the TransNormerLLM / lightning-attention line:
+    q' = silu(q), k' = silu(k)                (feature map, no softmax)
+    S_t = lambda_h S_{t-1} + k'_t v_t^T,  o_t = q'_t^T S_t
+    out = W_o RMSNorm_head(o)                 (a norm replaces the softmax denominator)
+with lambda_h = exp(-(8 h / H) * (1 - l / L)) for head h = 1..H of layer l of L
+(TransNormerLLM's decay schedule: steep decay on low layers and heads, none
+on the last layer). Linear layers take no rotary embedding: the decay carries
+position. K/V heads are shared across a GQA group by repetition, since the
+state S is kept per query head.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ltrain.attention.context import AttnContext
+from ltrain.attention.registry import register
+from ltrain.kernels.lightning import lightning_attention
+from ltrain.models.layers import RMSNorm
+
+
+def transnormer_decay(n_heads: int, layer_idx: int, n_layers: int) -> torch.Tensor:
+    """lambda_h for h = 1..H, layer l = layer_idx of L: [H] in (0, 1]."""
+    h = torch.arange(1, n_heads + 1, dtype=torch.float64)
+    return torch.exp(-(8 * h / n_heads) * (1 - layer_idx / n_layers)).float()
+
+
+class LinearAttention(nn.Module):
+    def __init__(self, layer_idx: int, model_cfg, linear_cfg):
+        super().__init__()
+        self.n_heads, self.n_kv_heads = model_cfg.n_heads, model_cfg.n_kv_heads
+        self.head_dim = model_cfg.dim // model_cfg.n_heads
+        dim = model_cfg.dim
+        self.wq = nn.Linear(dim, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, dim, bias=False)
+        self.wo.is_residual_out = True
+        self.out_norm = RMSNorm(self.head_dim, model_cfg.norm_eps)
+        self.chunk_size = linear_cfg.chunk_size
+        decay = transnormer_decay(self.n_heads, layer_idx, model_cfg.n_layers) if linear_cfg.decay else None
+        # A constant of the layer, not a weight: not trained, not in the checkpoint.
+        self.register_buffer("decay", decay, persistent=False)
+        # silu(q).silu(k) grows with head_dim like q.k does; scale as softmax attention would.
+        self.scale = 1.0 / math.sqrt(self.head_dim)
+
+    def forward(self, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+        """x: [B, N, dim] -> [B, N, dim]."""
+        if ctx.cp_group is not None:
+            raise NotImplementedError("attention kind 'linear' under parallel.cp > 1 needs LASP-2 wiring")
+        b, n, _ = x.shape
+        group = self.n_heads // self.n_kv_heads
+        q = F.silu(self.wq(x).view(b, n, self.n_heads, self.head_dim).transpose(1, 2)) * self.scale
+        k = F.silu(self.wk(x).view(b, n, self.n_kv_heads, self.head_dim).transpose(1, 2))
+        v = self.wv(x).view(b, n, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        o = lightning_attention(q, k, v, decay=self.decay, chunk_size=self.chunk_size)
+        return self.wo(self.out_norm(o).transpose(1, 2).reshape(b, n, -1))
+
+
+@register("linear", "L")
+def build(layer_idx: int, model_cfg, attn_cfg) -> LinearAttention:
+    return LinearAttention(layer_idx, model_cfg, attn_cfg.linear)
