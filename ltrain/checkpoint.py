@@ -190,12 +190,18 @@ def load(engine, loader, ckpt_dir: str, resume: str) -> Optional[Resumed]:
     if path is None:
         return None
     manifest = verify(path)
+    saved_world = manifest["world_size"]
+    if saved_world != dist.get_world_size() and manifest.get("zero_stage", 0) >= 1:
+        raise CheckpointError(
+            f"{path} holds ZeRO-{manifest['zero_stage']} optimizer shards for {saved_world} ranks, this run has "
+            f"{dist.get_world_size()}: DeepSpeed cannot repartition them in place. Resume on {saved_world} ranks, "
+            "or save with parallel.zero_stage=0 (replicated optimizer state) to change the data-parallel degree"
+        )
     load_dir, tag = os.path.split(path)
     loaded, _ = engine.load_checkpoint(load_dir, tag=tag)
     if loaded is None:
         raise CheckpointError(f"DeepSpeed could not load {path}")
     own = os.path.join(path, rank_file(rank))
-    saved_world = manifest["world_size"]
     if saved_world == dist.get_world_size():
         state = torch.load(own, weights_only=False)
         set_rng_state(state["rng"])

@@ -115,3 +115,23 @@ def test_unwritable_checkpoint_dir_stops_before_training(tmp_path):
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 2
     assert out.strip().splitlines()[-1].startswith("ltrain: checkpoint error: trainer.ckpt_dir=")
+
+
+@pytest.mark.slow
+def test_resume_into_more_ranks_and_longer_sequences(tmp_path):
+    """ZeRO-0 (replicated optimizer state): 1 rank at seq 128 -> 2 ranks at seq 256."""
+    extra = ["parallel.zero_stage=0", "trainer.max_steps=10"]
+    finish(run(SINGLE, tmp_path, extra))
+    out = finish(run(TWO_RANKS, tmp_path, ["parallel.zero_stage=0", "trainer.max_steps=20", "data.seq_len=256"]))
+    assert "resumed from" in out and "saved on 1 ranks with 2 ranks" in out
+    rows = losses(tmp_path)
+    assert sorted(rows) == list(range(1, 21)) and all(v == v for v in rows.values())
+
+
+@pytest.mark.slow
+def test_zero1_checkpoint_on_other_world_size_is_refused_clearly(tmp_path):
+    finish(run(SINGLE, tmp_path, ["parallel.zero_stage=1", "trainer.max_steps=10"]))
+    proc = run(TWO_RANKS, tmp_path, ["parallel.zero_stage=1", "trainer.max_steps=20"])
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode != 0
+    assert "ltrain: checkpoint error:" in out and "holds ZeRO-1 optimizer shards for 1 ranks" in out

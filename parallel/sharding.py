@@ -1,0 +1,45 @@
+"""Split a batch's sequence dimension over the context-parallel ranks, and gather it back.
+
+contiguous: rank r holds tokens [r N/P, (r+1) N/P) -- what LASP-2 needs, since
+            its prefix states follow rank order.
+zigzag:     the sequence is cut into 2P chunks and rank r holds chunks r and
+            2P-1-r, so every rank gets the same amount of causal-attention work
+            (ring attention's load balance).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+MODES = ("zigzag", "contiguous")
+
+
+def _check(n: int, cp: int, mode: str) -> int:
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r}: allowed {', '.join(MODES)}")
+    chunks = 2 * cp if mode == "zigzag" else cp
+    if n % chunks:
+        raise ValueError(f"sequence length {n} does not split into {chunks} equal chunks ({mode}, cp={cp})")
+    return chunks
+
+
+def shard_sequence(x: torch.Tensor, cp_rank: int, cp: int, *, mode: str = "zigzag", dim: int = 1) -> torch.Tensor:
+    """x: [..., N, ...] (sequence on `dim`) -> this rank's [..., N/cp, ...]."""
+    chunks = _check(x.shape[dim], cp, mode)
+    parts = x.chunk(chunks, dim=dim)
+    if mode == "contiguous":
+        return parts[cp_rank]
+    return torch.cat([parts[cp_rank], parts[2 * cp - 1 - cp_rank]], dim=dim)
+
+
+def gather_sequence(x: torch.Tensor, group: dist.ProcessGroup, *, mode: str = "zigzag", dim: int = 1) -> torch.Tensor:
+    """Inverse of shard_sequence over `group`: every rank gets the full [..., N, ...] (no grad)."""
+    cp = dist.get_world_size(group)
+    pieces = [torch.empty_like(x) for _ in range(cp)]
+    dist.all_gather(pieces, x.contiguous(), group=group)
+    if mode == "contiguous":
+        return torch.cat(pieces, dim=dim)
+    halves = [p.chunk(2, dim=dim) for p in pieces]
+    order = [halves[r][0] for r in range(cp)] + [halves[r][1] for r in reversed(range(cp))]
+    return torch.cat(order, dim=dim)
