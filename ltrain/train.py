@@ -29,6 +29,7 @@ from tqdm import tqdm  # noqa: E402
 
 from ltrain import checkpoint  # noqa: E402
 from ltrain.config import ConfigError, TrainConfig, register_configs, validate  # noqa: E402
+from ltrain.parallel.sharding import shard_sequence  # noqa: E402
 
 log = logging.getLogger("ltrain")
 
@@ -61,6 +62,21 @@ def grad_norm_before_step(model: torch.nn.Module) -> float | None:
     return float(torch.nn.utils.get_total_norm(grads)) if grads else None
 
 
+def shard_batch(batch: dict, topo, mode: str) -> dict:
+    """This rank's part of a batch: every dp rank's cp group splits the same sequences.
+
+    -> input_ids, labels, position_ids (global positions, [B, N / cp]) on the device.
+    """
+    ids = batch["input_ids"]
+    positions = batch.get("position_ids")
+    if positions is None:
+        positions = torch.arange(ids.shape[1]).expand_as(ids)
+    out = {"input_ids": ids, "labels": batch["labels"], "position_ids": positions}
+    if topo.cp > 1:
+        out = {k: shard_sequence(v, topo.cp_rank, topo.cp, mode=mode) for k, v in out.items()}
+    return {k: v.to(topo.device) for k, v in out.items()}
+
+
 def attention_stats(stats: dict) -> dict:
     """Per-layer numbers the attention kinds reported (mode, attended fraction), as plain values."""
     return {k: v.item() if isinstance(v, torch.Tensor) else v for k, v in stats.items()}
@@ -76,11 +92,6 @@ def train(cfg: TrainConfig, run_dir: str) -> list[float]:
     from ltrain.parallel.topology import destroy_topology, init_topology
     from ltrain.tracking import build_tracker
 
-    if cfg.parallel.cp > 1:
-        raise ConfigError(
-            f"parallel.cp={cfg.parallel.cp} is invalid: context-parallel attention is not available "
-            "in this version; use parallel.cp=1"
-        )
     checkpoint.check_writable(cfg.trainer.ckpt_dir)
     topo = init_topology(cfg.parallel.cp, cfg.parallel.backend, cfg.trainer.device)
     os.makedirs(run_dir, exist_ok=True)
@@ -118,8 +129,8 @@ def train(cfg: TrainConfig, run_dir: str) -> list[float]:
         step_start = time.perf_counter()
         stats = torch.zeros(2, dtype=torch.float64)  # [loss sum, token count] over micro steps
         for _ in range(cfg.trainer.grad_accum):
-            batch = {k: v.to(topo.device) for k, v in loader.next_batch().items()}
-            logits = engine(batch["input_ids"], batch.get("position_ids"), topo.cp_group)
+            batch = shard_batch(loader.next_batch(), topo, model.cp_mode)
+            logits = engine(batch["input_ids"], batch["position_ids"], topo.cp_group, cfg.parallel.cp_impl)
             loss, loss_sum, count = lm_loss(logits, batch["labels"], topo.cp_group)
             engine.backward(loss)
             if engine.is_gradient_accumulation_boundary():

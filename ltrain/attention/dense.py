@@ -1,4 +1,9 @@
-"""`dense`: causal softmax attention over the whole (local) sequence."""
+"""`dense`: causal softmax attention over the whole sequence.
+
+One device: torch SDPA. Context parallel: LASP-2H (all-gather K/V) on a
+contiguous split (hybrid models, whose linear layers need that split), ring
+attention or Ulysses on a zigzag split.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +13,35 @@ import torch.nn.functional as F
 from ltrain.attention.context import AttnContext
 from ltrain.attention.gqa import GQAttention
 from ltrain.attention.registry import register
+from ltrain.kernels.layout import BlockLayout
+from ltrain.parallel.lasp2h import lasp2h_attention
+from ltrain.parallel.ring import ring_attention
+from ltrain.parallel.ulysses import ulysses_attention
+
+
+def sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_start: int = 0) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D) + causal) v; q: [B, Hq, N, D], k, v: [B, Hkv, N, D]."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+
+def ring_block_size(chunk_len: int) -> int:
+    """The largest power-of-two block (<= 64) that tiles one zigzag chunk."""
+    bs = 64
+    while chunk_len % bs:
+        bs //= 2
+    return bs
 
 
 def dense_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
-    """softmax(q k^T / sqrt(D) + causal) v; q: [B, Hq, N, D], k, v: [B, Hkv, N, D]."""
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    if ctx.cp_group is None:
+        return sdpa_causal(q, k, v)
+    if ctx.cp_mode == "contiguous":
+        return lasp2h_attention(q, k, v, group=ctx.cp_group)
+    if ctx.cp_impl == "ulysses":
+        return ulysses_attention(q, k, v, attn_fn=sdpa_causal, group=ctx.cp_group, mode="zigzag")
+    bs = ring_block_size(q.shape[2] // 2)
+    return ring_attention(q, k, v, layout_fn=lambda m: BlockLayout.causal(m, m), group=ctx.cp_group,
+                          block_size=bs, mode="zigzag")
 
 
 @register("dense", "D")

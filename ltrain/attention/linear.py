@@ -23,6 +23,7 @@ from ltrain.attention.context import AttnContext
 from ltrain.attention.registry import register
 from ltrain.kernels.lightning import lightning_attention
 from ltrain.models.layers import RMSNorm
+from ltrain.parallel.lasp2 import lasp2_linear_attention
 
 
 def transnormer_decay(n_heads: int, layer_idx: int, n_layers: int) -> torch.Tensor:
@@ -52,15 +53,16 @@ class LinearAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
         """x: [B, N, dim] -> [B, N, dim]."""
-        if ctx.cp_group is not None:
-            raise NotImplementedError("attention kind 'linear' under parallel.cp > 1 needs LASP-2 wiring")
         b, n, _ = x.shape
         group = self.n_heads // self.n_kv_heads
         q = F.silu(self.wq(x).view(b, n, self.n_heads, self.head_dim).transpose(1, 2)) * self.scale
         k = F.silu(self.wk(x).view(b, n, self.n_kv_heads, self.head_dim).transpose(1, 2))
         v = self.wv(x).view(b, n, self.n_kv_heads, self.head_dim).transpose(1, 2)
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-        o = lightning_attention(q, k, v, decay=self.decay, chunk_size=self.chunk_size)
+        if ctx.cp_group is None:
+            o = lightning_attention(q, k, v, decay=self.decay, chunk_size=self.chunk_size)
+        else:  # the train loop splits contiguously whenever a linear layer exists
+            o = lasp2_linear_attention(q, k, v, self.decay, ctx.cp_group, chunk_size=self.chunk_size)
         return self.wo(self.out_norm(o).transpose(1, 2).reshape(b, n, -1))
 
 

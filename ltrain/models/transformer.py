@@ -45,6 +45,8 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(model_cfg.dim, model_cfg.norm_eps)
         self.head = None if model_cfg.tie_embeddings else nn.Linear(model_cfg.dim, model_cfg.vocab_size, bias=False)
         self.attn_stats: dict = {}
+        # LASP-2 needs each rank's tokens in one contiguous run; softmax-only models zigzag.
+        self.cp_mode = "contiguous" if "linear" in self.kinds else "zigzag"
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -59,10 +61,11 @@ class Transformer(nn.Module):
 
     def forward(
         self, input_ids: torch.Tensor, positions: Optional[torch.Tensor] = None,
-        cp_group: Optional[dist.ProcessGroup] = None,
+        cp_group: Optional[dist.ProcessGroup] = None, cp_impl: str = "ring",
     ) -> torch.Tensor:
         """input_ids: [B, N] -> logits [B, N, vocab]; positions: [B, N] global positions
-        (default arange(N); under context parallelism the shard's own positions)."""
+        (default arange(N); under context parallelism the shard's own positions,
+        split as `self.cp_mode` says)."""
         b, n = input_ids.shape
         if positions is None:
             positions = torch.arange(n, device=input_ids.device).expand(b, n)
@@ -71,7 +74,8 @@ class Transformer(nn.Module):
             positions, head_dim, base=self.cfg.rope_base, scaling=self.cfg.rope_scaling,
             factor=self.cfg.rope_factor,
         )
-        ctx = AttnContext(positions=positions, cos=cos, sin=sin, cp_group=cp_group)
+        ctx = AttnContext(positions=positions, cos=cos, sin=sin, cp_group=cp_group,
+                          cp_mode=self.cp_mode, cp_impl=cp_impl)
         x = self.embed(input_ids)
         for layer in self.layers:
             if self.cfg.activation_checkpointing and self.training:

@@ -1,0 +1,116 @@
+"""Lightning attention: causal linear attention with per-head decay.
+
+    S_t = lambda_h S_{t-1} + k_t v_t^T,   o_t = q_t^T S_t   (token t included)
+
+No softmax and no normalisation: the model layer adds its output norm.
+`lightning_attention` is the public op (validation, dispatch, one autograd
+Function). `lightning_fwd` / `lightning_bwd` are the raw passes, exposed so
+that parallel/lasp2 can wrap them in its own autograd Function.
+
+The decay lambda is a fixed per-head constant in lightning attention (like
+ALiBi slopes), not a learned parameter: there is no gradient to `decay`, and
+a `decay` that requires grad is rejected rather than silently ignored.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .lightning_ref import lightning_ref_bwd, lightning_ref_fwd
+
+IMPLS = ("auto", "triton", "torch")
+
+
+def check_lightning_inputs(q, k, v, decay=None, initial_state=None, chunk_size=64) -> torch.Tensor | None:
+    """Validate shapes, chunk size and decay; return log(decay) as fp32 [H] (or None).
+
+    q, k: [B, H, N, Dk]; v: [B, H, N, Dv]; decay: [H] in (0, 1];
+    initial_state: [B, H, Dk, Dv]. Raises ValueError naming the argument.
+    """
+    if chunk_size < 16 or chunk_size & (chunk_size - 1):
+        raise ValueError(f"chunk_size must be a power of two >= 16 (Triton block), got {chunk_size}")
+    if q.dim() != 4:
+        raise ValueError(f"q must be [B, H, N, Dk], got shape {tuple(q.shape)}")
+    B, H, N, Dk = q.shape
+    if k.shape != q.shape:
+        raise ValueError(f"k must have q's shape {tuple(q.shape)} [B, H, N, Dk], got {tuple(k.shape)}")
+    if v.dim() != 4 or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"v must be [B, H, N, Dv] = [{B}, {H}, {N}, Dv], got {tuple(v.shape)}")
+    if N == 0:
+        raise ValueError("q has an empty sequence (N = 0)")
+    if initial_state is not None and initial_state.shape != (B, H, Dk, v.shape[-1]):
+        raise ValueError(
+            f"initial_state must be [B, H, Dk, Dv] = {[B, H, Dk, v.shape[-1]]}, got {tuple(initial_state.shape)}"
+        )
+    if decay is None:
+        return None
+    if decay.shape != (H,):
+        raise ValueError(f"decay must be a per-head tensor of shape [{H}], got {tuple(decay.shape)}")
+    if decay.requires_grad:
+        raise ValueError("decay requires grad, but lightning attention's decay is a fixed per-head constant "
+                         "(no gradient is computed for it); pass decay.detach()")
+    if not bool(((decay > 0) & (decay <= 1)).all()):
+        raise ValueError(f"decay values must lie in (0, 1], got {decay.tolist()}")
+    return decay.detach().float().log().to(q.device)
+
+
+def _use_triton(q, impl):
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    return impl == "triton" or (impl == "auto" and q.is_cuda)
+
+
+def lightning_fwd(q, k, v, log_decay, initial_state, chunk_size=64, impl="auto"):
+    """Forward pass, no autograd. Returns o [B, H, N, Dv] and final state [B, H, Dk, Dv] (fp32)."""
+    if _use_triton(q, impl):
+        from .lightning_triton import lightning_triton_fwd
+
+        return lightning_triton_fwd(q, k, v, log_decay, initial_state, chunk_size)
+    return lightning_ref_fwd(q, k, v, log_decay, initial_state, chunk_size)
+
+
+def lightning_bwd(q, k, v, log_decay, initial_state, do, d_final, chunk_size=64, impl="auto"):
+    """Backward pass: dq, dk, dv and the gradient of initial_state (fp32).
+
+    do: [B, H, N, Dv]; d_final: gradient of the final state [B, H, Dk, Dv] or None.
+    """
+    if _use_triton(q, impl):
+        from .lightning_triton import lightning_triton_bwd
+
+        return lightning_triton_bwd(q, k, v, log_decay, initial_state, do, d_final, chunk_size)
+    return lightning_ref_bwd(q, k, v, log_decay, initial_state, do, d_final, chunk_size)
+
+
+class _LightningAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, initial_state, log_decay, chunk_size, impl):
+        o, final = lightning_fwd(q, k, v, log_decay, initial_state, chunk_size, impl)
+        ctx.save_for_backward(q, k, v, initial_state, log_decay)
+        ctx.chunk_size, ctx.impl = chunk_size, impl
+        ctx.set_materialize_grads(False)
+        return o, final
+
+    @staticmethod
+    def backward(ctx, do, d_final):
+        q, k, v, initial_state, log_decay = ctx.saved_tensors
+        if do is None:
+            do = torch.zeros(*q.shape[:3], v.shape[-1], dtype=q.dtype, device=q.device)
+        dq, dk, dv, d_init = lightning_bwd(q, k, v, log_decay, initial_state, do, d_final, ctx.chunk_size, ctx.impl)
+        d_init = None if initial_state is None else d_init.to(initial_state.dtype)
+        return dq, dk, dv, d_init, None, None, None
+
+
+def lightning_attention(q, k, v, *, decay=None, initial_state=None, return_final_state=False,
+                        chunk_size=64, impl="auto"):
+    """Causal linear attention `o_t = q_t^T S_t`, `S_t = lambda_h S_{t-1} + k_t v_t^T`.
+
+    q, k: [B, H, N, Dk]; v: [B, H, N, Dv]; decay: [H] with values in (0, 1]
+    (None: no decay), fixed, no gradient; initial_state: [B, H, Dk, Dv] (S_0;
+    differentiable). N need not be a multiple of chunk_size.
+    Returns o: [B, H, N, Dv] in q's dtype, and with return_final_state also
+    S_N: [B, H, Dk, Dv] in fp32. impl: "auto" (Triton on CUDA, PyTorch
+    reference on CPU), "triton" or "torch".
+    """
+    log_decay = check_lightning_inputs(q, k, v, decay, initial_state, chunk_size)
+    o, final = _LightningAttention.apply(q, k, v, initial_state, log_decay, chunk_size, impl)
+    return (o, final) if return_final_state else o

@@ -1,0 +1,140 @@
+"""PyTorch reference for lightning attention (causal linear attention with decay).
+
+Recurrence (per batch b and head h, token t included, 1-based t):
+
+    S_t = lambda_h * S_{t-1} + k_t v_t^T        S_0 = initial_state   [Dk, Dv]
+    o_t = q_t^T S_t                                                   [Dv]
+
+Chunked form used here and in the Triton kernel (chunk of length L, local
+0-based positions i, j; S_in is the state entering the chunk):
+
+    o_i   = lambda^(i+1) q_i^T S_in + sum_{j<=i} lambda^(i-j) (q_i . k_j) v_j
+    S_out = lambda^L S_in + sum_j lambda^(L-1-j) k_j v_j^T
+
+All arithmetic is fp32; the log-decay g_h = log(lambda_h) is passed so that
+lambda^x = exp(g x) never overflows (g <= 0). `log_decay=None` means lambda = 1.
+Every chunk is processed at once (batched matmuls); only the [Dk, Dv] state
+recurrence over chunks is a Python loop, so memory is O(N C + N/C Dk Dv),
+never N x N.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _chunked(x: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """[B, H, N, D] -> [B, H, n_chunks, C, D] in fp32, zero-padded at the end."""
+    B, H, N, D = x.shape
+    n_chunks = -(-N // chunk_size)
+    x = torch.nn.functional.pad(x.float(), (0, 0, 0, n_chunks * chunk_size - N))
+    return x.view(B, H, n_chunks, chunk_size, D)
+
+
+def _decays(log_decay, H, N, chunk_size, device):
+    """Decay factors for every chunk, with the last chunk's true length.
+
+    Returns (q_decay [H, 1, C, 1] = lambda^(i+1), k_decay [H, n, C, 1] =
+    lambda^(L_c-1-j) (0 on padding), intra [H, 1, C, C] = lambda^(i-j) for j<=i
+    else 0, chunk_decay [H, n] = lambda^(L_c)).
+    """
+    g = torch.zeros(H, device=device) if log_decay is None else log_decay.float().to(device)
+    g = g.view(H, 1, 1)
+    n_chunks = -(-N // chunk_size)
+    pos = torch.arange(chunk_size, device=device, dtype=torch.float32)
+    lens = torch.full((n_chunks,), float(chunk_size), device=device)
+    lens[-1] = N - (n_chunks - 1) * chunk_size
+    q_decay = torch.exp(g * (pos + 1)).unsqueeze(-1)
+    # Clamp before exp: padded positions would give lambda^(negative) = inf, and inf * 0 = nan.
+    k_exp = (lens.view(-1, 1) - 1 - pos).clamp(min=0)
+    k_decay = torch.exp(g * k_exp) * (pos < lens.view(-1, 1)).float()
+    diff = pos.view(-1, 1) - pos.view(1, -1)
+    intra = torch.where(diff >= 0, torch.exp(g * diff.clamp(min=0)), 0.0)
+    chunk_decay = torch.exp(g.view(H, 1) * lens)
+    return q_decay, k_decay.unsqueeze(-1), intra.unsqueeze(1), chunk_decay
+
+
+def _states_in(kc, vc, k_decay, chunk_decay, initial_state):
+    """State entering each chunk: [B, H, n, Dk, Dv], and the final state."""
+    B, H, n, C, Dk = kc.shape
+    Dv = vc.shape[-1]
+    memory = torch.einsum("bhncd,bhnce->bhnde", kc * k_decay, vc)
+    state = kc.new_zeros(B, H, Dk, Dv) if initial_state is None else initial_state.float()
+    states = []
+    for c in range(n):
+        states.append(state)
+        state = chunk_decay[:, c].view(1, H, 1, 1) * state + memory[:, :, c]
+    return torch.stack(states, dim=2), state
+
+
+def lightning_ref_fwd(q, k, v, log_decay=None, initial_state=None, chunk_size=64):
+    """Chunked forward.
+
+    q, k: [B, H, N, Dk]; v: [B, H, N, Dv]; log_decay: [H] or None;
+    initial_state: [B, H, Dk, Dv] or None.
+    Returns o: [B, H, N, Dv] (dtype of q) and final state [B, H, Dk, Dv] (fp32).
+    """
+    B, H, N, _ = q.shape
+    qc, kc, vc = (_chunked(x, chunk_size) for x in (q, k, v))
+    q_decay, k_decay, intra, chunk_decay = _decays(log_decay, H, N, chunk_size, q.device)
+    s_in, final = _states_in(kc, vc, k_decay, chunk_decay, initial_state)
+    scores = (qc @ kc.transpose(-1, -2)) * intra
+    o = scores @ vc + (qc * q_decay) @ s_in
+    return o.flatten(2, 3)[:, :, :N].to(q.dtype), final
+
+
+def lightning_ref_bwd(q, k, v, log_decay, initial_state, do, d_final, chunk_size=64):
+    """Chunked backward of `lightning_ref_fwd`.
+
+    With dS_out the gradient reaching a chunk's outgoing state (d_final for the
+    last chunk) and dS_in = lambda^L dS_out + sum_i lambda^(i+1) q_i do_i^T:
+
+        dq_i = lambda^(i+1) S_in do_i + sum_{j<=i} lambda^(i-j) (do_i . v_j) k_j
+        dk_j = lambda^(L-1-j) dS_out v_j + sum_{i>=j} lambda^(i-j) (do_i . v_j) q_i
+        dv_j = lambda^(L-1-j) dS_out^T k_j + sum_{i>=j} lambda^(i-j) (q_i . k_j) do_i
+
+    Returns dq, dk, dv (dtypes of q, k, v) and d_initial [B, H, Dk, Dv] (fp32).
+    """
+    B, H, N, Dk = q.shape
+    qc, kc, vc, doc = (_chunked(x, chunk_size) for x in (q, k, v, do))
+    q_decay, k_decay, intra, chunk_decay = _decays(log_decay, H, N, chunk_size, q.device)
+    s_in, _ = _states_in(kc, vc, k_decay, chunk_decay, initial_state)
+
+    q_do = torch.einsum("bhncd,bhnce->bhnde", qc * q_decay, doc)
+    d_state = q.new_zeros(B, H, Dk, v.shape[-1], dtype=torch.float32) if d_final is None else d_final.float()
+    d_out = [None] * qc.shape[2]
+    for c in reversed(range(qc.shape[2])):
+        d_out[c] = d_state
+        d_state = chunk_decay[:, c].view(1, H, 1, 1) * d_state + q_do[:, :, c]
+    ds_out = torch.stack(d_out, dim=2)
+
+    do_v = (doc @ vc.transpose(-1, -2)) * intra
+    q_k = (qc @ kc.transpose(-1, -2)) * intra
+    dq = do_v @ kc + (doc @ s_in.transpose(-1, -2)) * q_decay
+    dk = do_v.transpose(-1, -2) @ qc + (vc @ ds_out.transpose(-1, -2)) * k_decay
+    dv = q_k.transpose(-1, -2) @ doc + (kc * k_decay) @ ds_out
+
+    def unchunk(x, like):
+        return x.flatten(2, 3)[:, :, :N].to(like.dtype)
+
+    return unchunk(dq, q), unchunk(dk, k), unchunk(dv, v), d_state
+
+
+def lightning_recurrent(q, k, v, decay=None, initial_state=None):
+    """Token-by-token recurrence: the oracle for the chunked forms (slow, autograd).
+
+    q, k: [B, H, N, Dk]; v: [B, H, N, Dv]; decay: [H] or None.
+    Returns o: [B, H, N, Dv] and the final state [B, H, Dk, Dv], both in at
+    least fp32 (fp64 inputs stay fp64).
+    """
+    B, H, N, Dk = q.shape
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    lam = torch.ones(H, dtype=dtype, device=q.device) if decay is None else decay.to(dtype)
+    lam = lam.view(1, H, 1, 1)
+    state = q.new_zeros(B, H, Dk, v.shape[-1]) if initial_state is None else initial_state.to(dtype)
+    outs = []
+    for t in range(N):
+        state = lam * state + k[:, :, t, :, None] * v[:, :, t, None, :]
+        outs.append(torch.einsum("bhd,bhde->bhe", q[:, :, t], state))
+    return torch.stack(outs, dim=2), state

@@ -1,0 +1,220 @@
+"""Ring attention: causal block-sparse softmax attention over a sequence sharded
+across the P ranks of a context-parallel group.
+
+Each rank keeps its queries and passes its K/V block around the ring: at step
+s it holds the K/V of rank (r - s) mod P and attends its query chunks to the
+visiting key chunks, then merges the partial results by log-sum-exp, in fp32:
+
+    lse = logaddexp(lse_a, lse_b),   out = exp(lse_a - lse) out_a + exp(lse_b - lse) out_b
+
+zigzag (default): the sequence is cut into 2P chunks and rank r holds chunks r
+and 2P-1-r, so every rank does the same causal work; contiguous: rank r holds
+chunk r. Every chunk is its own query/key chunk with its own global offset.
+A (query chunk, key chunk) tile is skipped when the key chunk lies wholly in
+the causal future or the layout activates no block of it (S2 heads never
+visit most distant chunks), so the work follows the sparsity pattern.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Callable, NamedTuple
+
+import torch
+import torch.distributed as dist
+
+from ltrain.kernels import BlockLayout, block_sparse_attention
+
+from . import comm
+from .sharding import MODES
+
+# A ring step that waits longer than this on its neighbour has lost a rank (or
+# gloo p2p hung, as reported elsewhere): fail with a message, not a silent hang.
+P2P_TIMEOUT = timedelta(minutes=5)
+_KV_TAG, _DKV_TAG = 0, 1
+
+
+class Tile(NamedTuple):
+    """One (local query chunk, visiting key chunk) pair: slices into the local
+    q and the visiting K/V, their global token offsets, and the tile's layout."""
+
+    q: slice
+    k: slice
+    q_start: int
+    k_start: int
+    layout: BlockLayout
+
+
+def chunk_ids(rank: int, cp: int, mode: str) -> list[int]:
+    """Global chunk indices a rank holds, in its local order (shard_sequence's)."""
+    return [rank, 2 * cp - 1 - rank] if mode == "zigzag" else [rank]
+
+
+def ring_plan(layout: BlockLayout, cp_rank: int, cp: int, mode: str, block_size: int) -> list[list[Tile]]:
+    """plan[src]: the tiles this rank computes while it holds rank src's K/V.
+
+    layout covers the full sequence in global block coordinates (M = N / block_size
+    blocks). Tiles whose key chunk is wholly in the causal future, or whose
+    sub-layout is empty, are left out (one host sync per tile, once per call)."""
+    chunks = 2 * cp if mode == "zigzag" else cp
+    cb = layout.num_q_blocks // chunks  # blocks per chunk
+    c = cb * block_size
+    plan = []
+    for src in range(cp):
+        tiles = []
+        for a, qi in enumerate(chunk_ids(cp_rank, cp, mode)):
+            for b, ki in enumerate(chunk_ids(src, cp, mode)):
+                if ki > qi:
+                    continue
+                sub = layout.sub(qi * cb, cb, ki * cb, cb)
+                if not sub.is_empty():
+                    tiles.append(Tile(slice(a * c, (a + 1) * c), slice(b * c, (b + 1) * c), qi * c, ki * c, sub))
+        plan.append(tiles)
+    return plan
+
+
+def _shift(send: torch.Tensor, group, tag: int):
+    """Post send -> next rank and recv <- previous rank; returns (recv buffer, works).
+    Even ranks send first, odd ranks receive first, so a backend whose p2p
+    blocks until matched (NCCL without batching) cannot deadlock the ring."""
+    P, r = dist.get_world_size(group), dist.get_rank(group)
+    nxt, prv = dist.get_global_rank(group, (r + 1) % P), dist.get_global_rank(group, (r - 1) % P)
+    recv = torch.empty_like(send)
+    post = [lambda: comm.isend(send, nxt, group=group, tag=tag), lambda: comm.irecv(recv, prv, group=group, tag=tag)]
+    works = [op() for op in (post if r % 2 == 0 else post[::-1])]
+    return recv, works
+
+
+def _wait(pending, group, what: str):
+    recv, works = pending
+    try:
+        for w in works:
+            w.wait(timeout=P2P_TIMEOUT)
+    except RuntimeError as exc:
+        r, P = dist.get_rank(group), dist.get_world_size(group)
+        raise RuntimeError(f"ring_attention: rank {r} of {P} timed out after {P2P_TIMEOUT} exchanging {what} with "
+                           f"ranks {(r - 1) % P} and {(r + 1) % P} (a rank left the ring or p2p hung)") from exc
+    return recv
+
+
+def _merge(out: torch.Tensor, lse: torch.Tensor, out_t: torch.Tensor, lse_t: torch.Tensor) -> None:
+    """In place, fp32: lse <- logaddexp(lse, lse_t), out <- exp(lse_old - lse) out + exp(lse_t - lse) out_t.
+    Rows still without a visible key keep lse = -inf and out = 0 (no NaN)."""
+    new = torch.logaddexp(lse, lse_t)
+    safe = new.masked_fill(new == float("-inf"), 0.0)
+    out.mul_(torch.exp(lse - safe).unsqueeze(-1)).add_(torch.exp(lse_t - safe).unsqueeze(-1) * out_t.float())
+    lse.copy_(new)
+
+
+class _RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, plan, group, opts):
+        P, r = dist.get_world_size(group), dist.get_rank(group)
+        out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        lse = torch.full(q.shape[:3], float("-inf"), device=q.device)
+        kv = torch.stack([k, v])
+        for step in range(P):
+            # Next K/V is in flight while this one is used (double buffer: kv and the recv buffer).
+            pending = _shift(kv, group, _KV_TAG) if step < P - 1 else None
+            for t in plan[(r - step) % P]:
+                out_t, lse_t = block_sparse_attention(q[:, :, t.q], kv[0][:, :, t.k], kv[1][:, :, t.k], t.layout,
+                                                      q_start=t.q_start, k_start=t.k_start, return_lse=True, **opts)
+                _merge(out[:, :, t.q], lse[:, :, t.q], out_t, lse_t)
+            if pending is not None:
+                kv = _wait(pending, group, "K/V")
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.plan, ctx.group, ctx.opts = plan, group, opts
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        """Per tile, recompute (out_t, lse_t) and backpropagate through the kernel
+        the tile's share of the merged output: with w_t = exp(lse_t - lse),
+            d out_t = w_t do,   d lse_t = w_t (do . out_t - do . out),
+        which makes the kernel's softmax gradient exp(s - lse)(do v^T - do . out),
+        exactly that of attention over the whole sequence. dK/dV of the visiting
+        block accumulate in fp32 and travel the ring one step behind their K/V,
+        arriving back at their owner after P steps."""
+        q, k, v, out, lse = ctx.saved_tensors
+        group, opts = ctx.group, ctx.opts
+        P, r = dist.get_world_size(group), dist.get_rank(group)
+        do = do.float()
+        do_out = (do * out.float()).sum(-1)
+        safe_lse = lse.masked_fill(lse == float("-inf"), 0.0)
+        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        kv = torch.stack([k, v])
+        in_flight = None  # dK/dV accumulator of the visiting block, coming from the previous rank
+        for step in range(P):
+            pending = _shift(kv, group, _KV_TAG) if step < P - 1 else None
+            dkv = torch.zeros(kv.shape, dtype=torch.float32, device=q.device)
+            for t in ctx.plan[(r - step) % P]:
+                dq_t, dk_t, dv_t = _tile_grads(q[:, :, t.q], kv[0][:, :, t.k], kv[1][:, :, t.k], t, opts,
+                                               do[:, :, t.q], do_out[:, :, t.q], safe_lse[:, :, t.q])
+                dq[:, :, t.q] += dq_t
+                dkv[0][:, :, t.k] += dk_t
+                dkv[1][:, :, t.k] += dv_t
+            if in_flight is not None:
+                dkv += _wait(in_flight, group, "dK/dV")
+            if pending is not None:
+                kv = _wait(pending, group, "K/V")
+            if P > 1:
+                in_flight = _shift(dkv, group, _DKV_TAG)
+        if in_flight is not None:
+            dkv = _wait(in_flight, group, "dK/dV")
+        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None
+
+
+def _tile_grads(q, k, v, t: Tile, opts, do, do_out, lse):
+    """(dq, dk, dv) of one tile; do [B, H, c, D] fp32, do_out = do . out and lse (no -inf) [B, H, c] fp32."""
+    with torch.enable_grad():
+        q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
+        out_t, lse_t = block_sparse_attention(q, k, v, t.layout, q_start=t.q_start, k_start=t.k_start,
+                                              return_lse=True, **opts)
+        w = torch.exp(lse_t.detach() - lse)
+        d_out = w.unsqueeze(-1) * do
+        # The kernel's delta = d_out . out_t - d_lse then equals w_t (do . out).
+        d_lse = (d_out * out_t.detach().float()).sum(-1) - w * do_out
+        return torch.autograd.grad((out_t, lse_t), (q, k, v), (d_out.to(out_t.dtype), d_lse))
+
+
+def ring_attention(q, k, v, *, layout_fn: Callable[[int], BlockLayout], group, block_size: int = 64,
+                   sm_scale: float | None = None, mode: str = "zigzag", impl: str = "auto"):
+    """Causal block-sparse attention over a sequence sharded across `group`.
+
+    q: [B, Hq, n, D], k, v: [B, Hkv, n, D] -- this rank's shard of a sequence
+    of N = n * P tokens, split by `shard_sequence(..., mode=mode)` (Hq a
+    multiple of Hkv). layout_fn(M) -> BlockLayout over the full sequence in
+    global block coordinates, M = N / block_size (e.g. `lambda m:
+    BlockLayout.causal(m, m)` for dense, `lambda m: s2_layout(H, m * bs, ...)`
+    for S2); it is called once per call, so cache it when it is static.
+    group: the context-parallel group (None: the default group).
+
+        o_i = sum_{j visible, block active} softmax_j(sm_scale * q_i . k_j) v_j
+
+    with visibility by global position. Returns o [B, Hq, n, D] in q.dtype, in
+    the same (sharded) order as q. N must divide into 2P (zigzag) or P
+    (contiguous) chunks of whole blocks.
+    """
+    group = group if group is not None else dist.group.WORLD
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r}: allowed {', '.join(MODES)}")
+    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
+        raise ValueError(f"q must be [B, Hq, n, D] and k, v [B, Hkv, n, D], got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(f"q and k/v must hold the same tokens, got n = {q.shape[2]} and {k.shape[2]}")
+    P = dist.get_world_size(group)
+    chunks = 2 * P if mode == "zigzag" else P
+    N = q.shape[2] * P
+    if N % (chunks * block_size):
+        raise ValueError(f"ring_attention ({mode}, cp={P}): sequence length N = {N} must be divisible by "
+                         f"{'2 x ' if mode == 'zigzag' else ''}cp x block_size = {chunks * block_size}")
+    M = N // block_size
+    layout = layout_fn(M)
+    if layout.num_q_blocks != M or layout.num_k_blocks != M:
+        raise ValueError(f"layout_fn({M}) returned a {layout.num_q_blocks} x {layout.num_k_blocks}-block layout; "
+                         f"it must cover the whole sequence: {M} x {M} blocks of {block_size}")
+    plan = ring_plan(layout.to(q.device), dist.get_rank(group), P, mode, block_size)
+    opts = dict(block_size=block_size, sm_scale=sm_scale, impl=impl)
+    return _RingAttention.apply(q, k, v, plan, group, opts)

@@ -1,0 +1,112 @@
+"""Ulysses (DeepSpeed-Ulysses) sequence parallelism: trade the sequence split
+for a head split around an unchanged attention.
+
+One all-to-all turns each rank's sequence shard of all heads [B, H, N/P, D]
+into the whole sequence of H/P heads [B, H/P, N, D], in natural token order
+(the zigzag or contiguous shard order is undone), so `attn_fn` can be any
+single-device attention: dense causal, S2, InfLLM-V2. A second all-to-all
+returns the output to the sequence split. Each all-to-all's backward is the
+reverse all-to-all. About 4 N H D / P elements cross each rank's links per
+layer in the forward (q, k, v and o); the degree P is capped by the heads.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from . import comm
+from .sharding import MODES
+
+
+def _seq_to_heads(x: torch.Tensor, group, mode: str) -> torch.Tensor:
+    """[B, H, n, D] sequence shard (shard order `mode`) -> [B, H/P, N, D], natural order."""
+    P = dist.get_world_size(group)
+    B, H, n, D = x.shape
+    send = x.reshape(B, P, H // P, n, D).transpose(0, 1).contiguous()  # [P dest, B, H/P, n, D]
+    recv = torch.empty_like(send)  # [P source shard, B, H/P, n, D]
+    comm.all_to_all_single(recv, send, group=group)
+    shards = recv.permute(1, 2, 0, 3, 4)  # [B, H/P, P, n, D]
+    if mode == "zigzag":
+        # Shard s holds chunks s and 2P-1-s: chunks 0..P-1 are the first halves, P..2P-1 the second halves reversed.
+        halves = shards.unflatten(3, (2, n // 2))
+        shards = torch.cat([halves[:, :, :, 0], halves[:, :, :, 1].flip(2)], dim=2)
+    return shards.reshape(B, H // P, P * n, D)
+
+
+def _heads_to_seq(x: torch.Tensor, group, mode: str) -> torch.Tensor:
+    """Inverse of _seq_to_heads: [B, H/P, N, D] natural order -> [B, H, n, D] this rank's shard."""
+    P = dist.get_world_size(group)
+    B, h, N, D = x.shape
+    n = N // P
+    if mode == "zigzag":
+        chunks = x.unflatten(2, (2 * P, n // 2))
+        shards = torch.stack([chunks[:, :, :P], chunks[:, :, P:].flip(2)], dim=3)  # [B, h, P, 2, n/2, D]
+    else:
+        shards = x.unflatten(2, (P, n))
+    send = shards.reshape(B, h, P, n, D).permute(2, 0, 1, 3, 4).contiguous()  # [P dest shard, B, h, n, D]
+    recv = torch.empty_like(send)  # [P source head group, B, h, n, D]
+    comm.all_to_all_single(recv, send, group=group)
+    return recv.transpose(0, 1).reshape(B, P * h, n, D)
+
+
+class _SeqToHeads(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, mode):
+        ctx.group, ctx.mode = group, mode
+        return _seq_to_heads(x, group, mode)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _heads_to_seq(dy, ctx.group, ctx.mode), None, None
+
+
+class _HeadsToSeq(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, mode):
+        ctx.group, ctx.mode = group, mode
+        return _heads_to_seq(x, group, mode)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _seq_to_heads(dy, ctx.group, ctx.mode), None, None
+
+
+def ulysses_attention(q, k, v, *, attn_fn: Callable[..., torch.Tensor], group, mode: str = "zigzag"):
+    """Attention over a sequence sharded across `group`, by head-parallel all-to-all.
+
+    q: [B, Hq, n, D], k, v: [B, Hkv, n, D] -- this rank's shard of N = n * P
+    tokens, split by `shard_sequence(..., mode=mode)`. Hq must be divisible by
+    P; Hkv too, or else P divisible by Hkv (each KV head is then replicated
+    P / Hkv times, and its gradient summed back).
+
+    Calls attn_fn(q_h, k_h, v_h, head_start=h0) with q_h [B, Hq/P, N, D],
+    k_h, v_h [B, max(Hkv, P)/P, N, D]: the whole sequence in natural order
+    for query heads [h0, h0 + Hq/P), h0 = rank * Hq / P, so a per-head layout
+    (S2) takes its heads' rows: counts[:, h0:h0 + Hq/P]. attn_fn returns
+    [B, Hq/P, N, D]; the result is o [B, Hq, n, D] in q's shard order.
+    group: the context-parallel group (None: the default group).
+    """
+    group = group if group is not None else dist.group.WORLD
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r}: allowed {', '.join(MODES)}")
+    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
+        raise ValueError(f"q must be [B, Hq, n, D] and k, v [B, Hkv, n, D], got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    P = dist.get_world_size(group)
+    Hq, Hkv, n = q.shape[1], k.shape[1], q.shape[2]
+    if Hq % P:
+        raise ValueError(f"ulysses_attention: {Hq} query heads are not divisible by the cp degree P = {P}")
+    if Hq % Hkv:
+        raise ValueError(f"ulysses_attention: {Hq} query heads are not a multiple of {Hkv} KV heads")
+    if Hkv % P:
+        if P % Hkv:
+            raise ValueError(f"ulysses_attention: {Hkv} KV heads neither divide by nor divide the cp degree P = {P}")
+        k, v = (x.repeat_interleave(P // Hkv, dim=1) for x in (k, v))
+    if mode == "zigzag" and n % 2:
+        raise ValueError(f"ulysses_attention: a zigzag shard holds two equal chunks, got n = {n} tokens")
+    q_h, k_h, v_h = (_SeqToHeads.apply(x, group, mode) for x in (q, k, v))
+    o_h = attn_fn(q_h, k_h, v_h, head_start=dist.get_rank(group) * (Hq // P))
+    return _HeadsToSeq.apply(o_h, group, mode)

@@ -1,0 +1,82 @@
+"""Public op `lightning_attention`: autograd, dispatch, dtypes, input errors."""
+
+import pytest
+import torch
+
+from ltrain.kernels import lightning_attention
+from ltrain.kernels.lightning_ref import lightning_recurrent
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def inputs(B=1, H=2, N=40, Dk=16, Dv=16, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k = (torch.randn(B, H, N, Dk, generator=g).to(dtype) for _ in range(2))
+    v = torch.randn(B, H, N, Dv, generator=g).to(dtype)
+    s0 = torch.randn(B, H, Dk, Dv, generator=g)
+    return q, k, v, s0
+
+
+@pytest.mark.parametrize("with_decay", [False, True])
+def test_autograd_matches_recurrence(with_decay):
+    q, k, v, s0 = inputs()
+    decay = torch.tensor([0.95, 0.7]) if with_decay else None
+    a = [t.clone().requires_grad_() for t in (q, k, v, s0)]
+    o, final = lightning_attention(*a[:3], decay=decay, initial_state=a[3], return_final_state=True, chunk_size=16)
+    (o.square().sum() + final.sin().sum()).backward()
+    b = [t.clone().double().requires_grad_() for t in (q, k, v, s0)]
+    o_ref, f_ref = lightning_recurrent(*b[:3], decay, b[3])
+    (o_ref.square().sum() + f_ref.sin().sum()).backward()
+    assert rel_err(o, o_ref) < 1e-5 and rel_err(final, f_ref) < 1e-5
+    for x, y in zip(a, b):
+        assert x.grad.dtype == x.dtype
+        assert rel_err(x.grad, y.grad) < 1e-5
+
+
+def test_output_only_and_final_state_only_grads():
+    q, k, v, _ = inputs()
+    a = [t.clone().requires_grad_() for t in (q, k, v)]
+    lightning_attention(*a).sum().backward()
+    assert all(t.grad is not None for t in a)
+    b = [t.clone().requires_grad_() for t in (q, k, v)]
+    _, final = lightning_attention(*b, return_final_state=True)
+    final.sum().backward()
+    assert b[0].grad.abs().max() == 0 and b[1].grad.abs().max() > 0
+
+
+def test_bfloat16_close_to_fp32():
+    q, k, v, _ = inputs(dtype=torch.bfloat16)
+    decay = torch.tensor([0.99, 0.9])
+    o = lightning_attention(q, k, v, decay=decay)
+    o_ref, _ = lightning_recurrent(q.double(), k.double(), v.double(), decay)
+    assert o.dtype == torch.bfloat16
+    # The reference accumulates in fp32: only input and output rounding remain.
+    assert rel_err(o, o_ref) < 1e-2
+
+
+@pytest.mark.parametrize(
+    "kwargs,arg",
+    [
+        (dict(decay=torch.tensor([0.5, 1.5])), "decay"),
+        (dict(decay=torch.tensor([0.0, 0.5])), "decay"),
+        (dict(decay=torch.tensor([0.5])), "decay"),
+        (dict(decay=torch.tensor([0.5, 0.5], requires_grad=True)), "decay"),
+        (dict(initial_state=torch.zeros(1, 2, 16, 8)), "initial_state"),
+        (dict(chunk_size=48), "chunk_size"),
+        (dict(impl="cuda"), "impl"),
+    ],
+)
+def test_bad_arguments_raise_value_error(kwargs, arg):
+    q, k, v, _ = inputs()
+    with pytest.raises(ValueError, match=arg):
+        lightning_attention(q, k, v, **kwargs)
+
+
+def test_mismatched_shapes_raise_value_error():
+    q, k, v, _ = inputs()
+    with pytest.raises(ValueError, match="k must"):
+        lightning_attention(q, k[:, :, :-1], v)
+    with pytest.raises(ValueError, match="v must"):
+        lightning_attention(q, k, v[:, :1])

@@ -1,0 +1,82 @@
+"""Triton lightning kernels (interpreter on CPU) vs the PyTorch chunked reference."""
+
+import pytest
+import torch
+
+from ltrain.kernels import lightning_attention
+from ltrain.kernels.lightning_ref import lightning_recurrent, lightning_ref_bwd, lightning_ref_fwd
+from ltrain.kernels.lightning_triton import lightning_triton_bwd, lightning_triton_fwd
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def inputs(B=1, H=2, N=40, Dk=8, Dv=12, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k = (torch.randn(B, H, N, Dk, generator=g) for _ in range(2))
+    v, do = (torch.randn(B, H, N, Dv, generator=g) for _ in range(2))
+    s0, d_final = (torch.randn(B, H, Dk, Dv, generator=g) for _ in range(2))
+    return [t.to(DEVICE, dtype) for t in (q, k, v, do)] + [t.to(DEVICE) for t in (s0, d_final)]
+
+
+@pytest.mark.parametrize("with_decay", [False, True])
+@pytest.mark.parametrize("with_states", [False, True])
+def test_triton_matches_reference(with_decay, with_states):
+    # N = 40 with chunk 16 leaves a short last chunk; Dk = 8, Dv = 12 exercise the padding masks.
+    q, k, v, do, s0, d_final = inputs()
+    log_decay = torch.tensor([0.0, -0.2], device=DEVICE) if with_decay else None
+    s0, d_final = (s0, d_final) if with_states else (None, None)
+    got = lightning_triton_fwd(q, k, v, log_decay, s0, 16)
+    want = lightning_ref_fwd(q, k, v, log_decay, s0, 16)
+    got += lightning_triton_bwd(q, k, v, log_decay, s0, do, d_final, 16)
+    want += lightning_ref_bwd(q, k, v, log_decay, s0, do, d_final, 16)
+    tol = 1e-5 if DEVICE == "cpu" else 5e-3  # fp32 dots run as tf32 on GPUs
+    for name, a, b in zip(["o", "final", "dq", "dk", "dv", "d_initial"], got, want):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        assert rel_err(a, b) < tol, name
+
+
+def test_public_op_triton_autograd_matches_recurrence():
+    q, k, v, do, s0, _ = inputs(N=35)
+    decay = torch.tensor([0.9, 0.6], device=DEVICE)
+    a = [t.clone().requires_grad_() for t in (q, k, v, s0)]
+    o = lightning_attention(*a[:3], decay=decay, initial_state=a[3], chunk_size=16, impl="triton")
+    o.backward(do)
+    b = [t.clone().double().requires_grad_() for t in (q, k, v, s0)]
+    o_ref, _ = lightning_recurrent(*b[:3], decay, b[3])
+    o_ref.backward(do.double())
+    tol = 1e-5 if DEVICE == "cpu" else 5e-3
+    assert rel_err(o, o_ref) < tol
+    for x, y in zip(a, b):
+        assert rel_err(x.grad, y.grad) < tol
+
+
+def test_bfloat16_error_within_twice_plain_bf16():
+    """The field criterion: kernel error vs fp64 at most 2x (fwd) / 3x (grads) a plain bf16 computation's."""
+    q, k, v, do, _, _ = inputs(N=32, Dk=16, Dv=16, dtype=torch.bfloat16)
+    decay = torch.tensor([0.95, 0.8], device=DEVICE)
+    a = [t.clone().requires_grad_() for t in (q, k, v)]
+    o = lightning_attention(*a, decay=decay, chunk_size=16, impl="triton")
+    o.backward(do)
+    exact = [t.clone().double().requires_grad_() for t in (q, k, v)]
+    o_exact, _ = lightning_recurrent(*exact, decay)
+    o_exact.backward(do.double())
+    plain = [t.clone().requires_grad_() for t in (q, k, v)]
+    o_plain = _bf16_quadratic(*plain, decay)
+    o_plain.backward(do)
+    assert o.dtype == torch.bfloat16
+    assert rel_err(o, o_exact) <= 2 * rel_err(o_plain, o_exact) + 1e-3
+    for x, y, z in zip(a, exact, plain):
+        assert rel_err(x.grad, y.grad) <= 3 * rel_err(z.grad, y.grad) + 1e-3
+
+
+def _bf16_quadratic(q, k, v, decay):
+    """o = (Q K^T * D) V with D_ts = lambda^(t-s) (s <= t), all in bf16: the plain implementation."""
+    N = q.shape[2]
+    pos = torch.arange(N, device=q.device)
+    diff = (pos.view(-1, 1) - pos.view(1, -1)).clamp(min=0)
+    mask = torch.where(pos.view(-1, 1) >= pos.view(1, -1), decay.view(-1, 1, 1) ** diff, 0.0)
+    return ((q @ k.transpose(-1, -2)) * mask.to(q.dtype)) @ v

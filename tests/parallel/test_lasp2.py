@@ -1,0 +1,84 @@
+"""LASP-2 on real gloo ranks vs lightning_attention on the full sequence in one process."""
+
+import pytest
+import torch
+
+from ltrain.kernels import lightning_attention
+from ltrain.parallel import CommMeter, lasp2_linear_attention
+from tests.multiproc import run_ranks
+
+B, H, DK, DV, CHUNK = 2, 3, 8, 4, 16
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def _full_inputs(N, seed):
+    g = torch.Generator().manual_seed(seed)
+    q, k = (torch.randn(B, H, N, DK, generator=g) for _ in range(2))
+    v, do = (torch.randn(B, H, N, DV, generator=g) for _ in range(2))
+    return q, k, v, do
+
+
+def _lasp2_vs_single_process(rank, world_size, C):
+    """Errors of this rank's output and q/k/v grads, and the meter readings per pass."""
+    report = {}
+    for name, decay in [("no_decay", None), ("decay", torch.tensor([1.0, 0.97, 0.8]))]:
+        q, k, v, do = _full_inputs(world_size * C, seed=1)
+        full = [t.clone().requires_grad_() for t in (q, k, v)]
+        o_full = lightning_attention(*full, decay=decay, chunk_size=CHUNK)
+        o_full.backward(do)
+
+        mine = slice(rank * C, (rank + 1) * C)
+        local = [t[:, :, mine].clone().requires_grad_() for t in (q, k, v)]
+        with CommMeter() as fwd_meter:
+            o = lasp2_linear_attention(*local, decay, chunk_size=CHUNK)
+        with CommMeter() as bwd_meter:
+            o.backward(do[:, :, mine])
+        report[name] = {
+            "o": rel_err(o, o_full[:, :, mine]),
+            **{f"d{n}": rel_err(a.grad, b.grad[:, :, mine]) for n, a, b in zip("qkv", local, full)},
+            "fwd": fwd_meter.snapshot(),
+            "bwd": bwd_meter.snapshot(),
+        }
+    return report
+
+
+def _check_report(report, world_size):
+    for case in report.values():
+        assert max(case[n] for n in ("o", "dq", "dk", "dv")) < 2e-5, case
+        state_bytes = world_size * B * H * DK * DV * 4
+        for meter in (case["fwd"], case["bwd"]):
+            assert meter["all_gather"] == {"calls": 1, "bytes": state_bytes}
+            assert sum(m["calls"] for m in meter.values()) == 1
+
+
+def _bad_inputs(rank, world_size):
+    q, k, v, _ = _full_inputs(8 + 4 * rank, seed=0)
+    errors = []
+    for kwargs in [dict(decay=torch.tensor([0.5, 1.2, 0.9])), dict(check_shards=True)]:
+        try:
+            lasp2_linear_attention(q, k, v, **kwargs)
+        except ValueError as exc:
+            errors.append(str(exc))
+    return errors
+
+
+def _two_rank_suite(rank, world_size):
+    # One spawn for both: starting gloo processes costs more than the checks.
+    return _lasp2_vs_single_process(rank, world_size, 24), _bad_inputs(rank, world_size)
+
+
+def test_lasp2_two_ranks_and_bad_inputs():
+    # C = 24 is not a multiple of the kernel chunk: rank and kernel chunking differ.
+    for report, (decay_msg, shard_msg) in run_ranks(_two_rank_suite, 2):
+        _check_report(report, 2)
+        assert decay_msg.startswith("decay values must lie in (0, 1]")
+        assert shard_msg.startswith("q must have the same shape on every rank")
+
+
+@pytest.mark.slow
+def test_lasp2_four_ranks():
+    for report in run_ranks(_lasp2_vs_single_process, 4, 16):
+        _check_report(report, 4)
