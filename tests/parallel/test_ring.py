@@ -1,0 +1,123 @@
+"""Ring attention on real gloo ranks vs attention over the full sequence in one process."""
+
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ltrain.kernels import BlockLayout, block_sparse_attention, s2_layout
+from ltrain.parallel import CommMeter, gather_sequence, ring_attention, shard_sequence
+from ltrain.parallel import ring
+from ltrain.parallel.ring import ring_plan
+from tests.multiproc import run_ranks
+
+B, HQ, HKV, D, N, BS = 2, 4, 2, 32, 256, 16
+
+
+def dense_layout(m):
+    return BlockLayout.causal(m, m)
+
+
+def s2_ring_layout(m):
+    return s2_layout(HQ, m * BS, block_size=BS, local_blocks=2, vert_stride=4)
+
+
+LAYOUTS = {"dense": dense_layout, "s2": s2_ring_layout}
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def reference(kind, q, k, v):
+    """The oracle: SDPA for dense, the block-sparse kernel on the whole sequence for S2."""
+    if kind == "dense":
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    return block_sparse_attention(q, k, v, s2_ring_layout(N // BS), block_size=BS)
+
+
+def _ring_vs_single_process(rank, world_size):
+    g = torch.Generator().manual_seed(5)
+    q, do = (torch.randn(B, HQ, N, D, generator=g) for _ in range(2))
+    k, v = (torch.randn(B, HKV, N, D, generator=g) for _ in range(2))
+    results = {}
+    for kind in LAYOUTS:
+        full = [t.clone().requires_grad_() for t in (q, k, v)]
+        reference(kind, *full).backward(do)
+        for mode in ("zigzag", "contiguous"):
+            local = [shard_sequence(t, rank, world_size, mode=mode, dim=2).requires_grad_() for t in (q, k, v)]
+            with CommMeter() as fwd:
+                o = ring_attention(*local, layout_fn=LAYOUTS[kind], group=None, block_size=BS, mode=mode)
+            with CommMeter() as bwd:
+                o.backward(shard_sequence(do, rank, world_size, mode=mode, dim=2))
+            o_ref = reference(kind, q, k, v)
+            gather = [gather_sequence(t, None, mode=mode, dim=2) for t in (o, *(x.grad for x in local))]
+            errors = {n: rel_err(a, b) for n, a, b in zip(("o", "dq", "dk", "dv"), gather,
+                                                         (o_ref, *(x.grad for x in full)))}
+            results[kind, mode] = errors, fwd.snapshot(), bwd.snapshot()
+    bad = []
+    try:  # N = 2 x cp x BS / 2: one block per rank does not split into two zigzag chunks
+        ring_attention(*(t[:, :, :BS] for t in local), layout_fn=dense_layout, group=None, block_size=BS)
+    except ValueError as exc:
+        bad.append(str(exc))
+    if rank == 0:  # rank 1 never joins: the ring must fail with a message, not hang
+        ring.P2P_TIMEOUT = timedelta(seconds=2)
+        try:
+            ring_attention(*local, layout_fn=dense_layout, group=None, block_size=BS)
+        except RuntimeError as exc:
+            bad.append(str(exc))
+    return results, bad
+
+
+def _check(world_size):
+    kv_bytes = 2 * B * HKV * (N // world_size) * D * 4
+    for rank, (results, bad) in enumerate(run_ranks(_ring_vs_single_process, world_size, timeout=150)):
+        for (kind, mode), (errors, fwd, bwd) in results.items():
+            assert max(errors.values()) < 1e-5, (kind, mode, errors)
+            # Forward: one K/V block forward per step, P - 1 steps.
+            assert fwd["send"] == fwd["recv"] == {"calls": world_size - 1, "bytes": (world_size - 1) * kv_bytes}
+            # Backward: K/V again, plus the fp32 dK/dV accumulators' P hops home.
+            assert bwd["send"] == bwd["recv"] == {"calls": 2 * world_size - 1,
+                                                  "bytes": (2 * world_size - 1) * kv_bytes}
+            assert all(m["calls"] == 0 for kind_, m in {**fwd, **bwd}.items() if kind_ not in ("send", "recv"))
+        assert bad[0] == (f"ring_attention (zigzag, cp={world_size}): sequence length N = {BS * world_size} must "
+                          f"be divisible by 2 x cp x block_size = {2 * world_size * BS}")
+        assert bad[1:] == ([f"ring_attention: rank 0 of {world_size} timed out after 0:00:02 exchanging K/V with "
+                            f"ranks {world_size - 1} and 1 (a rank left the ring or p2p hung)"] if rank == 0 else [])
+
+
+def test_ring_two_ranks():
+    _check(2)
+
+
+@pytest.mark.slow
+def test_ring_four_ranks():
+    _check(4)
+
+
+def active_pairs(layout, cp, mode):
+    """Active causal (q block, k block) pairs per rank, from the tiles the ring computes."""
+    return [sum(int(t.layout.counts.sum()) for tiles in ring_plan(layout, r, cp, mode, BS) for t in tiles)
+            for r in range(cp)]
+
+
+@pytest.mark.parametrize("cp", [2, 4, 8])
+def test_zigzag_balances_causal_work(cp):
+    m = 64
+    zigzag = active_pairs(dense_layout(m), cp, "zigzag")
+    assert sum(zigzag) == m * (m + 1) // 2
+    assert max(zigzag) <= 1.1 * min(zigzag), zigzag
+    contiguous = active_pairs(dense_layout(m), cp, "contiguous")
+    assert max(contiguous) > 2 * min(contiguous), contiguous
+
+
+def test_s2_skips_tiles_its_heads_never_visit():
+    m, cp = 64, 4
+    layout = s2_layout(1, m * BS, block_size=BS, local_blocks=2, vert_stride=64, homo_head=True,
+                       head_sliding_offset=0)  # local band + key block 0: most distant tiles are empty
+    for r in range(cp):
+        plan = ring_plan(layout, r, cp, "zigzag", BS)
+        dense = ring_plan(dense_layout(m), r, cp, "zigzag", BS)
+        assert sum(map(len, plan)) < sum(map(len, dense))
+        assert all(not t.layout.is_empty() for tiles in plan for t in tiles)

@@ -1,0 +1,84 @@
+"""Ulysses on real gloo ranks vs attention over the full sequence in one process."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ltrain.kernels import BlockLayout, block_sparse_attention, s2_layout
+from ltrain.parallel import CommMeter, gather_sequence, shard_sequence, ulysses_attention
+from tests.multiproc import run_ranks
+
+B, HQ, HKV, D, N, BS = 2, 4, 2, 32, 256, 16
+S2 = dict(block_size=BS, local_blocks=2, vert_stride=4)
+
+
+def dense_attn(q, k, v, *, head_start):
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+
+def s2_attn(q, k, v, *, head_start):
+    """S2 on a head subset: the per-head layout's rows for global heads [head_start, head_start + h)."""
+    layout = s2_layout(HQ, q.shape[2], **S2)
+    heads = slice(head_start, head_start + q.shape[1])
+    sub = BlockLayout(layout.counts[:, heads].contiguous(), layout.indices[:, heads].contiguous(),
+                      layout.num_k_blocks)
+    return block_sparse_attention(q, k, v, sub, block_size=BS)
+
+
+ATTN = {"dense": dense_attn, "s2": s2_attn}
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def _ulysses_vs_single_process(rank, world_size):
+    g = torch.Generator().manual_seed(7)
+    q, do = (torch.randn(B, HQ, N, D, generator=g) for _ in range(2))
+    k, v = (torch.randn(B, HKV, N, D, generator=g) for _ in range(2))
+    results = {}
+    for kind, attn_fn in ATTN.items():
+        full = [t.clone().requires_grad_() for t in (q, k, v)]
+        o_ref = attn_fn(*full, head_start=0)
+        o_ref.backward(do)
+        for mode in ("zigzag", "contiguous"):
+            local = [shard_sequence(t, rank, world_size, mode=mode, dim=2).requires_grad_() for t in (q, k, v)]
+            with CommMeter() as fwd:
+                o = ulysses_attention(*local, attn_fn=attn_fn, group=None, mode=mode)
+            with CommMeter() as bwd:
+                o.backward(shard_sequence(do, rank, world_size, mode=mode, dim=2))
+            gather = [gather_sequence(t, None, mode=mode, dim=2) for t in (o, *(x.grad for x in local))]
+            errors = {n: rel_err(a, b) for n, a, b in zip(("o", "dq", "dk", "dv"), gather,
+                                                         (o_ref, *(x.grad for x in full)))}
+            results[kind, mode] = errors, fwd.snapshot(), bwd.snapshot()
+    bad = []
+    for hq, hkv in ((world_size + 1, 1), (3 * world_size, 3)):  # query heads, then KV heads, do not fit P
+        x, y = torch.zeros(1, hq, 8, 8), torch.zeros(1, hkv, 8, 8)
+        try:
+            ulysses_attention(x, y, y, attn_fn=dense_attn, group=None)
+        except ValueError as exc:
+            bad.append(str(exc))
+    return results, bad
+
+
+def _check(world_size):
+    # q, k, v and o each cross once per direction; KV heads replicated up to P when fewer.
+    elems = (2 * HQ + 2 * max(HKV, world_size)) * B * (N // world_size) * D
+    for results, bad in run_ranks(_ulysses_vs_single_process, world_size, timeout=150):
+        for (kind, mode), (errors, fwd, bwd) in results.items():
+            assert max(errors.values()) < 1e-5, (kind, mode, errors)
+            for meter in (fwd, bwd):
+                assert meter["all_to_all"] == {"calls": 4, "bytes": elems * 4}
+                assert sum(m["calls"] for m in meter.values()) == 4
+        assert bad == [f"ulysses_attention: {world_size + 1} query heads are not divisible by the cp degree "
+                       f"P = {world_size}",
+                       f"ulysses_attention: 3 KV heads neither divide by nor divide the cp degree P = {world_size}"]
+
+
+def test_ulysses_two_ranks():
+    _check(2)
+
+
+@pytest.mark.slow
+def test_ulysses_four_ranks_replicates_kv_heads():
+    _check(4)
