@@ -1,0 +1,128 @@
+"""Triton block scores for InfLLM-V2 selection: the equations of infllm_v2_ref
+(its `block_scores_torch` is the oracle), without ever holding a query x
+compressed-key matrix beyond one tile.
+
+Two kernels:
+
+    _lse_kernel    one program per (batch, query head, query tile): online
+                   log-sum-exp of q . K_c / sqrt(D) over the visible chunks.
+    _score_kernel  one program per (batch, KV group, query tile): for each
+                   tile of key blocks, gathers the S + P chunks each block
+                   pools, sums exp(s - lse) over the group's query heads,
+                   takes the max over the chunks (max pooling) and over each
+                   run of `granularity` queries, and stores [tile/granularity, blocks].
+
+Chunks shared by neighbouring blocks (P of every S + P) are scored twice;
+that keeps pooling a plain per-block reduction. Both kernels stop at the last
+chunk / block visible to the tile's last query.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .infllm_v2_ref import pool_geometry
+
+BLOCK_Q = 64
+BLOCK_C = 64
+BLOCK_B = 8
+
+
+@triton.jit
+def _load_q(Q, base, rows, N, D, BLOCK_D: tl.constexpr):
+    cols = tl.arange(0, BLOCK_D)
+    return tl.load(Q + base + rows[:, None] * D + cols[None, :], mask=(rows[:, None] < N) & (cols[None, :] < D),
+                   other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _lse_kernel(Q, KC, LSE, q_start, N, NC, HQ, HKV, D, sm_scale, KERNEL_SIZE: tl.constexpr,
+                KERNEL_STRIDE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+    bh = tl.program_id(1)
+    kv = (bh // HQ) * HKV + (bh % HQ) // (HQ // HKV)
+    rows = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    pos = q_start + rows
+    q = _load_q(Q, bh * N * D, rows, N, D, BLOCK_D)
+    cols_d = tl.arange(0, BLOCK_D)
+    last = q_start + tl.program_id(0) * BLOCK_Q + BLOCK_Q - 1
+    hi = tl.minimum(NC, tl.where(last >= KERNEL_SIZE - 1, (last - KERNEL_SIZE + 1) // KERNEL_STRIDE + 1, 0))
+    m = tl.full((BLOCK_Q,), float("-inf"), tl.float32)
+    l = tl.zeros((BLOCK_Q,), tl.float32)
+    for c0 in range(0, hi, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        kc = tl.load(KC + (kv * NC + cols[:, None]) * D + cols_d[None, :],
+                     mask=(cols[:, None] < NC) & (cols_d[None, :] < D), other=0.0)
+        s = tl.dot(q, tl.trans(kc)) * sm_scale
+        vis = (cols[None, :] * KERNEL_STRIDE + KERNEL_SIZE - 1 <= pos[:, None]) & (cols[None, :] < NC)
+        s = tl.where(vis, s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+        l = l * tl.exp(m - m_safe) + tl.sum(tl.exp(s - m_safe[:, None]), 1)
+        m = m_new
+    # l >= 1 once anything is visible (the max term is exp(0)); rows with nothing get -inf.
+    tl.store(LSE + bh * N + rows, tl.where(l > 0, m + tl.log(tl.maximum(l, 1.0)), float("-inf")), mask=rows < N)
+
+
+@triton.jit
+def _score_kernel(Q, KC, LSE, OUT, q_start, N, NC, MK, HQ, HKV, D, sm_scale, KERNEL_SIZE: tl.constexpr,
+                  KERNEL_STRIDE: tl.constexpr, BLOCK_SIZE: tl.constexpr, S: tl.constexpr, P: tl.constexpr,
+                  GRAN: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_B: tl.constexpr, KW: tl.constexpr,
+                  BLOCK_D: tl.constexpr):
+    bk = tl.program_id(1)  # b * HKV + kv
+    G = HQ // HKV
+    rows = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    pos = q_start + rows
+    cols_d = tl.arange(0, BLOCK_D)
+    last = q_start + tl.program_id(0) * BLOCK_Q + BLOCK_Q - 1
+    hi = tl.minimum(MK, last // BLOCK_SIZE + 1)
+    # Chunk o of block b's window is S*b - P + o, o < S + P (KW is its power-of-two cover).
+    blk = tl.arange(0, BLOCK_B)
+    off = tl.arange(0, KW)
+    for b0 in range(0, hi, BLOCK_B):
+        chunk = (b0 + blk[:, None]) * S - P + off[None, :]
+        ok = (off[None, :] < S + P) & (chunk >= 0) & (chunk < NC)
+        chunk = tl.reshape(chunk, (BLOCK_B * KW,))
+        ok = tl.reshape(ok, (BLOCK_B * KW,))
+        kc = tl.load(KC + (bk * NC + chunk[:, None]) * D + cols_d[None, :],
+                     mask=ok[:, None] & (cols_d[None, :] < D), other=0.0)
+        vis = ok[None, :] & (chunk[None, :] * KERNEL_STRIDE + KERNEL_SIZE - 1 <= pos[:, None])
+        acc = tl.zeros((BLOCK_Q, BLOCK_B * KW), tl.float32)
+        for g in range(G):
+            bh = (bk // HKV) * HQ + (bk % HKV) * G + g
+            q = _load_q(Q, bh * N * D, rows, N, D, BLOCK_D)
+            lse = tl.load(LSE + bh * N + rows, mask=rows < N, other=float("-inf"))
+            s = tl.dot(q, tl.trans(kc)) * sm_scale
+            acc += tl.where(vis, tl.exp(s - lse[:, None]), 0.0)
+        best = tl.max(tl.reshape(acc, (BLOCK_Q, BLOCK_B, KW)), 2)
+        best = tl.max(tl.reshape(best, (BLOCK_Q // GRAN, GRAN, BLOCK_B)), 1)
+        out_rows = tl.program_id(0) * (BLOCK_Q // GRAN) + tl.arange(0, BLOCK_Q // GRAN)
+        cols = b0 + blk
+        tl.store(OUT + (bk * (N // GRAN) + out_rows[:, None]) * MK + cols[None, :], best,
+                 mask=(out_rows[:, None] < N // GRAN) & (cols[None, :] < MK))
+
+
+def block_scores_triton(q: torch.Tensor, kc: torch.Tensor, *, num_k_blocks: int, kernel_size: int,
+                        kernel_stride: int, block_size: int, granularity: int, q_start: int = 0) -> torch.Tensor:
+    """Same contract as infllm_v2_ref.block_scores_torch: q [B, Hq, Nq, D],
+    kc [B, Hkv, n_c, D] fp32 -> [B, Hkv, Nq / granularity, num_k_blocks] fp32
+    (granularity a power of two)."""
+    B, Hq, N, D = q.shape
+    Hkv, NC = kc.shape[1], kc.shape[2]
+    q, kc = q.contiguous(), kc.contiguous()
+    S, P = pool_geometry(kernel_size, kernel_stride, block_size)
+    sm_scale = 1.0 / math.sqrt(D)
+    block_d = max(16, triton.next_power_of_2(D))
+    lse = torch.empty(B, Hq, N, device=q.device, dtype=torch.float32)
+    block_q = max(BLOCK_Q, granularity)
+    common = dict(KERNEL_SIZE=kernel_size, KERNEL_STRIDE=kernel_stride, BLOCK_Q=block_q, BLOCK_D=block_d)
+    _lse_kernel[(triton.cdiv(N, block_q), B * Hq)](q, kc, lse, q_start, N, NC, Hq, Hkv, D, sm_scale,
+                                                   BLOCK_C=BLOCK_C, **common)
+    out = torch.zeros(B, Hkv, N // granularity, num_k_blocks, device=q.device, dtype=torch.float32)
+    _score_kernel[(triton.cdiv(N, block_q), B * Hkv)](
+        q, kc, lse, out, q_start, N, NC, num_k_blocks, Hq, Hkv, D, sm_scale, BLOCK_SIZE=block_size, S=S, P=P,
+        GRAN=granularity, BLOCK_B=BLOCK_B, KW=triton.next_power_of_2(S + P), **common)
+    return out

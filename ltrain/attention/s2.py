@@ -1,0 +1,62 @@
+"""`s2`: S2-Attention (sparsely-sharded heads), causal block-sparse softmax
+attention whose static layout mixes a local band with per-head vertical
+stripes (kernels.s2; REFERENCES.md "S2-Attention"):
+
+    o_i = sum_{j visible to head h} softmax_j(q_i . k_j / sqrt(D)) v_j,
+    key block J visible to query block I iff J <= I and
+        (I - J < local_blocks  or  (J + h * step + offset) % vert_stride == 0)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ltrain.attention.context import AttnContext
+from ltrain.attention.gqa import GQAttention
+from ltrain.attention.registry import register
+from ltrain.kernels.block_sparse import block_sparse_attention
+from ltrain.kernels.layout import BlockLayout
+from ltrain.kernels.s2 import s2_layout
+
+
+class S2Core:
+    """core(q [B, Hq, N, D], k, v [B, Hkv, N, D], ctx) -> [B, Hq, N, D].
+
+    The layout depends only on (N, device), so it is built once per pair and
+    kept: a training run sees one or two sequence lengths."""
+
+    def __init__(self, n_heads: int, s2_cfg):
+        self.n_heads = n_heads
+        self.cfg = s2_cfg
+        self._layouts: dict[tuple[int, torch.device], BlockLayout] = {}
+
+    def layout(self, seq_len: int, device: torch.device) -> BlockLayout:
+        key = (seq_len, device)
+        if key not in self._layouts:
+            c = self.cfg
+            if seq_len % c.block_size:
+                raise ValueError(
+                    f"attention.s2.block_size={c.block_size} does not divide the sequence length {seq_len} "
+                    "(data.seq_len, or its share per context-parallel rank): choose data.seq_len as a "
+                    "multiple of attention.s2.block_size"
+                )
+            self._layouts[key] = s2_layout(
+                self.n_heads, seq_len, block_size=c.block_size, local_blocks=c.local_blocks,
+                vert_stride=c.vert_stride, homo_head=c.homo_head, head_sliding_offset=c.head_sliding_offset,
+                num_dense_heads=c.num_dense_heads, device=device,
+            )
+        return self._layouts[key]
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+        if ctx.cp_group is not None:
+            raise NotImplementedError(
+                "attention kind 's2' does not support context parallelism yet (parallel.cp > 1); "
+                "use parallel.cp=1 or a dense attention pattern"
+            )
+        layout = self.layout(q.shape[2], q.device)
+        return block_sparse_attention(q, k, v, layout, block_size=self.cfg.block_size, causal=True)
+
+
+@register("s2", "S")
+def build(layer_idx: int, model_cfg, attn_cfg) -> GQAttention:
+    return GQAttention(model_cfg, S2Core(model_cfg.n_heads, attn_cfg.s2))

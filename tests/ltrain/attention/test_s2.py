@@ -1,0 +1,104 @@
+"""The `s2` attention kind: registry wiring, exactness against masked dense
+attention, errors, and a short CLI training run."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ltrain.attention.context import AttnContext
+from ltrain.attention.gqa import GQAttention
+from ltrain.attention.registry import build_attention
+from ltrain.attention.s2 import S2Core
+from ltrain.config import AttentionConfig, ModelConfig
+from ltrain.kernels.s2 import s2_layout
+from ltrain.models.rope import rope_tables
+from ltrain.models.transformer import Transformer
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+def tiny_s2_cfg(**s2):
+    attn = AttentionConfig(pattern="SD")
+    attn.s2.block_size, attn.s2.local_blocks, attn.s2.vert_stride = 16, 4, 4
+    for key, value in s2.items():
+        setattr(attn.s2, key, value)
+    return ModelConfig(), attn
+
+
+def context(b, n, head_dim, cp_group=None):
+    positions = torch.arange(n).expand(b, n)
+    cos, sin = rope_tables(positions, head_dim)
+    return AttnContext(positions=positions, cos=cos, sin=sin, cp_group=cp_group)
+
+
+def test_pattern_SD_alternates_s2_and_dense_layers():
+    model_cfg, attn_cfg = tiny_s2_cfg()
+    model = Transformer(model_cfg, attn_cfg)
+    assert model.kinds == ["s2", "dense", "s2", "dense"]
+    assert isinstance(model.layers[0].attn.core, S2Core)
+    assert not isinstance(model.layers[1].attn.core, S2Core)
+
+
+@pytest.mark.parametrize("s2", [{}, {"num_dense_heads": 1, "head_sliding_offset": 0}])
+def test_s2_layer_equals_dense_attention_under_the_s2_mask(s2):
+    """Same weights; dense SDPA with the S2 token mask (x causal) is the oracle,
+    for the output and for every gradient."""
+    torch.manual_seed(0)
+    model_cfg, attn_cfg = tiny_s2_cfg(**s2)
+    b, n, head_dim = 2, 128, model_cfg.dim // model_cfg.n_heads
+    sparse = build_attention("s2", 0, model_cfg, attn_cfg)
+    c = attn_cfg.s2
+    layout = s2_layout(model_cfg.n_heads, n, block_size=c.block_size, local_blocks=c.local_blocks,
+                       vert_stride=c.vert_stride, head_sliding_offset=c.head_sliding_offset,
+                       num_dense_heads=c.num_dense_heads)
+    mask = layout.to_mask(n, n) & torch.ones(n, n, dtype=torch.bool).tril()
+    dense = GQAttention(model_cfg, lambda q, k, v, ctx: F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, enable_gqa=True))
+    dense.load_state_dict(sparse.state_dict())
+
+    x = torch.randn(b, n, model_cfg.dim)
+    ctx = context(b, n, head_dim)
+    xs, xd = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ys, yd = sparse(xs, ctx), dense(xd, ctx)
+    torch.testing.assert_close(ys, yd)
+    g = torch.randn_like(ys)
+    ys.backward(g), yd.backward(g)
+    torch.testing.assert_close(xs.grad, xd.grad)
+    for (name, ps), pd in zip(sparse.named_parameters(), dense.parameters()):
+        torch.testing.assert_close(ps.grad, pd.grad, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_sequence_not_divisible_by_block_size_names_both_keys():
+    model_cfg, attn_cfg = tiny_s2_cfg()
+    layer = build_attention("s2", 0, model_cfg, attn_cfg)
+    with pytest.raises(ValueError, match=r"attention\.s2\.block_size=16.*data\.seq_len"):
+        layer(torch.randn(1, 40, model_cfg.dim), context(1, 40, model_cfg.dim // model_cfg.n_heads))
+
+
+def test_context_parallelism_is_refused_clearly():
+    model_cfg, attn_cfg = tiny_s2_cfg()
+    layer = build_attention("s2", 0, model_cfg, attn_cfg)
+    ctx = context(1, 64, model_cfg.dim // model_cfg.n_heads, cp_group=object())
+    with pytest.raises(NotImplementedError, match="context parallelism"):
+        layer(torch.randn(1, 64, model_cfg.dim), ctx)
+
+
+def test_cli_training_with_s2_preset_learns(tmp_path):
+    env = {**os.environ, "LTRAIN_RUN_ID": "x", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "ltrain.train", "attention=s2", "trainer.max_steps=30", "trainer.log_every=5",
+         f"trainer.out_dir={tmp_path}", "trainer.ckpt_every=0", "trainer.progress=false"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "layers SDSD" in proc.stdout + proc.stderr
+    rows = [json.loads(line) for line in (tmp_path / "x" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 30
+    losses = [r["loss"] for r in rows]
+    assert losses[-1] < 0.8 * losses[0], f"loss did not fall: {losses}"
