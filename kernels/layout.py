@@ -134,6 +134,12 @@ class BlockLayout:
         """True iff no block is active (one host sync); ring attention skips such tiles."""
         return not bool(self.counts.any())
 
+    def heads(self, start: int, count: int) -> BlockLayout:
+        """The layout of heads [start, start + count) of a per-head layout, e.g. the
+        head subset one Ulysses rank attends."""
+        rows = slice(start, start + count)
+        return BlockLayout(self.counts[:, rows].contiguous(), self.indices[:, rows].contiguous(), self.num_k_blocks)
+
     def sub(self, q_block_start: int, num_q_blocks: int, k_block_start: int, num_k_blocks: int) -> BlockLayout:
         """The layout of one (query chunk, key chunk) tile, in the tile's local
         block coordinates. Device-side, no host sync."""

@@ -18,6 +18,7 @@ from typing import List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
+from ltrain.attention.infllm_v2 import validate_infllm_v2
 from ltrain.attention.registry import resolve_layer_kinds
 from ltrain.data.config import DataConfig, DataConfigError, validate_data_config
 
@@ -226,9 +227,14 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
         _fail("model.n_kv_heads", m.n_kv_heads, f"must divide model.n_heads={m.n_heads}")
 
     try:
-        resolve_layer_kinds(cfg.attention.pattern, cfg.attention.layers, m.n_layers)
+        kinds = set(resolve_layer_kinds(cfg.attention.pattern, cfg.attention.layers, m.n_layers))
+        if "infllm_v2" in kinds:
+            validate_infllm_v2(cfg.attention.infllm_v2)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    s2 = cfg.attention.s2
+    if "s2" in kinds and cfg.data.seq_len % s2.block_size:
+        _fail("data.seq_len", cfg.data.seq_len, f"must be a multiple of attention.s2.block_size={s2.block_size}")
 
     resume = cfg.trainer.resume
     if resume not in ("auto", "none") and not os.path.isdir(resume):
@@ -246,10 +252,34 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
     dp = world // p.cp
     if p.dp not in (-1, dp):
         _fail("parallel.dp", p.dp, f"world size {world} / parallel.cp {p.cp} gives {dp}; set {dp} or -1")
-    # Zigzag cuts each sequence into 2*cp chunks.
-    chunks = 2 * p.cp if p.cp > 1 else 1
-    if cfg.data.seq_len % chunks:
-        _fail("data.seq_len", cfg.data.seq_len, f"must be divisible by 2 x parallel.cp = {chunks}")
+    if p.cp > 1:
+        _validate_cp(cfg, kinds)
+
+
+def _validate_cp(cfg: TrainConfig, kinds: set[str]) -> None:
+    """Context parallelism: linear layers (LASP-2) need a contiguous split, so a
+    model with any splits contiguously (its softmax layers use LASP-2H); others
+    split zigzag into 2 x cp chunks of whole attention blocks (ring / Ulysses)."""
+    p, n, m = cfg.parallel, cfg.data.seq_len, cfg.model
+    if "linear" in kinds:
+        if "s2" in kinds:
+            _fail("attention.pattern", cfg.attention.pattern,
+                  "under parallel.cp > 1, s2 layers (ring / Ulysses, zigzag split) cannot be mixed with "
+                  "linear layers (LASP-2, contiguous split)")
+        if n % p.cp:
+            _fail("data.seq_len", n, f"must be divisible by parallel.cp={p.cp}")
+        return
+    block = max([16] + [cfg.attention.s2.block_size for k in kinds if k == "s2"]
+                + [cfg.attention.infllm_v2.block_size for k in kinds if k == "infllm_v2"])
+    if n % (2 * p.cp * block):
+        _fail("data.seq_len", n, f"must be divisible by 2 x parallel.cp x block_size = 2 x {p.cp} x {block} "
+              f"= {2 * p.cp * block} (zigzag split into whole attention blocks)")
+    if p.cp_impl == "ulysses":
+        if m.n_heads % p.cp:
+            _fail("parallel.cp", p.cp, f"Ulysses needs model.n_heads={m.n_heads} divisible by parallel.cp")
+        if m.n_kv_heads % p.cp and p.cp % m.n_kv_heads:
+            _fail("parallel.cp", p.cp, f"Ulysses needs model.n_kv_heads={m.n_kv_heads} divisible by "
+                  "parallel.cp, or parallel.cp divisible by it (KV heads are then replicated)")
 
 
 def register_configs() -> None:

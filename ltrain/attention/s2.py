@@ -17,6 +17,8 @@ from ltrain.attention.registry import register
 from ltrain.kernels.block_sparse import block_sparse_attention
 from ltrain.kernels.layout import BlockLayout
 from ltrain.kernels.s2 import s2_layout
+from ltrain.parallel.ring import ring_attention
+from ltrain.parallel.ulysses import ulysses_attention
 
 
 class S2Core:
@@ -47,14 +49,26 @@ class S2Core:
             )
         return self._layouts[key]
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
-        if ctx.cp_group is not None:
-            raise NotImplementedError(
-                "attention kind 's2' does not support context parallelism yet (parallel.cp > 1); "
-                "use parallel.cp=1 or a dense attention pattern"
-            )
+    def full_sequence(self, q, k, v, head_start: int = 0) -> torch.Tensor:
+        """S2 over a whole sequence for query heads [head_start, head_start + Hq)."""
         layout = self.layout(q.shape[2], q.device)
+        if layout.counts.shape[1] > 1:  # per-head layout: this call's heads only (Ulysses)
+            layout = layout.heads(head_start, q.shape[1])
         return block_sparse_attention(q, k, v, layout, block_size=self.cfg.block_size, causal=True)
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+        if ctx.cp_group is None:
+            return self.full_sequence(q, k, v)
+        if ctx.cp_mode == "contiguous":
+            raise ValueError(
+                "attention kind 's2' under parallel.cp > 1 runs on ring or Ulysses over a zigzag split; "
+                "a pattern with linear layers (which need a contiguous split) cannot also have s2 layers"
+            )
+        if ctx.cp_impl == "ulysses":
+            return ulysses_attention(q, k, v, attn_fn=self.full_sequence, group=ctx.cp_group, mode="zigzag")
+        bs = self.cfg.block_size
+        return ring_attention(q, k, v, layout_fn=lambda m: self.layout(m * bs, q.device), group=ctx.cp_group,
+                              block_size=bs, mode="zigzag")
 
 
 @register("s2", "S")

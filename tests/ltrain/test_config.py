@@ -76,10 +76,30 @@ def test_unknown_attention_kind_lists_allowed():
 def test_cp_must_divide_world_and_seq_len():
     with pytest.raises(ConfigError, match="parallel.cp=3 .*world size 4"):
         validate(load("parallel.cp=3"), world_size=4)
-    with pytest.raises(ConfigError, match="data.seq_len=258 .*2 x parallel.cp = 4"):
-        validate(load("parallel.cp=2", "data.seq_len=258"), world_size=4)
     with pytest.raises(ConfigError, match="parallel.dp=3"):
         validate(load("parallel.dp=3"), world_size=4)
+    with pytest.raises(ConfigError, match="data.seq_len=288 .*2 x parallel.cp x block_size = 2 x 2 x 16"):
+        validate(load("parallel.cp=2", "data.seq_len=288"), world_size=4)
+    with pytest.raises(ConfigError, match="data.seq_len=258 .*parallel.cp=4"):
+        validate(load("attention=hybrid", "parallel.cp=4", "data.seq_len=258"), world_size=4)
+
+
+def test_ulysses_needs_heads_divisible_by_cp():
+    with pytest.raises(ConfigError, match="parallel.cp=4 .*model.n_kv_heads=3"):
+        validate(load("parallel.cp=4", "parallel.cp_impl=ulysses", "model.n_heads=12", "model.n_kv_heads=3",
+                      "model.dim=192"), world_size=4)
+    with pytest.raises(ConfigError, match="parallel.cp=8 .*model.n_heads=4"):
+        validate(load("parallel.cp=8", "parallel.cp_impl=ulysses", "data.seq_len=512"), world_size=8)
+
+
+def test_s2_and_linear_cannot_share_a_cp_split():
+    with pytest.raises(ConfigError, match="attention.pattern='SL'"):
+        validate(load("attention=s2", "attention.pattern=SL", "parallel.cp=2"), world_size=2)
+
+
+def test_infllm_v2_settings_are_checked_at_config_time():
+    with pytest.raises(ConfigError, match="attention.infllm_v2.kernel_stride"):
+        validate(load("attention=infllm_v2", "attention.infllm_v2.kernel_stride=16"), world_size=1)
 
 
 def test_missing_data_path_is_a_config_error(tmp_path):

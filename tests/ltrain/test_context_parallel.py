@@ -30,15 +30,17 @@ def assert_close(a, b, tol=1e-4):
     assert len(a) == len(b) == 20 and max(diffs) < tol, f"max |loss diff| {max(diffs):.2e}: {a} vs {b}"
 
 
-@pytest.mark.parametrize("attention", ["hybrid", "dense"])
+@pytest.mark.parametrize("attention", ["hybrid", "dense", "s2"])
 def test_cp2_matches_cp1(tmp_path, attention):
-    """hybrid: LASP-2 (linear layers) + LASP-2H (dense layer); dense: zigzag ring attention."""
+    """hybrid: LASP-2 (linear layers) + LASP-2H (dense layer); dense and s2: zigzag ring attention."""
     ref = losses(tmp_path, 1, [f"attention={attention}"])
     assert_close(losses(tmp_path, 2, [f"attention={attention}", "parallel.cp=2"]), ref)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("attention, extra", [("hybrid", []), ("dense", []), ("dense", ["parallel.cp_impl=ulysses"])])
+@pytest.mark.parametrize("attention, extra", [
+    ("hybrid", []), ("dense", []), ("dense", ["parallel.cp_impl=ulysses"]), ("s2", ["parallel.cp_impl=ulysses"]),
+])
 def test_cp2_dp2_matches_cp1(tmp_path, attention, extra):
     """4 ranks = cp 2 x dp 2 against 1 rank with the dp ranks' batches concatenated."""
     ref = losses(tmp_path, 1, [f"attention={attention}", "data.micro_batch_size=4"])

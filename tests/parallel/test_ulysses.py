@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ltrain.kernels import BlockLayout, block_sparse_attention, s2_layout
+from ltrain.kernels import block_sparse_attention, s2_layout
 from ltrain.parallel import CommMeter, gather_sequence, shard_sequence, ulysses_attention
 from tests.multiproc import run_ranks
 
@@ -18,11 +18,8 @@ def dense_attn(q, k, v, *, head_start):
 
 def s2_attn(q, k, v, *, head_start):
     """S2 on a head subset: the per-head layout's rows for global heads [head_start, head_start + h)."""
-    layout = s2_layout(HQ, q.shape[2], **S2)
-    heads = slice(head_start, head_start + q.shape[1])
-    sub = BlockLayout(layout.counts[:, heads].contiguous(), layout.indices[:, heads].contiguous(),
-                      layout.num_k_blocks)
-    return block_sparse_attention(q, k, v, sub, block_size=BS)
+    layout = s2_layout(HQ, q.shape[2], **S2).heads(head_start, q.shape[1])
+    return block_sparse_attention(q, k, v, layout, block_size=BS)
 
 
 ATTN = {"dense": dense_attn, "s2": s2_attn}
