@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
@@ -148,7 +149,9 @@ def markdown(report: dict) -> str:
         "",
         f"{report['device_name']}; torch {report['torch']}; B={rows[0]['batch']}, H={rows[0]['heads']}, "
         f"Hkv={rows[0]['kv_heads']}, D={rows[0]['head_dim']}, block_size={rows[0]['block_size']}, {rows[0]['dtype']}. "
-        "Peak memory: " + report["memory"] + ". TFLOP/s on active blocks.",
+        "Peak memory: " + report["memory"] + ". TFLOP/s on active blocks. "
+        f"Machine load (1-min average, {os.cpu_count()} CPUs) before / after the run: "
+        f"{report['load_avg_1m'][1]:.1f} / {report['load_avg_1m'][0]:.1f}.",
         "",
         "| method | seq_len | density | fwd ms | fwd+bwd ms | fwd+bwd speed-up vs dense | fwd peak MiB | fwd+bwd peak MiB | fwd TFLOP/s | fwd+bwd TFLOP/s |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -193,6 +196,7 @@ def main(argv=None):
     common = ["--batch", args.batch, "--heads", args.heads, "--kv-heads", args.kv_heads, "--head-dim",
               args.head_dim, "--block-size", args.block_size, "--repeats", args.repeats]
     results = []
+    load_before = os.getloadavg()[0]
     for seq_len in args.seq_lens:
         for method in args.methods:
             cmd = [sys.executable, __file__, "--worker", "--method", method, "--seq-len", seq_len, *common]
@@ -206,7 +210,9 @@ def main(argv=None):
                   f"peak {r['fwd_bwd_peak_mib']:7.0f} MiB  {r['fwd_bwd_tflops']:.3f} TFLOP/s", flush=True)
     memory = ("torch.cuda.max_memory_allocated above the live inputs" if device == "gpu" else
               "rise of ru_maxrss over the resident size before the timed calls, one subprocess per row")
-    report = dict(device=device, device_name=name, torch=torch.__version__, memory=memory, results=results)
+    # Shared machines: the 1-minute load average says how much other work the timings competed with.
+    report = dict(device=device, device_name=name, torch=torch.__version__, memory=memory,
+                  load_avg_1m=[os.getloadavg()[0], load_before], results=results)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / f"attention-{device}.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.out_dir / f"attention-{device}.md").write_text(markdown(report))

@@ -169,13 +169,12 @@ def candidates(ckpt_dir: str, resume: str) -> list[str]:
     return [os.path.abspath(resume)]
 
 
-def load(engine, loader, ckpt_dir: str, resume: str) -> Optional[Resumed]:
-    """Restore everything for a bit-exact continuation; None when there is nothing to resume."""
+def choose(ckpt_dir: str, resume: str) -> Optional[str]:
+    """The checkpoint to resume from (rank 0 decides, every rank gets its answer), or None."""
     if resume == "none":
         return None
-    rank = dist.get_rank()
     chosen = [None]
-    if rank == 0:  # one decision for all ranks, even if a file changes while they look
+    if dist.get_rank() == 0:  # one decision for all ranks, even if a file changes while they look
         for path in candidates(ckpt_dir, resume):
             try:
                 verify(path)
@@ -186,21 +185,50 @@ def load(engine, loader, ckpt_dir: str, resume: str) -> Optional[Resumed]:
                     raise
                 log.warning("skipping checkpoint: %s", exc)
     dist.broadcast_object_list(chosen, src=0)
-    path = chosen[0]
-    if path is None:
+    return chosen[0]
+
+
+def universal_for(path: str, zero_stage: int) -> Optional[str]:
+    """A DeepSpeed universal checkpoint of `path` when its ZeRO shards were cut for
+    another world size (made once, by rank 0, next to it); None when it loads as is."""
+    manifest = verify(path)
+    if manifest["world_size"] == dist.get_world_size() or max(zero_stage, manifest.get("zero_stage", 0)) == 0:
         return None
+    if manifest.get("zero_stage", 0) == 3 or zero_stage == 3:
+        # Converted ZeRO-3 shards did not reproduce the next optimizer step exactly
+        # (tests/ltrain/test_checkpoint.py), so ltrain refuses rather than drift.
+        raise CheckpointError(
+            f"{path} was saved on {manifest['world_size']} ranks; ZeRO-3 state cannot be resharded exactly "
+            f"to {dist.get_world_size()} ranks: resume on {manifest['world_size']} ranks, or train with "
+            "parallel.zero_stage <= 2 to change the data-parallel degree"
+        )
+    out = os.path.join(os.path.dirname(path), "universal", os.path.basename(path))
+    if dist.get_rank() == 0 and not os.path.exists(os.path.join(out, MANIFEST)):
+        from argparse import Namespace
+
+        from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+        log.warning("%s was saved on %d ranks; converting its ZeRO shards to a universal checkpoint for %d",
+                    path, manifest["world_size"], dist.get_world_size())
+        shutil.rmtree(out, ignore_errors=True)
+        ds_to_universal(Namespace(input_folder=path, output_folder=out, num_extract_workers=1,
+                                  num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                  inject_missing_state=True))
+        _write_atomic(os.path.join(out, MANIFEST), json.dumps({"source": path}))
+    dist.barrier()
+    return out
+
+
+def load(engine, loader, path: str, universal: Optional[str] = None) -> Resumed:
+    """Restore everything for a bit-exact continuation from `path` (ZeRO state from
+    `universal` when resharding to another world size)."""
     manifest = verify(path)
     saved_world = manifest["world_size"]
-    if saved_world != dist.get_world_size() and manifest.get("zero_stage", 0) >= 1:
-        raise CheckpointError(
-            f"{path} holds ZeRO-{manifest['zero_stage']} optimizer shards for {saved_world} ranks, this run has "
-            f"{dist.get_world_size()}: DeepSpeed cannot repartition them in place. Resume on {saved_world} ranks, "
-            "or save with parallel.zero_stage=0 (replicated optimizer state) to change the data-parallel degree"
-        )
-    load_dir, tag = os.path.split(path)
+    load_dir, tag = os.path.split(universal or path)
     loaded, _ = engine.load_checkpoint(load_dir, tag=tag)
     if loaded is None:
-        raise CheckpointError(f"DeepSpeed could not load {path}")
+        raise CheckpointError(f"DeepSpeed could not load {universal or path}")
+    rank = dist.get_rank()
     own = os.path.join(path, rank_file(rank))
     if saved_world == dist.get_world_size():
         state = torch.load(own, weights_only=False)

@@ -266,8 +266,10 @@ def _validate_cp(cfg: TrainConfig, kinds: set[str]) -> None:
             _fail("attention.pattern", cfg.attention.pattern,
                   "under parallel.cp > 1, s2 layers (ring / Ulysses, zigzag split) cannot be mixed with "
                   "linear layers (LASP-2, contiguous split)")
-        if n % p.cp:
-            _fail("data.seq_len", n, f"must be divisible by parallel.cp={p.cp}")
+        chunk = p.cp * (cfg.attention.infllm_v2.block_size if "infllm_v2" in kinds else 1)
+        if n % chunk:
+            _fail("data.seq_len", n, f"must be divisible by parallel.cp={p.cp}"
+                  + (f" x attention.infllm_v2.block_size = {chunk}" if chunk != p.cp else ""))
         return
     block = max([16] + [cfg.attention.s2.block_size for k in kinds if k == "s2"]
                 + [cfg.attention.infllm_v2.block_size for k in kinds if k == "infllm_v2"])

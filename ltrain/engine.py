@@ -38,7 +38,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def deepspeed_config(cfg) -> dict:
+def deepspeed_config(cfg, load_universal: bool = False) -> dict:
     return {
         "train_micro_batch_size_per_gpu": cfg.data.micro_batch_size,
         "gradient_accumulation_steps": cfg.trainer.grad_accum,
@@ -49,10 +49,12 @@ def deepspeed_config(cfg) -> dict:
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
+        # Resuming ZeRO shards saved on another world size (ltrain.checkpoint.universal_for).
+        "checkpoint": {"load_universal": load_universal},
     }
 
 
-def build_engine(model: torch.nn.Module, cfg):
+def build_engine(model: torch.nn.Module, cfg, load_universal: bool = False):
     """-> DeepSpeed engine (optimizer and LR scheduler inside), reducing over dp x cp."""
     o = cfg.optim
     optimizer = torch.optim.AdamW(
@@ -67,6 +69,6 @@ def build_engine(model: torch.nn.Module, cfg):
     )
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
-        config=deepspeed_config(cfg), mpu=deepspeed_mpu(), dist_init_required=False,
+        config=deepspeed_config(cfg, load_universal), mpu=deepspeed_mpu(), dist_init_required=False,
     )
     return engine

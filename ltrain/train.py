@@ -106,14 +106,16 @@ def train(cfg: TrainConfig, run_dir: str) -> list[float]:
     model = Transformer(cfg.model, cfg.attention).to(topo.device)
     log.info("model %s: %.2fM parameters, layers %s", cfg.model.name,
              sum(p.numel() for p in model.parameters()) / 1e6, "".join(k[0].upper() for k in model.kinds))
-    engine = build_engine(model, cfg)
+    resume_from = checkpoint.choose(cfg.trainer.ckpt_dir, cfg.trainer.resume)
+    universal = resume_from and checkpoint.universal_for(resume_from, cfg.parallel.zero_stage)
+    engine = build_engine(model, cfg, load_universal=bool(universal))
     loader = build_loader(cfg.data, seed=cfg.trainer.seed, dp_rank=topo.dp_rank, dp_size=topo.dp)
     if loader.vocab_size > cfg.model.vocab_size:
         raise ConfigError(
             f"model.vocab_size={cfg.model.vocab_size} is invalid: the data's tokenizer has "
             f"{loader.vocab_size} tokens; set model.vocab_size >= {loader.vocab_size}"
         )
-    resumed = checkpoint.load(engine, loader, cfg.trainer.ckpt_dir, cfg.trainer.resume)
+    resumed = checkpoint.load(engine, loader, resume_from, universal) if resume_from else None
     start = resumed.step if resumed else 0
     tracker = build_tracker(cfg.tracking, rank=topo.rank, run_dir=run_dir,
                             config=OmegaConf.to_container(OmegaConf.structured(cfg)),

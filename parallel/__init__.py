@@ -8,3 +8,4 @@ from .lasp2h import lasp2h_attention
 from .ring import ring_attention
 from .sharding import gather_sequence, shard_sequence
 from .ulysses import ulysses_attention
+from .infllm_v2_cp import infllm_v2_cp_attention

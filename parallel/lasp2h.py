@@ -33,15 +33,10 @@ def _attend(q, k, v, q_start, sm_scale):
 class _LASP2H(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, group, q_start, sm_scale):
-        P = dist.get_world_size(group)
-        packed = torch.cat([k.reshape(-1), v.reshape(-1)])
-        gathered = packed.new_empty(P * packed.numel())
-        comm.all_gather_into_tensor(gathered, packed, group=group)
-        gathered = gathered.view(P, -1)
+        k_all, v_all = all_gather_kv(k, v, group)
         # Keys past the last query position can never be attended: drop them.
-        n_keys = min(q_start + q.shape[2], P * k.shape[2])
-        k_all = _unshard(gathered[:, : k.numel()], k.shape)[:, :, :n_keys]
-        v_all = _unshard(gathered[:, k.numel():], v.shape)[:, :, :n_keys]
+        n_keys = min(q_start + q.shape[2], k_all.shape[2])
+        k_all, v_all = k_all[:, :, :n_keys], v_all[:, :, :n_keys]
         ctx.save_for_backward(q, k_all, v_all)
         ctx.group, ctx.q_start, ctx.sm_scale, ctx.kv_shapes = group, q_start, sm_scale, (k.shape, v.shape)
         return _attend(q, k_all, v_all, q_start, sm_scale)
@@ -49,18 +44,51 @@ class _LASP2H(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k_all, v_all = ctx.saved_tensors
-        k_shape, v_shape = ctx.kv_shapes
-        P = dist.get_world_size(ctx.group)
         with torch.enable_grad():
             q_, k_, v_ = (t.detach().requires_grad_() for t in (q, k_all, v_all))
             o = _attend(q_, k_, v_, ctx.q_start, ctx.sm_scale)
             dq, dk_all, dv_all = torch.autograd.grad(o, (q_, k_, v_), do)
-        packed = torch.cat([_shard(dk_all, k_shape, P), _shard(dv_all, v_shape, P)], dim=1)
-        mine = packed.new_empty(packed.shape[1])
-        comm.reduce_scatter_tensor(mine, packed.reshape(-1), group=ctx.group)
-        dk = mine[: math.prod(k_shape)].view(k_shape).to(k_all.dtype)
-        dv = mine[math.prod(k_shape):].view(v_shape).to(v_all.dtype)
+        dk, dv = reduce_scatter_kv(dk_all, dv_all, *ctx.kv_shapes, ctx.group)
         return dq, dk, dv, None, None, None
+
+
+def all_gather_kv(k, v, group):
+    """One all-gather of this rank's k, v [B, H, C, D] (packed into one buffer)
+    -> k_all, v_all [B, H, P*C, D], rank-major: rank s's keys at [s C, (s+1) C)."""
+    P = dist.get_world_size(group)
+    packed = torch.cat([k.reshape(-1), v.reshape(-1)])
+    gathered = packed.new_empty(P * packed.numel())
+    comm.all_gather_into_tensor(gathered, packed, group=group)
+    gathered = gathered.view(P, -1)
+    return _unshard(gathered[:, : k.numel()], k.shape), _unshard(gathered[:, k.numel():], v.shape)
+
+
+def reduce_scatter_kv(dk_all, dv_all, k_shape, v_shape, group):
+    """Adjoint of all_gather_kv: gradients over the first Nk <= P*C gathered keys
+    [B, H, Nk, D] -> this rank's dk, dv (k_shape, v_shape), summed over ranks in fp32
+    by one reduce-scatter."""
+    P = dist.get_world_size(group)
+    packed = torch.cat([_shard(dk_all, k_shape, P), _shard(dv_all, v_shape, P)], dim=1)
+    mine = packed.new_empty(packed.shape[1])
+    comm.reduce_scatter_tensor(mine, packed.reshape(-1), group=group)
+    dk = mine[: math.prod(k_shape)].view(k_shape).to(dk_all.dtype)
+    dv = mine[math.prod(k_shape):].view(v_shape).to(dv_all.dtype)
+    return dk, dv
+
+
+class GatherKV(torch.autograd.Function):
+    """(k, v, group) -> all_gather_kv(k, v, group), differentiable: the backward
+    is reduce_scatter_kv. For callers that attend with their own kernel."""
+
+    @staticmethod
+    def forward(ctx, k, v, group):
+        ctx.group, ctx.shapes = group, (k.shape, v.shape)
+        return all_gather_kv(k, v, group)
+
+    @staticmethod
+    def backward(ctx, dk_all, dv_all):
+        dk, dv = reduce_scatter_kv(dk_all, dv_all, *ctx.shapes, ctx.group)
+        return dk, dv, None
 
 
 def _unshard(flat, shape):

@@ -15,6 +15,7 @@ from ltrain.attention.context import AttnContext
 from ltrain.attention.gqa import GQAttention
 from ltrain.attention.registry import register
 from ltrain.kernels.infllm_v2 import check_infllm_v2_params, infllm_v2_attention
+from ltrain.parallel.infllm_v2_cp import infllm_v2_cp_attention
 
 
 def validate_infllm_v2(cfg) -> None:
@@ -29,10 +30,11 @@ def infllm_v2_core(layer_idx: int, cfg):
 
     def core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
         """q: [B, Hq, N, D], k, v: [B, Hkv, N, D] -> [B, Hq, N, D]."""
-        if ctx.cp_group is not None:
-            raise ValueError("attention kind 'infllm_v2' does not support context parallelism yet "
-                             "(parallel.cp must be 1)")
-        out, stats = infllm_v2_attention(q, k, v, **params)
+        if ctx.cp_group is None:
+            out, stats = infllm_v2_attention(q, k, v, **params)
+        else:  # q, k, v are this rank's shard (ctx.cp_mode order); dense/sparse is decided on the full length
+            out, stats = infllm_v2_cp_attention(q, k, v, group=ctx.cp_group, mode=ctx.cp_mode, cp_impl=ctx.cp_impl,
+                                                **params)
         ctx.stats[f"attn/layer{layer_idx}/mode"] = stats["mode"]
         ctx.stats[f"attn/layer{layer_idx}/block_fraction"] = stats["block_fraction"]
         return out

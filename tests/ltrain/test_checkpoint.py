@@ -10,8 +10,10 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from ltrain.checkpoint import MANIFEST, CheckpointError, _prune, candidates, verify
+from tests.multiproc import run_ranks
 
 REPO = Path(__file__).resolve().parents[2]
 SINGLE = (sys.executable, "-m", "ltrain.train")
@@ -128,10 +130,88 @@ def test_resume_into_more_ranks_and_longer_sequences(tmp_path):
     assert sorted(rows) == list(range(1, 21)) and all(v == v for v in rows.values())
 
 
+def _step(engine, loader):
+    from ltrain.loss import lm_loss
+
+    batch = loader.next_batch()
+    loss, _, _ = lm_loss(engine(batch["input_ids"]), batch["labels"])
+    engine.backward(loss)
+    engine.step()
+
+
+def _weights(engine):
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    return {name: safe_get_full_fp32_param(p).clone() for name, p in engine.module.named_parameters()}
+
+
+def _train_save_step(rank, world, ckpt_dir, zero_stage):
+    """1 rank: 3 steps, checkpoint, 1 more step -> fp32 weights after step 4."""
+    from ltrain import checkpoint
+
+    engine, loader = _engine_and_loader(zero_stage, micro_batch=2)
+    for _ in range(3):
+        _step(engine, loader)
+    checkpoint.save(engine, ckpt_dir, step=3, tokens=0, loader=loader, tracker_run_id=None, keep_last=1,
+                    extra={"zero_stage": zero_stage})
+    _step(engine, loader)
+    return _weights(engine)
+
+
+def _resume_resharded_step(rank, world, ckpt_dir, zero_stage):
+    """2 ranks: resume the 1-rank checkpoint, take step 4 on the same global batch."""
+    from ltrain import checkpoint
+
+    path = checkpoint.choose(ckpt_dir, "auto")
+    universal = checkpoint.universal_for(path, zero_stage)
+    engine, loader = _engine_and_loader(zero_stage, micro_batch=1, load_universal=universal is not None)
+    checkpoint.load(engine, loader, path, universal)
+    _step(engine, loader)
+    return universal is not None, _weights(engine)
+
+
+def _engine_and_loader(zero_stage, micro_batch, load_universal=False):
+    from ltrain.config import TrainConfig
+    from ltrain.data.loader import build_loader
+    from ltrain.engine import build_engine
+    from ltrain.models.transformer import Transformer
+    from ltrain.parallel.topology import init_topology
+
+    cfg = TrainConfig()
+    cfg.model.n_layers, cfg.data.seq_len, cfg.data.micro_batch_size = 2, 128, micro_batch
+    cfg.parallel.zero_stage = zero_stage
+    topo = init_topology(cp=1)
+    torch.manual_seed(0)
+    engine = build_engine(Transformer(cfg.model, cfg.attention), cfg, load_universal=load_universal)
+    return engine, build_loader(cfg.data, seed=1, dp_rank=topo.dp_rank, dp_size=topo.dp)
+
+
 @pytest.mark.slow
-def test_zero1_checkpoint_on_other_world_size_is_refused_clearly(tmp_path):
+@pytest.mark.parametrize("zero_stage", [1, 2])
+def test_zero_shards_reshard_to_another_world_size(tmp_path, zero_stage):
+    """ZeRO shards saved on 1 rank load on 2 through a DeepSpeed universal checkpoint, and
+    the next step (same global batch, split over the 2 ranks) gives the 1-rank run's weights:
+    weights and Adam moments came along (lost moments would move each weight by ~lr = 1e-3)."""
+    (want,) = run_ranks(_train_save_step, 1, str(tmp_path), zero_stage)
+    for converted, got in run_ranks(_resume_resharded_step, 2, str(tmp_path), zero_stage):
+        assert converted
+        for name, w in want.items():
+            torch.testing.assert_close(got[name], w, rtol=0, atol=2e-6, msg=name)
+
+
+@pytest.mark.slow
+def test_cli_resumes_zero1_run_on_more_ranks(tmp_path):
     finish(run(SINGLE, tmp_path, ["parallel.zero_stage=1", "trainer.max_steps=10"]))
-    proc = run(TWO_RANKS, tmp_path, ["parallel.zero_stage=1", "trainer.max_steps=20"])
+    out = finish(run(TWO_RANKS, tmp_path, ["parallel.zero_stage=1", "trainer.max_steps=14", "data.micro_batch_size=2"]))
+    assert "converting its ZeRO shards to a universal checkpoint for 2" in out and "resumed from" in out
+    rows = losses(tmp_path)
+    assert sorted(rows) == list(range(1, 15)) and all(v == v for v in rows.values())
+
+
+@pytest.mark.slow
+def test_zero3_checkpoint_on_another_world_size_is_refused(tmp_path):
+    finish(run(SINGLE, tmp_path, ["parallel.zero_stage=3", "trainer.max_steps=10"]))
+    proc = run(TWO_RANKS, tmp_path, ["parallel.zero_stage=3", "trainer.max_steps=14"])
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode != 0
-    assert "ltrain: checkpoint error:" in out and "holds ZeRO-1 optimizer shards for 1 ranks" in out
+    assert "ltrain: checkpoint error:" in out and "ZeRO-3 state cannot be resharded exactly" in out

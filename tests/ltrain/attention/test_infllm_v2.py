@@ -65,13 +65,6 @@ def test_past_dense_len_same_weights_run_sparse():
     assert out.shape == x.shape and not torch.allclose(out, dense(x, ctx))
 
 
-def test_context_parallel_is_refused():
-    _, infllm, x, ctx = layers(64)
-    ctx.cp_group = object()
-    with pytest.raises(ValueError, match="infllm_v2.*context parallelism"):
-        infllm(x, ctx)
-
-
 @pytest.mark.parametrize("key,value", [("topk", 2), ("kernel_stride", 16), ("block_size", 18), ("window_size", 8)])
 def test_validate_names_the_key(key, value):
     with pytest.raises(ValueError, match=rf"attention\.infllm_v2\.{key}={value}"):

@@ -81,14 +81,6 @@ def test_sequence_not_divisible_by_block_size_names_both_keys():
         layer(torch.randn(1, 40, model_cfg.dim), context(1, 40, model_cfg.dim // model_cfg.n_heads))
 
 
-def test_context_parallelism_is_refused_clearly():
-    model_cfg, attn_cfg = tiny_s2_cfg()
-    layer = build_attention("s2", 0, model_cfg, attn_cfg)
-    ctx = context(1, 64, model_cfg.dim // model_cfg.n_heads, cp_group=object())
-    with pytest.raises(NotImplementedError, match="context parallelism"):
-        layer(torch.randn(1, 64, model_cfg.dim), ctx)
-
-
 def test_cli_training_with_s2_preset_learns(tmp_path):
     env = {**os.environ, "LTRAIN_RUN_ID": "x", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(

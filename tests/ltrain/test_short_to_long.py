@@ -1,0 +1,86 @@
+"""Short-to-long mechanism (benchmarks/short_to_long.py runs the full experiment):
+a checkpoint trained with attention=dense at dense_len resumes into an infllm_v2
+model past dense_len, whose layers then run sparse with the same weights.
+
+Both training stages run in one spawned process (one DeepSpeed import), composed
+from the real presets with Hydra's compose API, a couple of tiny steps each.
+"""
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from tests.multiproc import run_ranks
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _compose(overrides):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from ltrain.config import TrainConfig, register_configs, validate
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg: TrainConfig = OmegaConf.to_object(compose("train", overrides=overrides))
+    validate(cfg)
+    return cfg
+
+
+def _two_stages(rank, world, out_dir):
+    from ltrain.train import train
+
+    common = [f"trainer.out_dir={out_dir}", "trainer.progress=false", "data.micro_batch_size=2",
+              "optim.warmup_steps=1"]
+    short = _compose(["experiment=short-to-long-dense", "trainer.run_name=short", "trainer.max_steps=2", *common])
+    train(short, f"{out_dir}/short")
+    ckpt = f"{out_dir}/short/checkpoints/step_00000002"
+    long = _compose(["experiment=short-to-long-sparse", "trainer.run_name=long", "trainer.max_steps=3",
+                     f"trainer.resume={ckpt}", "data.seq_len=256", *common])
+    losses = train(long, f"{out_dir}/long")
+    return short.data.seq_len, long.attention.infllm_v2.dense_len, losses
+
+
+def test_dense_checkpoint_resumes_sparse_past_dense_len(tmp_path):
+    ((short_len, dense_len, losses),) = run_ranks(_two_stages, 1, str(tmp_path))
+    assert short_len == dense_len == 128  # stage 1 is dense because it is not past dense_len
+
+    # Stage 2 continued the checkpoint (step 3 only), past dense_len, in sparse mode.
+    rows = [json.loads(line) for line in (tmp_path / "long" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [3] and len(losses) == 1
+    row = rows[0]
+    assert row["seq_len"] == 256 > dense_len
+    assert math.isfinite(row["loss"]) and row["loss"] == losses[0]
+    modes = {k: v for k, v in row.items() if k.startswith("attn/") and k.endswith("/mode")}
+    assert modes == {f"attn/layer{i}/mode": "sparse" for i in range(4)}
+    assert all(0 < row[f"attn/layer{i}/block_fraction"] < 1 for i in range(4))
+    assert "resumed from" in (tmp_path / "long" / "train.log").read_text()
+
+    # The dense checkpoint's weights load strictly into an infllm_v2 model, which is
+    # exactly the dense model up to dense_len and finite, sparse, past it.
+    from omegaconf import OmegaConf
+
+    from ltrain.config import TrainConfig
+    from ltrain.models.transformer import Transformer
+
+    def model(run):
+        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig),
+                                                  OmegaConf.load(tmp_path / run / "config.yaml")))
+        m = Transformer(cfg.model, cfg.attention).eval()
+        state = torch.load(tmp_path / "short" / "checkpoints" / "step_00000002" / "mp_rank_00_model_states.pt",
+                           map_location="cpu", weights_only=False)["module"]
+        m.load_state_dict(state)
+        return m
+
+    dense, sparse = model("short"), model("long")
+    assert set(dense.kinds) == {"dense"} and set(sparse.kinds) == {"infllm_v2"}
+    ids = torch.randint(0, 256, (1, 256), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(ids[:, :dense_len]), dense(ids[:, :dense_len]), rtol=1e-5, atol=1e-5)
+        assert set(sparse.attn_stats[f"attn/layer{i}/mode"] for i in range(4)) == {"dense"}
+        out = sparse(ids)
+        assert torch.isfinite(out).all()
+        assert set(sparse.attn_stats[f"attn/layer{i}/mode"] for i in range(4)) == {"sparse"}
