@@ -21,6 +21,8 @@ from omegaconf import OmegaConf
 from ltrain.attention.infllm_v2 import validate_infllm_v2
 from ltrain.attention.registry import resolve_layer_kinds
 from ltrain.data.config import DataConfig, DataConfigError, validate_data_config
+from ltrain.data.memmap import read_meta
+from ltrain.data.tokenizer import BYTE_VOCAB_SIZE
 
 
 class ConfigError(ValueError):
@@ -244,6 +246,9 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
         validate_data_config(cfg.data)
     except DataConfigError as exc:
         raise ConfigError(str(exc)) from None
+    vocab = read_meta(cfg.data.path)["vocab_size"] if cfg.data.kind == "memmap" else BYTE_VOCAB_SIZE
+    if vocab > m.vocab_size:
+        _fail("model.vocab_size", m.vocab_size, f"the data's tokenizer has {vocab} tokens; set model.vocab_size >= {vocab}")
 
     p = cfg.parallel
     world = world_size_from_env() if world_size is None else world_size

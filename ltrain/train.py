@@ -29,6 +29,7 @@ from tqdm import tqdm  # noqa: E402
 
 from ltrain import checkpoint  # noqa: E402
 from ltrain.config import ConfigError, TrainConfig, register_configs, validate  # noqa: E402
+from ltrain.parallel.comm import CommMeter  # noqa: E402
 from ltrain.parallel.sharding import shard_sequence  # noqa: E402
 
 log = logging.getLogger("ltrain")
@@ -110,11 +111,6 @@ def train(cfg: TrainConfig, run_dir: str) -> list[float]:
     universal = resume_from and checkpoint.universal_for(resume_from, cfg.parallel.zero_stage)
     engine = build_engine(model, cfg, load_universal=bool(universal))
     loader = build_loader(cfg.data, seed=cfg.trainer.seed, dp_rank=topo.dp_rank, dp_size=topo.dp)
-    if loader.vocab_size > cfg.model.vocab_size:
-        raise ConfigError(
-            f"model.vocab_size={cfg.model.vocab_size} is invalid: the data's tokenizer has "
-            f"{loader.vocab_size} tokens; set model.vocab_size >= {loader.vocab_size}"
-        )
     resumed = checkpoint.load(engine, loader, resume_from, universal) if resume_from else None
     start = resumed.step if resumed else 0
     tracker = build_tracker(cfg.tracking, rank=topo.rank, run_dir=run_dir,
@@ -130,15 +126,16 @@ def train(cfg: TrainConfig, run_dir: str) -> list[float]:
     for step in range(start + 1, cfg.trainer.max_steps + 1):
         step_start = time.perf_counter()
         stats = torch.zeros(2, dtype=torch.float64)  # [loss sum, token count] over micro steps
-        for _ in range(cfg.trainer.grad_accum):
-            batch = shard_batch(loader.next_batch(), topo, model.cp_mode)
-            logits = engine(batch["input_ids"], batch["position_ids"], topo.cp_group, cfg.parallel.cp_impl)
-            loss, loss_sum, count = lm_loss(logits, batch["labels"], topo.cp_group)
-            engine.backward(loss)
-            if engine.is_gradient_accumulation_boundary():
-                pre_clip_norm = grad_norm_before_step(model)
-            engine.step()
-            stats += torch.tensor([loss_sum.item(), count.item()], dtype=torch.float64)
+        with CommMeter() as comm:  # sequence-parallel traffic of this step (ring, LASP-2, Ulysses)
+            for _ in range(cfg.trainer.grad_accum):
+                batch = shard_batch(loader.next_batch(), topo, model.cp_mode)
+                logits = engine(batch["input_ids"], batch["position_ids"], topo.cp_group, cfg.parallel.cp_impl)
+                loss, loss_sum, count = lm_loss(logits, batch["labels"], topo.cp_group)
+                engine.backward(loss)
+                if engine.is_gradient_accumulation_boundary():
+                    pre_clip_norm = grad_norm_before_step(model)
+                engine.step()
+                stats += torch.tensor([loss_sum.item(), count.item()], dtype=torch.float64)
         dist.all_reduce(stats, group=topo.dp_cp_group)
         mean_loss = (stats[0] / stats[1]).item()
         losses.append(mean_loss)
@@ -160,6 +157,7 @@ def train(cfg: TrainConfig, run_dir: str) -> list[float]:
                 "peak_mem_gb": peak_memory_gb(topo.device),
                 "seq_len": cfg.data.seq_len,
                 **attention_stats(model.attn_stats),
+                **{f"comm/{kind}_bytes": float(n) for kind, n in comm.bytes.items() if n},
             }, step=step)
             window_start, window_tokens = time.perf_counter(), 0
         every = cfg.trainer.ckpt_every

@@ -58,6 +58,7 @@ def test_default_is_tiny_dense_synthetic():
         ("attention.layers=[dense,foo,dense,dense]", "attention.layers[1]"),
         ("data.kind=parquet", "data.kind"),
         ("data.seq_len=-1", "data.seq_len"),
+        ("model.vocab_size=200", "model.vocab_size"),
     ],
 )
 def test_validation_error_names_key(override, key):

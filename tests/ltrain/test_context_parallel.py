@@ -22,6 +22,8 @@ def losses(tmp_path: Path, nproc: int, overrides: list[str]) -> list[float]:
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = [json.loads(x) for x in (out / "cp" / "metrics.jsonl").read_text().splitlines()]
+    if "parallel.cp=2" in overrides:  # the step's sequence-parallel traffic reaches the tracker
+        assert all(sum(v for k, v in r.items() if k.startswith("comm/")) > 0 for r in rows)
     return [r["loss"] for r in rows]
 
 
