@@ -26,7 +26,7 @@ import torch.distributed as dist
 from ltrain.kernels import BlockLayout, block_sparse_attention
 
 from . import comm
-from .sharding import MODES
+from .sharding import check_sharded_qkv
 
 # A ring step that waits longer than this on its neighbour has lost a rank (or
 # gloo p2p hung, as reported elsewhere): fail with a message, not a silent hang.
@@ -197,11 +197,7 @@ def ring_attention(q, k, v, *, layout_fn: Callable[[int], BlockLayout], group, b
     (contiguous) chunks of whole blocks.
     """
     group = group if group is not None else dist.group.WORLD
-    if mode not in MODES:
-        raise ValueError(f"mode={mode!r}: allowed {', '.join(MODES)}")
-    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
-        raise ValueError(f"q must be [B, Hq, n, D] and k, v [B, Hkv, n, D], got {tuple(q.shape)}, "
-                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    check_sharded_qkv(q, k, v, mode)
     if q.shape[2] != k.shape[2]:
         raise ValueError(f"q and k/v must hold the same tokens, got n = {q.shape[2]} and {k.shape[2]}")
     P = dist.get_world_size(group)

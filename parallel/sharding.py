@@ -43,3 +43,12 @@ def gather_sequence(x: torch.Tensor, group: dist.ProcessGroup, *, mode: str = "z
     halves = [p.chunk(2, dim=dim) for p in pieces]
     order = [halves[r][0] for r in range(cp)] + [halves[r][1] for r in reversed(range(cp))]
     return torch.cat(order, dim=dim)
+
+
+def check_sharded_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: str) -> None:
+    """The argument checks every sequence-parallel attention shares: ValueError naming what is wrong."""
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r}: allowed {', '.join(MODES)}")
+    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
+        raise ValueError(f"q must be [B, Hq, n, D] and k, v [B, Hkv, n, D], got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from . import comm
-from .sharding import MODES
+from .sharding import check_sharded_qkv
 
 
 def _seq_to_heads(x: torch.Tensor, group, mode: str) -> torch.Tensor:
@@ -90,11 +90,7 @@ def ulysses_attention(q, k, v, *, attn_fn: Callable[..., torch.Tensor], group, m
     group: the context-parallel group (None: the default group).
     """
     group = group if group is not None else dist.group.WORLD
-    if mode not in MODES:
-        raise ValueError(f"mode={mode!r}: allowed {', '.join(MODES)}")
-    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
-        raise ValueError(f"q must be [B, Hq, n, D] and k, v [B, Hkv, n, D], got {tuple(q.shape)}, "
-                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    check_sharded_qkv(q, k, v, mode)
     P = dist.get_world_size(group)
     Hq, Hkv, n = q.shape[1], k.shape[1], q.shape[2]
     if Hq % P:

@@ -17,9 +17,9 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ltrain.attention.context import AttnContext
+from ltrain.attention.gqa import Projections
 from ltrain.attention.registry import register
 from ltrain.kernels.lightning import lightning_attention
 from ltrain.models.layers import RMSNorm
@@ -32,17 +32,9 @@ def transnormer_decay(n_heads: int, layer_idx: int, n_layers: int) -> torch.Tens
     return torch.exp(-(8 * h / n_heads) * (1 - layer_idx / n_layers)).float()
 
 
-class LinearAttention(nn.Module):
+class LinearAttention(Projections):
     def __init__(self, layer_idx: int, model_cfg, linear_cfg):
-        super().__init__()
-        self.n_heads, self.n_kv_heads = model_cfg.n_heads, model_cfg.n_kv_heads
-        self.head_dim = model_cfg.dim // model_cfg.n_heads
-        dim = model_cfg.dim
-        self.wq = nn.Linear(dim, self.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=False)
-        self.wo = nn.Linear(self.n_heads * self.head_dim, dim, bias=False)
-        self.wo.is_residual_out = True
+        super().__init__(model_cfg)
         self.out_norm = RMSNorm(self.head_dim, model_cfg.norm_eps)
         self.chunk_size = linear_cfg.chunk_size
         decay = transnormer_decay(self.n_heads, layer_idx, model_cfg.n_layers) if linear_cfg.decay else None
@@ -53,17 +45,15 @@ class LinearAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
         """x: [B, N, dim] -> [B, N, dim]."""
-        b, n, _ = x.shape
+        q, k, v = self.qkv(x)
         group = self.n_heads // self.n_kv_heads
-        q = F.silu(self.wq(x).view(b, n, self.n_heads, self.head_dim).transpose(1, 2)) * self.scale
-        k = F.silu(self.wk(x).view(b, n, self.n_kv_heads, self.head_dim).transpose(1, 2))
-        v = self.wv(x).view(b, n, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = F.silu(q) * self.scale, F.silu(k)
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         if ctx.cp_group is None:
             o = lightning_attention(q, k, v, decay=self.decay, chunk_size=self.chunk_size)
         else:  # the train loop splits contiguously whenever a linear layer exists
             o = lasp2_linear_attention(q, k, v, self.decay, ctx.cp_group, chunk_size=self.chunk_size)
-        return self.wo(self.out_norm(o).transpose(1, 2).reshape(b, n, -1))
+        return self.out(self.out_norm(o))
 
 
 @register("linear", "L")
