@@ -234,9 +234,11 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
             validate_infllm_v2(cfg.attention.infllm_v2)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    s2 = cfg.attention.s2
-    if "s2" in kinds and cfg.data.seq_len % s2.block_size:
-        _fail("data.seq_len", cfg.data.seq_len, f"must be a multiple of attention.s2.block_size={s2.block_size}")
+    if "s2" in kinds:
+        _validate_s2(cfg)
+    chunk = cfg.attention.linear.chunk_size
+    if "linear" in kinds and (chunk < 16 or chunk & (chunk - 1)):
+        _fail("attention.linear.chunk_size", chunk, "must be a power of two >= 16")
 
     resume = cfg.trainer.resume
     if resume not in ("auto", "none") and not os.path.isdir(resume):
@@ -259,6 +261,21 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
         _fail("parallel.dp", p.dp, f"world size {world} / parallel.cp {p.cp} gives {dp}; set {dp} or -1")
     if p.cp > 1:
         _validate_cp(cfg, kinds)
+
+
+def _validate_s2(cfg: TrainConfig) -> None:
+    s2 = cfg.attention.s2
+    if s2.block_size not in (16, 32, 64, 128):
+        _fail("attention.s2.block_size", s2.block_size, "allowed values are 16, 32, 64, 128")
+    for key in ("local_blocks", "vert_stride"):
+        if getattr(s2, key) < 1:
+            _fail(f"attention.s2.{key}", getattr(s2, key), "must be a positive integer")
+    if s2.head_sliding_offset < 0:
+        _fail("attention.s2.head_sliding_offset", s2.head_sliding_offset, "must be >= 0")
+    if not 0 <= s2.num_dense_heads <= cfg.model.n_heads:
+        _fail("attention.s2.num_dense_heads", s2.num_dense_heads, f"must be in [0, model.n_heads={cfg.model.n_heads}]")
+    if cfg.data.seq_len % s2.block_size:
+        _fail("data.seq_len", cfg.data.seq_len, f"must be a multiple of attention.s2.block_size={s2.block_size}")
 
 
 def _validate_cp(cfg: TrainConfig, kinds: set[str]) -> None:

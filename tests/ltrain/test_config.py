@@ -113,3 +113,16 @@ def test_wrong_type_is_rejected_at_compose_time():
         load("model.dim=1.5")
     with pytest.raises(ConfigCompositionException, match="not_a_key"):
         load("model.not_a_key=1")
+
+
+@pytest.mark.parametrize("attention, override", [
+    ("s2", "attention.s2.block_size=48"),
+    ("s2", "attention.s2.vert_stride=0"),
+    ("s2", "attention.s2.num_dense_heads=9"),
+    ("linear", "attention.linear.chunk_size=24"),
+])
+def test_attention_kind_settings_name_their_key(attention, override):
+    key, value = override.split("=")
+    with pytest.raises(ConfigError, match=rf"^{key}={value} is invalid"):
+        validate(load(f"attention={attention}", override), world_size=1)
+
