@@ -4,25 +4,29 @@
 
 No softmax and no normalisation: the model layer adds its output norm.
 `lightning_attention` is the public op (validation, dispatch, one autograd
-Function). `lightning_fwd` / `lightning_bwd` are the raw passes, exposed so
-that parallel/lasp2 can wrap them in its own autograd Function.
+Function). `lightning_fwd` / `lightning_bwd` / `lightning_decay_grad` are the
+raw passes, exposed so that parallel/lasp2 can wrap them in its own autograd
+Function.
 
-The decay lambda is a fixed per-head constant in lightning attention (like
-ALiBi slopes), not a learned parameter: there is no gradient to `decay`, and
-a `decay` that requires grad is rejected rather than silently ignored.
+The decay lambda is usually a fixed per-head constant (TransNormerLLM, like
+ALiBi slopes). A decay that requires grad gets its gradient from one extra
+pass (`lightning_decay_grad`), run only then.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .lightning_ref import lightning_ref_bwd, lightning_ref_fwd
+from .lightning_ref import lightning_ref_bwd, lightning_ref_decay_grad, lightning_ref_fwd
 
 IMPLS = ("auto", "triton", "torch")
 
 
 def check_lightning_inputs(q, k, v, decay=None, initial_state=None, chunk_size=64) -> torch.Tensor | None:
     """Validate shapes, chunk size and decay; return log(decay) as fp32 [H] (or None).
+
+    The log keeps decay's autograd graph: a gradient with respect to log(decay)
+    reaches decay through it.
 
     q, k: [B, H, N, Dk]; v: [B, H, N, Dv]; decay: [H] in (0, 1];
     initial_state: [B, H, Dk, Dv]. Raises ValueError naming the argument.
@@ -46,12 +50,9 @@ def check_lightning_inputs(q, k, v, decay=None, initial_state=None, chunk_size=6
         return None
     if decay.shape != (H,):
         raise ValueError(f"decay must be a per-head tensor of shape [{H}], got {tuple(decay.shape)}")
-    if decay.requires_grad:
-        raise ValueError("decay requires grad, but lightning attention's decay is a fixed per-head constant "
-                         "(no gradient is computed for it); pass decay.detach()")
     if not bool(((decay > 0) & (decay <= 1)).all()):
         raise ValueError(f"decay values must lie in (0, 1], got {decay.tolist()}")
-    return decay.detach().float().log().to(q.device)
+    return decay.float().log().to(q.device)
 
 
 def _use_triton(q, impl):
@@ -81,6 +82,15 @@ def lightning_bwd(q, k, v, log_decay, initial_state, do, d_final, chunk_size=64,
     return lightning_ref_bwd(q, k, v, log_decay, initial_state, do, d_final, chunk_size)
 
 
+def lightning_decay_grad(q, k, v, log_decay, initial_state, do, d_final, chunk_size=64, impl="auto"):
+    """Gradient with respect to log_decay: [H] fp32, summed over the batch (one extra pass)."""
+    if _use_triton(q, impl):
+        from .lightning_triton import lightning_triton_decay_grad
+
+        return lightning_triton_decay_grad(q, k, v, log_decay, initial_state, do, d_final, chunk_size)
+    return lightning_ref_decay_grad(q, k, v, log_decay, initial_state, do, d_final, chunk_size)
+
+
 class _LightningAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, initial_state, log_decay, chunk_size, impl):
@@ -97,7 +107,11 @@ class _LightningAttention(torch.autograd.Function):
             do = torch.zeros(*q.shape[:3], v.shape[-1], dtype=q.dtype, device=q.device)
         dq, dk, dv, d_init = lightning_bwd(q, k, v, log_decay, initial_state, do, d_final, ctx.chunk_size, ctx.impl)
         d_init = None if initial_state is None else d_init.to(initial_state.dtype)
-        return dq, dk, dv, d_init, None, None, None
+        d_log_decay = None
+        if ctx.needs_input_grad[4]:
+            d_log_decay = lightning_decay_grad(q, k, v, log_decay, initial_state, do, d_final, ctx.chunk_size,
+                                               ctx.impl)
+        return dq, dk, dv, d_init, d_log_decay, None, None
 
 
 def lightning_attention(q, k, v, *, decay=None, initial_state=None, return_final_state=False,
@@ -105,8 +119,9 @@ def lightning_attention(q, k, v, *, decay=None, initial_state=None, return_final
     """Causal linear attention `o_t = q_t^T S_t`, `S_t = lambda_h S_{t-1} + k_t v_t^T`.
 
     q, k: [B, H, N, Dk]; v: [B, H, N, Dv]; decay: [H] with values in (0, 1]
-    (None: no decay), fixed, no gradient; initial_state: [B, H, Dk, Dv] (S_0;
-    differentiable). N need not be a multiple of chunk_size.
+    (None: no decay; differentiable: its gradient costs one extra pass);
+    initial_state: [B, H, Dk, Dv] (S_0; differentiable). N need not be a
+    multiple of chunk_size.
     Returns o: [B, H, N, Dv] in q's dtype, and with return_final_state also
     S_N: [B, H, Dk, Dv] in fp32. impl: "auto" (Triton on CUDA, PyTorch
     reference on CPU), "triton" or "torch".

@@ -13,6 +13,7 @@ Chunked form used here and in the Triton kernel (chunk of length L, local
 
 All arithmetic is fp32; the log-decay g_h = log(lambda_h) is passed so that
 lambda^x = exp(g x) never overflows (g <= 0). `log_decay=None` means lambda = 1.
+The decay gradient is taken with respect to g (dL/dlambda = dL/dg / lambda).
 Every chunk is processed at once (batched matmuls); only the [Dk, Dv] state
 recurrence over chunks is a Python loop, so memory is O(N C + N/C Dk Dv),
 never N x N.
@@ -36,7 +37,7 @@ def _decays(log_decay, H, N, chunk_size, device):
 
     Returns (q_decay [H, 1, C, 1] = lambda^(i+1), k_decay [H, n, C, 1] =
     lambda^(L_c-1-j) (0 on padding), intra [H, 1, C, C] = lambda^(i-j) for j<=i
-    else 0, chunk_decay [H, n] = lambda^(L_c)).
+    else 0, chunk_decay [H, n] = lambda^(L_c), lens [n] = L_c).
     """
     g = torch.zeros(H, device=device) if log_decay is None else log_decay.float().to(device)
     g = g.view(H, 1, 1)
@@ -51,7 +52,7 @@ def _decays(log_decay, H, N, chunk_size, device):
     diff = pos.view(-1, 1) - pos.view(1, -1)
     intra = torch.where(diff >= 0, torch.exp(g * diff.clamp(min=0)), 0.0)
     chunk_decay = torch.exp(g.view(H, 1) * lens)
-    return q_decay, k_decay.unsqueeze(-1), intra.unsqueeze(1), chunk_decay
+    return q_decay, k_decay.unsqueeze(-1), intra.unsqueeze(1), chunk_decay, lens
 
 
 def _states_in(kc, vc, k_decay, chunk_decay, initial_state):
@@ -67,6 +68,22 @@ def _states_in(kc, vc, k_decay, chunk_decay, initial_state):
     return torch.stack(states, dim=2), state
 
 
+def _state_grads_out(qc, doc, q_decay, chunk_decay, d_final):
+    """Gradient reaching each chunk's outgoing state [B, H, n, Dk, Dv], and d_initial.
+
+    Reverse recurrence dS_in = lambda^L dS_out + sum_i lambda^(i+1) q_i do_i^T,
+    starting from d_final (zeros when None) at the last chunk.
+    """
+    B, H, n, _, Dk = qc.shape
+    q_do = torch.einsum("bhncd,bhnce->bhnde", qc * q_decay, doc)
+    d_state = qc.new_zeros(B, H, Dk, doc.shape[-1]) if d_final is None else d_final.float()
+    d_out = [None] * n
+    for c in reversed(range(n)):
+        d_out[c] = d_state
+        d_state = chunk_decay[:, c].view(1, H, 1, 1) * d_state + q_do[:, :, c]
+    return torch.stack(d_out, dim=2), d_state
+
+
 def lightning_ref_fwd(q, k, v, log_decay=None, initial_state=None, chunk_size=64):
     """Chunked forward.
 
@@ -76,7 +93,7 @@ def lightning_ref_fwd(q, k, v, log_decay=None, initial_state=None, chunk_size=64
     """
     B, H, N, _ = q.shape
     qc, kc, vc = (_chunked(x, chunk_size) for x in (q, k, v))
-    q_decay, k_decay, intra, chunk_decay = _decays(log_decay, H, N, chunk_size, q.device)
+    q_decay, k_decay, intra, chunk_decay, _ = _decays(log_decay, H, N, chunk_size, q.device)
     s_in, final = _states_in(kc, vc, k_decay, chunk_decay, initial_state)
     scores = (qc @ kc.transpose(-1, -2)) * intra
     o = scores @ vc + (qc * q_decay) @ s_in
@@ -95,18 +112,11 @@ def lightning_ref_bwd(q, k, v, log_decay, initial_state, do, d_final, chunk_size
 
     Returns dq, dk, dv (dtypes of q, k, v) and d_initial [B, H, Dk, Dv] (fp32).
     """
-    B, H, N, Dk = q.shape
+    N = q.shape[2]
     qc, kc, vc, doc = (_chunked(x, chunk_size) for x in (q, k, v, do))
-    q_decay, k_decay, intra, chunk_decay = _decays(log_decay, H, N, chunk_size, q.device)
+    q_decay, k_decay, intra, chunk_decay, _ = _decays(log_decay, q.shape[1], N, chunk_size, q.device)
     s_in, _ = _states_in(kc, vc, k_decay, chunk_decay, initial_state)
-
-    q_do = torch.einsum("bhncd,bhnce->bhnde", qc * q_decay, doc)
-    d_state = q.new_zeros(B, H, Dk, v.shape[-1], dtype=torch.float32) if d_final is None else d_final.float()
-    d_out = [None] * qc.shape[2]
-    for c in reversed(range(qc.shape[2])):
-        d_out[c] = d_state
-        d_state = chunk_decay[:, c].view(1, H, 1, 1) * d_state + q_do[:, :, c]
-    ds_out = torch.stack(d_out, dim=2)
+    ds_out, d_state = _state_grads_out(qc, doc, q_decay, chunk_decay, d_final)
 
     do_v = (doc @ vc.transpose(-1, -2)) * intra
     q_k = (qc @ kc.transpose(-1, -2)) * intra
@@ -118,6 +128,38 @@ def lightning_ref_bwd(q, k, v, log_decay, initial_state, do, d_final, chunk_size
         return x.flatten(2, 3)[:, :, :N].to(like.dtype)
 
     return unchunk(dq, q), unchunk(dk, k), unchunk(dv, v), d_state
+
+
+def lightning_ref_decay_grad(q, k, v, log_decay, initial_state, do, d_final, chunk_size=64):
+    """Gradient of the loss with respect to g_h = log(lambda_h): [H] fp32, summed over the batch.
+
+    Adjoint form, per chunk of length L with S_in / dS_out as in lightning_ref_bwd:
+
+        dg = sum_{j<=i} (i-j) lambda^(i-j) (q_i . k_j)(do_i . v_j)     intra-chunk pairs
+           + sum_i (i+1) lambda^(i+1) do_i . (S_in^T q_i)              output <- S_in
+           + sum_j (L-1-j) lambda^(L-1-j) k_j^T dS_out v_j             S_out <- k_j v_j^T
+           + L lambda^L <dS_out, S_in>                                  S_out <- S_in
+
+    Each pair of tokens (t, s) enters with its distance t - s split into
+    chunk-local pieces. The textbook identity dg = sum_t t (q_t . dq_t - k_t .
+    dk_t) uses global positions and cancels catastrophically in fp32 at long
+    N; no term here grows with the position in the sequence.
+    """
+    H, N = q.shape[1], q.shape[2]
+    qc, kc, vc, doc = (_chunked(x, chunk_size) for x in (q, k, v, do))
+    q_decay, k_decay, intra, chunk_decay, lens = _decays(log_decay, H, N, chunk_size, q.device)
+    s_in, _ = _states_in(kc, vc, k_decay, chunk_decay, initial_state)
+    ds_out, _ = _state_grads_out(qc, doc, q_decay, chunk_decay, d_final)
+
+    pos = torch.arange(chunk_size, device=q.device, dtype=torch.float32)
+    dist = (pos.view(-1, 1) - pos.view(1, -1)).clamp(min=0)
+    pairs = (qc @ kc.transpose(-1, -2)) * (doc @ vc.transpose(-1, -2)) * (intra * dist)
+    from_state = (qc @ s_in) * doc * (q_decay * (pos + 1).view(-1, 1))
+    k_exp = (lens.view(-1, 1) - 1 - pos).clamp(min=0).unsqueeze(-1)
+    to_state = (kc @ ds_out) * vc * (k_decay * k_exp)
+    carry = (ds_out * s_in).sum((-1, -2)) * (chunk_decay * lens)
+    return sum(t.sum(dims) for t, dims in [(pairs, (0, 2, 3, 4)), (from_state, (0, 2, 3, 4)),
+                                            (to_state, (0, 2, 3, 4)), (carry, (0, 2))])
 
 
 def lightning_recurrent(q, k, v, decay=None, initial_state=None):

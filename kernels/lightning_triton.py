@@ -11,6 +11,18 @@ its docstring), accumulated in fp32. The backward is two kernels:
                 dv_j = lambda^(L-1-j) dS_out^T k_j + sum_{i>=j} lambda^(i-j) (q_i . k_j) do_i
                 dS_in = lambda^L dS_out + sum_i lambda^(i+1) q_i do_i^T   (-> d_initial)
 
+The decay gradient (only when decay requires grad) is a third kernel in
+forward mode: it carries, next to S, the tangent T = dS/dg (g = log lambda)
+
+    T_out = lambda^L T_in + L lambda^L S_in + sum_j (L-1-j) lambda^(L-1-j) k_j v_j^T
+    dg   += sum_i do_i . (lambda^(i+1) (T_in + (i+1) S_in)^T q_i)
+          + sum_{j<=i} (i-j) lambda^(i-j) (q_i . k_j)(do_i . v_j)
+    dg   += <d_final, T_final>
+
+so it needs one pass and no stored states; every term is chunk-local (no
+global position factors, so no fp32 cancellation at long N). The PyTorch
+reference computes the same gradient in adjoint form, an independent check.
+
 Inputs are made contiguous [B, H, N, D]; Dk and Dv are padded to powers of
 two >= 16 by masking. The last chunk may be short (L < C).
 """
@@ -60,14 +72,27 @@ def _state_tile(base, DK, DV, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr):
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, O, S0, SF, LOG_DECAY, H, N, DK, DV, HAS_S0: tl.constexpr, BLOCK_C: tl.constexpr,
-                BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr):
-    bh = tl.program_id(0)
+def _head_start(S, LOG_DECAY, bh, H, DK, DV, HAS_S: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """This program's log-decay g, and its [Dk, Dv] state tile read from S (zeros without S)."""
     g = tl.load(LOG_DECAY + bh % H)
     off_s, mask_s = _state_tile(bh * DK * DV, DK, DV, BLOCK_DK, BLOCK_DV)
     state = tl.zeros((BLOCK_DK, BLOCK_DV), dtype=tl.float32)
-    if HAS_S0:
-        state = tl.load(S0 + off_s, mask=mask_s, other=0.0).to(tl.float32)
+    if HAS_S:
+        state = tl.load(S + off_s, mask=mask_s, other=0.0).to(tl.float32)
+    return g, state, off_s, mask_s
+
+
+@triton.jit
+def _next_state(state, k, v, k_decay, chunk_decay):
+    """S_out = lambda^L S_in + sum_j lambda^(L-1-j) k_j v_j^T."""
+    return state * chunk_decay + tl.dot(tl.trans(k * k_decay[:, None]), v)
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, O, S0, SF, LOG_DECAY, H, N, DK, DV, HAS_S0: tl.constexpr, BLOCK_C: tl.constexpr,
+                BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr):
+    bh = tl.program_id(0)
+    g, state, off_s, mask_s = _head_start(S0, LOG_DECAY, bh, H, DK, DV, HAS_S0, BLOCK_DK, BLOCK_DV)
     for start in range(0, N, BLOCK_C):
         q, k, v, _, _, off_v, mask_v = _chunk_tiles(Q, K, V, bh * N * DK, bh * N * DV, start, N, DK, DV,
                                                     BLOCK_C, BLOCK_DK, BLOCK_DV)
@@ -75,7 +100,7 @@ def _fwd_kernel(Q, K, V, O, S0, SF, LOG_DECAY, H, N, DK, DV, HAS_S0: tl.constexp
         scores = tl.dot(q, tl.trans(k)) * intra
         o = tl.dot(scores, v) + tl.dot(q * q_decay[:, None], state)
         tl.store(O + off_v, o.to(O.dtype.element_ty), mask=mask_v)
-        state = state * chunk_decay + tl.dot(tl.trans(k * k_decay[:, None]), v)
+        state = _next_state(state, k, v, k_decay, chunk_decay)
     tl.store(SF + off_s, state, mask=mask_s)
 
 
@@ -83,11 +108,7 @@ def _fwd_kernel(Q, K, V, O, S0, SF, LOG_DECAY, H, N, DK, DV, HAS_S0: tl.constexp
 def _bwd_dq_kernel(Q, K, V, DO, DQ, S0, LOG_DECAY, H, N, DK, DV, HAS_S0: tl.constexpr, BLOCK_C: tl.constexpr,
                    BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr):
     bh = tl.program_id(0)
-    g = tl.load(LOG_DECAY + bh % H)
-    off_s, mask_s = _state_tile(bh * DK * DV, DK, DV, BLOCK_DK, BLOCK_DV)
-    state = tl.zeros((BLOCK_DK, BLOCK_DV), dtype=tl.float32)
-    if HAS_S0:
-        state = tl.load(S0 + off_s, mask=mask_s, other=0.0).to(tl.float32)
+    g, state, off_s, mask_s = _head_start(S0, LOG_DECAY, bh, H, DK, DV, HAS_S0, BLOCK_DK, BLOCK_DV)
     for start in range(0, N, BLOCK_C):
         _, k, v, off_k, mask_k, off_v, mask_v = _chunk_tiles(Q, K, V, bh * N * DK, bh * N * DV, start, N, DK,
                                                              DV, BLOCK_C, BLOCK_DK, BLOCK_DV)
@@ -96,7 +117,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, S0, LOG_DECAY, H, N, DK, DV, HAS_S0: tl.cons
         do_v = tl.dot(do, tl.trans(v)) * intra
         dq = tl.dot(do_v, k) + tl.dot(do, tl.trans(state)) * q_decay[:, None]
         tl.store(DQ + off_k, dq.to(DQ.dtype.element_ty), mask=mask_k)
-        state = state * chunk_decay + tl.dot(tl.trans(k * k_decay[:, None]), v)
+        state = _next_state(state, k, v, k_decay, chunk_decay)
 
 
 @triton.jit
@@ -104,11 +125,7 @@ def _bwd_dkv_kernel(Q, K, V, DO, DK_OUT, DV_OUT, DSF, DS0, LOG_DECAY, H, N, DK, 
                     HAS_DSF: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_DK: tl.constexpr,
                     BLOCK_DV: tl.constexpr):
     bh = tl.program_id(0)
-    g = tl.load(LOG_DECAY + bh % H)
-    off_s, mask_s = _state_tile(bh * DK * DV, DK, DV, BLOCK_DK, BLOCK_DV)
-    d_state = tl.zeros((BLOCK_DK, BLOCK_DV), dtype=tl.float32)
-    if HAS_DSF:
-        d_state = tl.load(DSF + off_s, mask=mask_s, other=0.0).to(tl.float32)
+    g, d_state, off_s, mask_s = _head_start(DSF, LOG_DECAY, bh, H, DK, DV, HAS_DSF, BLOCK_DK, BLOCK_DV)
     for c in range(n_chunks):
         start = (n_chunks - 1 - c) * BLOCK_C
         q, k, v, off_k, mask_k, off_v, mask_v = _chunk_tiles(Q, K, V, bh * N * DK, bh * N * DV, start, N, DK,
@@ -123,6 +140,36 @@ def _bwd_dkv_kernel(Q, K, V, DO, DK_OUT, DV_OUT, DSF, DS0, LOG_DECAY, H, N, DK, 
         tl.store(DV_OUT + off_v, dv.to(DV_OUT.dtype.element_ty), mask=mask_v)
         d_state = d_state * chunk_decay + tl.dot(tl.trans(q * q_decay[:, None]), do)
     tl.store(DS0 + off_s, d_state, mask=mask_s)
+
+
+@triton.jit
+def _bwd_decay_kernel(Q, K, V, DO, S0, DSF, DG, LOG_DECAY, H, N, DK, DV, HAS_S0: tl.constexpr,
+                      HAS_DSF: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_DK: tl.constexpr,
+                      BLOCK_DV: tl.constexpr):
+    bh = tl.program_id(0)
+    g, state, off_s, mask_s = _head_start(S0, LOG_DECAY, bh, H, DK, DV, HAS_S0, BLOCK_DK, BLOCK_DV)
+    tangent = tl.zeros((BLOCK_DK, BLOCK_DV), dtype=tl.float32)
+    pos = tl.arange(0, BLOCK_C)
+    dist = tl.maximum(pos[:, None] - pos[None, :], 0).to(tl.float32)
+    dg = tl.zeros((BLOCK_C, BLOCK_DV), dtype=tl.float32)
+    for start in range(0, N, BLOCK_C):
+        q, k, v, _, _, off_v, mask_v = _chunk_tiles(Q, K, V, bh * N * DK, bh * N * DV, start, N, DK, DV,
+                                                    BLOCK_C, BLOCK_DK, BLOCK_DV)
+        do = tl.load(DO + off_v, mask=mask_v, other=0.0).to(tl.float32)
+        q_decay, k_decay, intra, chunk_decay = _chunk_decays(g, start, N, BLOCK_C)
+        length = tl.minimum(N - start, BLOCK_C).to(tl.float32)
+        pairs = tl.dot(q, tl.trans(k)) * intra * dist
+        # sum_ij pairs_ij (do_i . v_j) = sum_i do_i . (pairs @ v)_i: kept as a [C, Dv] tile, reduced once.
+        from_state = tl.dot(q * (q_decay * (pos + 1).to(tl.float32))[:, None], state)
+        dg += do * (tl.dot(pairs, v) + from_state + tl.dot(q * q_decay[:, None], tangent))
+        k_w = k_decay * tl.maximum(length - 1 - pos.to(tl.float32), 0.0)
+        tangent = tangent * chunk_decay + state * (length * chunk_decay) + tl.dot(tl.trans(k * k_w[:, None]), v)
+        state = _next_state(state, k, v, k_decay, chunk_decay)
+    total = tl.sum(tl.sum(dg, axis=1), axis=0)
+    if HAS_DSF:
+        d_final = tl.load(DSF + off_s, mask=mask_s, other=0.0).to(tl.float32)
+        total += tl.sum(tl.sum(d_final * tangent, axis=1), axis=0)
+    tl.store(DG + bh, total)
 
 
 def _launch_args(q, v, log_decay, chunk_size):
@@ -157,3 +204,15 @@ def lightning_triton_bwd(q, k, v, log_decay, initial_state, do, d_final, chunk_s
     _bwd_dkv_kernel[grid](q, k, v, do, dk, dv, dsf, d_init, g, *dims, triton.cdiv(q.shape[2], chunk_size),
                           HAS_DSF=d_final is not None, **blocks)
     return dq, dk, dv, d_init
+
+
+def lightning_triton_decay_grad(q, k, v, log_decay, initial_state, do, d_final, chunk_size=64):
+    """Gradient with respect to g_h = log(lambda_h): [H] fp32, summed over the batch."""
+    q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), do.contiguous()
+    grid, g, dims, blocks = _launch_args(q, v, log_decay, chunk_size)
+    dg = torch.empty(grid[0], device=q.device, dtype=torch.float32)
+    s0 = dg if initial_state is None else initial_state.contiguous()
+    dsf = dg if d_final is None else d_final.contiguous()
+    _bwd_decay_kernel[grid](q, k, v, do, s0, dsf, dg, g, *dims, HAS_S0=initial_state is not None,
+                            HAS_DSF=d_final is not None, **blocks)
+    return dg.view(q.shape[0], q.shape[1]).sum(0)

@@ -78,6 +78,7 @@ class LinearConfig:
     """Lightning (linear) attention layers."""
 
     decay: bool = True  # per-head decay lambda_h (TransNormerLLM); False: plain causal linear attention
+    learn_decay: bool = False  # train lambda_h (initialised from the schedule); needs decay
     chunk_size: int = 64
 
 
@@ -239,6 +240,8 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
     chunk = cfg.attention.linear.chunk_size
     if "linear" in kinds and (chunk < 16 or chunk & (chunk - 1)):
         _fail("attention.linear.chunk_size", chunk, "must be a power of two >= 16")
+    if "linear" in kinds and cfg.attention.linear.learn_decay and not cfg.attention.linear.decay:
+        _fail("attention.linear.learn_decay", True, "needs attention.linear.decay=true (there is no decay to learn)")
 
     resume = cfg.trainer.resume
     if resume not in ("auto", "none") and not os.path.isdir(resume):

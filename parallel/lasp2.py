@@ -18,6 +18,17 @@ backward
                  final-state gradient dM_r (the final state's k, v terms are
                  exactly M_r's, so this adds dk_j += lambda^(C-1-j) dM_r v_j
                  and dv_j += lambda^(C-1-j) dM_r^T k_j)
+    dg_r       = lightning's decay gradient with the same prefix_r and dM_r
+                 (only when decay requires grad; no collective)
+
+Why dg_r needs nothing more: prefix_{r+1} = lambda^C prefix_r + M_r is exactly
+rank r's final state, so the ranks form one state chain and dM_r is the
+adjoint of the link out of rank r. The lightning decay gradient of rank r's
+chunk with (prefix_r fixed, dM_r on its final state) is rank r's share of
+d loss / d log(lambda), and the shares sum over the group to the gradient
+of the whole sequence. Each rank returns its share, like the shares of the
+q/k/v projection weights; the data-parallel gradient reduction (which spans
+dp x cp in ltrain) adds them.
 
 Communication per layer and step: one all-gather of P x B x H x Dk x Dv fp32
 elements in each direction, independent of the sequence length. States travel
@@ -30,7 +41,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ltrain.kernels.lightning import check_lightning_inputs, lightning_bwd, lightning_fwd
+from ltrain.kernels.lightning import check_lightning_inputs, lightning_bwd, lightning_decay_grad, lightning_fwd
 
 from . import comm
 
@@ -77,7 +88,10 @@ class _LASP2(torch.autograd.Function):
         s = torch.arange(P, device=q.device, dtype=torch.float32)
         d_memory = torch.einsum("hs,sbhde->bhde", _decay_powers(log_decay, H, C * (s - rank - 1)), d_states)
         dq, dk, dv, _ = lightning_bwd(q, k, v, log_decay, prefix, do, d_memory, ctx.chunk_size, ctx.impl)
-        return dq, dk, dv, None, None, None, None
+        d_log_decay = None
+        if ctx.needs_input_grad[3]:
+            d_log_decay = lightning_decay_grad(q, k, v, log_decay, prefix, do, d_memory, ctx.chunk_size, ctx.impl)
+        return dq, dk, dv, d_log_decay, None, None, None
 
 
 def lasp2_linear_attention(q, k, v, decay=None, group=None, *, chunk_size=64, impl="auto",
@@ -85,9 +99,12 @@ def lasp2_linear_attention(q, k, v, decay=None, group=None, *, chunk_size=64, im
     """Causal linear attention over a sequence split contiguously across `group`.
 
     q, k: [B, H, C, Dk]; v: [B, H, C, Dv] -- this rank's chunk (rank r holds
-    global positions [r C, (r+1) C)); decay: [H] in (0, 1] or None, fixed (no
-    gradient). Returns o: [B, H, C, Dv], equal to this rank's slice of
-    lightning_attention on the full sequence. Gradients flow to q, k, v.
+    global positions [r C, (r+1) C)); decay: [H] in (0, 1] or None, the same
+    on every rank. Returns o: [B, H, C, Dv], equal to this rank's slice of
+    lightning_attention on the full sequence. Gradients flow to q, k, v, and to
+    decay when it requires grad: decay.grad is this rank's share, and its sum
+    over the group is the full-sequence gradient (as for any weight shared by
+    the ranks of a sequence-parallel group).
     check_shards: also verify (one extra small all-gather) that every rank
     holds a chunk of the same shape; off on the hot path because the config
     layer already checks that the sequence divides across cp ranks.

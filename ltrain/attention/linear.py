@@ -9,6 +9,10 @@ with lambda_h = exp(-(8 h / H) * (1 - l / L)) for head h = 1..H of layer l of L
 on the last layer). Linear layers take no rotary embedding: the decay carries
 position. K/V heads are shared across a GQA group by repetition, since the
 state S is kept per query head.
+
+With learn_decay the schedule is only the initialisation: each head learns
+its rate r_h = exp(a_h) > 0, lambda_h = exp(-r_h) (the A_log parametrisation
+of Mamba), so that every optimiser step keeps lambda_h in (0, 1).
 """
 
 from __future__ import annotations
@@ -38,10 +42,21 @@ class LinearAttention(Projections):
         self.out_norm = RMSNorm(self.head_dim, model_cfg.norm_eps)
         self.chunk_size = linear_cfg.chunk_size
         decay = transnormer_decay(self.n_heads, layer_idx, model_cfg.n_layers) if linear_cfg.decay else None
-        # A constant of the layer, not a weight: not trained, not in the checkpoint.
-        self.register_buffer("decay", decay, persistent=False)
+        self.layer_idx = layer_idx
+        if linear_cfg.learn_decay:
+            self.decay_log_rate = torch.nn.Parameter(torch.log(-torch.log(decay)))
+        else:  # a constant of the layer, not a weight: not trained, not in the checkpoint
+            self.register_buffer("fixed_decay", decay, persistent=False)
         # silu(q).silu(k) grows with head_dim like q.k does; scale as softmax attention would.
         self.scale = 1.0 / math.sqrt(self.head_dim)
+
+    @property
+    def decay(self) -> torch.Tensor | None:
+        """lambda_h: [H] in (0, 1], or None without decay."""
+        if hasattr(self, "decay_log_rate"):
+            # Rates above 80 would round lambda to 0 in fp32 (outside (0, 1]); lambda = e^-80 already forgets.
+            return torch.exp(-self.decay_log_rate.float().exp().clamp(max=80.0))
+        return self.fixed_decay
 
     def forward(self, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
         """x: [B, N, dim] -> [B, N, dim]."""
@@ -49,10 +64,14 @@ class LinearAttention(Projections):
         group = self.n_heads // self.n_kv_heads
         q, k = F.silu(q) * self.scale, F.silu(k)
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        decay = self.decay
+        if decay is not None and decay.requires_grad:  # where the learned decays are, for the tracker
+            ctx.stats[f"attn/layer{self.layer_idx}/decay_mean"] = decay.detach().mean()
+            ctx.stats[f"attn/layer{self.layer_idx}/decay_min"] = decay.detach().min()
         if ctx.cp_group is None:
-            o = lightning_attention(q, k, v, decay=self.decay, chunk_size=self.chunk_size)
+            o = lightning_attention(q, k, v, decay=decay, chunk_size=self.chunk_size)
         else:  # the train loop splits contiguously whenever a linear layer exists
-            o = lasp2_linear_attention(q, k, v, self.decay, ctx.cp_group, chunk_size=self.chunk_size)
+            o = lasp2_linear_attention(q, k, v, decay, ctx.cp_group, chunk_size=self.chunk_size)
         return self.out(self.out_norm(o))
 
 

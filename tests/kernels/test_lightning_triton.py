@@ -4,8 +4,13 @@ import pytest
 import torch
 
 from ltrain.kernels import lightning_attention
-from ltrain.kernels.lightning_ref import lightning_recurrent, lightning_ref_bwd, lightning_ref_fwd
-from ltrain.kernels.lightning_triton import lightning_triton_bwd, lightning_triton_fwd
+from ltrain.kernels.lightning_ref import (
+    lightning_recurrent,
+    lightning_ref_bwd,
+    lightning_ref_decay_grad,
+    lightning_ref_fwd,
+)
+from ltrain.kernels.lightning_triton import lightning_triton_bwd, lightning_triton_decay_grad, lightning_triton_fwd
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -33,8 +38,14 @@ def test_triton_matches_reference(with_decay, with_states):
     want = lightning_ref_fwd(q, k, v, log_decay, s0, 16)
     got += lightning_triton_bwd(q, k, v, log_decay, s0, do, d_final, 16)
     want += lightning_ref_bwd(q, k, v, log_decay, s0, do, d_final, 16)
+    names = ["o", "final", "dq", "dk", "dv", "d_initial"]
+    if with_decay:  # tangent form (Triton) against adjoint form (reference)
+        got += (lightning_triton_decay_grad(q, k, v, log_decay, s0, do, d_final, 16),)
+        want += (lightning_ref_decay_grad(q, k, v, log_decay, s0, do, d_final, 16),)
+        names.append("d_log_decay")
     tol = 1e-5 if DEVICE == "cpu" else 5e-3  # fp32 dots run as tf32 on GPUs
-    for name, a, b in zip(["o", "final", "dq", "dk", "dv", "d_initial"], got, want):
+    assert len(got) == len(want) == len(names)
+    for name, a, b in zip(names, got, want):
         assert a.dtype == b.dtype and a.shape == b.shape, name
         assert rel_err(a, b) < tol, name
 
@@ -42,11 +53,11 @@ def test_triton_matches_reference(with_decay, with_states):
 def test_public_op_triton_autograd_matches_recurrence():
     q, k, v, do, s0, _ = inputs(N=35)
     decay = torch.tensor([0.9, 0.6], device=DEVICE)
-    a = [t.clone().requires_grad_() for t in (q, k, v, s0)]
-    o = lightning_attention(*a[:3], decay=decay, initial_state=a[3], chunk_size=16, impl="triton")
+    a = [t.clone().requires_grad_() for t in (q, k, v, s0, decay)]
+    o = lightning_attention(*a[:3], decay=a[4], initial_state=a[3], chunk_size=16, impl="triton")
     o.backward(do)
-    b = [t.clone().double().requires_grad_() for t in (q, k, v, s0)]
-    o_ref, _ = lightning_recurrent(*b[:3], decay, b[3])
+    b = [t.clone().double().requires_grad_() for t in (q, k, v, s0, decay)]
+    o_ref, _ = lightning_recurrent(*b[:3], b[4], b[3])
     o_ref.backward(do.double())
     tol = 1e-5 if DEVICE == "cpu" else 5e-3
     assert rel_err(o, o_ref) < tol

@@ -126,3 +126,10 @@ def test_attention_kind_settings_name_their_key(attention, override):
     with pytest.raises(ConfigError, match=rf"^{key}={value} is invalid"):
         validate(load(f"attention={attention}", override), world_size=1)
 
+
+
+def test_learn_decay_needs_a_decay():
+    with pytest.raises(ConfigError, match=r"^attention.linear.learn_decay=True is invalid: needs attention.linear.decay"):
+        validate(load("attention=linear", "attention.linear.decay=false", "attention.linear.learn_decay=true"),
+                 world_size=1)
+    validate(load("attention=linear", "attention.linear.learn_decay=true"), world_size=1)

@@ -14,7 +14,7 @@ COMMON = ["trainer.max_steps=20", "trainer.log_every=1", "trainer.ckpt_every=0",
           "data.micro_batch_size=2", "data.seq_len=256", "optim.warmup_steps=5"]
 
 
-def losses(tmp_path: Path, nproc: int, overrides: list[str]) -> list[float]:
+def metrics(tmp_path: Path, nproc: int, overrides: list[str]) -> list[dict]:
     out = tmp_path / f"n{nproc}-{len(overrides)}"
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     proc = subprocess.run([*launcher, "-m", "ltrain.train", f"trainer.out_dir={out}", *COMMON, *overrides],
@@ -24,19 +24,33 @@ def losses(tmp_path: Path, nproc: int, overrides: list[str]) -> list[float]:
     rows = [json.loads(x) for x in (out / "cp" / "metrics.jsonl").read_text().splitlines()]
     if "parallel.cp=2" in overrides:  # the step's sequence-parallel traffic reaches the tracker
         assert all(sum(v for k, v in r.items() if k.startswith("comm/")) > 0 for r in rows)
-    return [r["loss"] for r in rows]
+    return rows
 
 
-def assert_close(a, b, tol=1e-4):
+def losses(tmp_path: Path, nproc: int, overrides: list[str]) -> list[float]:
+    return [r["loss"] for r in metrics(tmp_path, nproc, overrides)]
+
+
+def assert_close(a, b, tol=1e-4, what="loss"):
     diffs = [abs(x - y) for x, y in zip(a, b)]
-    assert len(a) == len(b) == 20 and max(diffs) < tol, f"max |loss diff| {max(diffs):.2e}: {a} vs {b}"
+    assert len(a) == len(b) == 20 and max(diffs) < tol, f"max |{what} diff| {max(diffs):.2e}: {a} vs {b}"
 
 
-@pytest.mark.parametrize("attention", ["hybrid", "dense", "s2"])
-def test_cp2_matches_cp1(tmp_path, attention):
-    """hybrid: LASP-2 (linear layers) + LASP-2H (dense layer); dense and s2: zigzag ring attention."""
-    ref = losses(tmp_path, 1, [f"attention={attention}"])
-    assert_close(losses(tmp_path, 2, [f"attention={attention}", "parallel.cp=2"]), ref)
+@pytest.mark.parametrize("attention, extra", [
+    ("hybrid", ["attention.linear.learn_decay=true"]), ("dense", []), ("s2", []),
+])
+def test_cp2_matches_cp1(tmp_path, attention, extra):
+    """hybrid: LASP-2 (linear layers, learned decay: each rank's decay-gradient share is
+    summed by the dp x cp reduction) + LASP-2H (dense layer); dense and s2: zigzag ring."""
+    ref = metrics(tmp_path, 1, [f"attention={attention}", *extra])
+    got = metrics(tmp_path, 2, [f"attention={attention}", "parallel.cp=2", *extra])
+    assert_close([r["loss"] for r in got], [r["loss"] for r in ref])
+    # The losses alone barely feel the decay in 20 steps; the learned decays themselves must agree.
+    decays = sorted(k for k in ref[0] if k.endswith("/decay_mean") or k.endswith("/decay_min"))
+    assert len(decays) == (6 if attention == "hybrid" else 0), ref[0].keys()
+    for key in decays:
+        assert ref[-1][key] != ref[0][key], key  # the decay did train
+        assert_close([r[key] for r in got], [r[key] for r in ref], tol=1e-7, what=key)
 
 
 @pytest.mark.slow

@@ -24,10 +24,12 @@ def _full_inputs(N, seed):
 def _lasp2_vs_single_process(rank, world_size, C):
     """Errors of this rank's output and q/k/v grads, and the meter readings per pass."""
     report = {}
-    for name, decay in [("no_decay", None), ("decay", torch.tensor([1.0, 0.97, 0.8]))]:
+    decay = torch.tensor([1.0, 0.97, 0.8])
+    for name, decay in [("no_decay", None), ("decay", decay), ("learned_decay", decay.clone().requires_grad_())]:
         q, k, v, do = _full_inputs(world_size * C, seed=1)
         full = [t.clone().requires_grad_() for t in (q, k, v)]
-        o_full = lightning_attention(*full, decay=decay, chunk_size=CHUNK)
+        decay_full = None if decay is None else decay.detach().clone().requires_grad_(decay.requires_grad)
+        o_full = lightning_attention(*full, decay=decay_full, chunk_size=CHUNK)
         o_full.backward(do)
 
         mine = slice(rank * C, (rank + 1) * C)
@@ -42,7 +44,17 @@ def _lasp2_vs_single_process(rank, world_size, C):
             "fwd": fwd_meter.snapshot(),
             "bwd": bwd_meter.snapshot(),
         }
+        if decay is not None and decay.requires_grad:
+            report[name]["d_decay_share"], report[name]["d_decay_full"] = decay.grad, decay_full.grad
     return report
+
+
+def _check_decay_grad(reports):
+    """Each rank returns its share of d decay; the shares sum to the full-sequence gradient."""
+    shares = [r["learned_decay"]["d_decay_share"] for r in reports]
+    full = reports[0]["learned_decay"]["d_decay_full"]
+    assert all(s.abs().min() > 0 for s in shares)  # every rank contributes to every head
+    assert rel_err(sum(shares), full) < 2e-5
 
 
 def _check_report(report, world_size):
@@ -72,13 +84,17 @@ def _two_rank_suite(rank, world_size):
 
 def test_lasp2_two_ranks_and_bad_inputs():
     # C = 24 is not a multiple of the kernel chunk: rank and kernel chunking differ.
-    for report, (decay_msg, shard_msg) in run_ranks(_two_rank_suite, 2):
+    results = run_ranks(_two_rank_suite, 2)
+    for report, (decay_msg, shard_msg) in results:
         _check_report(report, 2)
         assert decay_msg.startswith("decay values must lie in (0, 1]")
         assert shard_msg.startswith("q must have the same shape on every rank")
+    _check_decay_grad([report for report, _ in results])
 
 
 @pytest.mark.slow
 def test_lasp2_four_ranks():
-    for report in run_ranks(_lasp2_vs_single_process, 4, 16):
+    reports = run_ranks(_lasp2_vs_single_process, 4, 16)
+    for report in reports:
         _check_report(report, 4)
+    _check_decay_grad(reports)

@@ -43,3 +43,30 @@ def test_hybrid_pattern_builds_and_is_causal():
     changed = ids.clone()
     changed[0, 20] = (changed[0, 20] + 1) % 64
     torch.testing.assert_close(model(ids)[:, :20], model(changed)[:, :20], rtol=0, atol=0)
+
+
+def test_learned_decay_starts_at_schedule_and_gets_the_recurrence_gradient():
+    torch.manual_seed(0)
+    layer = LinearAttention(1, CFG, LinearConfig(decay=True, learn_decay=True, chunk_size=16))
+    torch.testing.assert_close(layer.decay, transnormer_decay(4, 1, 4))
+    assert [n for n, _ in layer.named_parameters()].count("decay_log_rate") == 1
+    x = torch.randn(2, 40, 32)
+    layer(x, ctx_for(40)).square().sum().backward()
+    got = layer.decay_log_rate.grad.clone()
+
+    layer.zero_grad()
+    b, n = 2, 40
+    q = torch.nn.functional.silu(layer.wq(x).view(b, n, 4, 8).transpose(1, 2)) * layer.scale
+    k = torch.nn.functional.silu(layer.wk(x).view(b, n, 2, 8).transpose(1, 2)).repeat_interleave(2, 1)
+    v = layer.wv(x).view(b, n, 2, 8).transpose(1, 2).repeat_interleave(2, 1)
+    o, _ = lightning_recurrent(q, k, v, decay=layer.decay)
+    layer.wo(layer.out_norm(o).transpose(1, 2).reshape(b, n, -1)).square().sum().backward()
+    assert got.abs().min() > 0
+    torch.testing.assert_close(got, layer.decay_log_rate.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_fixed_decay_is_not_a_parameter():
+    layer = LinearAttention(1, CFG, LinearConfig(decay=True, chunk_size=16))
+    assert not any("decay" in n for n, _ in layer.named_parameters())
+    assert "fixed_decay" not in layer.state_dict()
+    assert LinearAttention(1, CFG, LinearConfig(decay=False, chunk_size=16)).decay is None
