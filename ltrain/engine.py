@@ -72,3 +72,24 @@ def build_engine(model: torch.nn.Module, cfg, load_universal: bool = False):
         config=deepspeed_config(cfg, load_universal), mpu=deepspeed_mpu(), dist_init_required=False,
     )
     return engine
+
+
+def apply_config_lr(engine, lr: float) -> list[float] | None:
+    """After a resume, make the config's optim.lr the schedule's peak again.
+
+    DeepSpeed restores the scheduler's base_lrs from the checkpoint while the
+    schedule's shape (warmup, max_steps) comes from the config, so a changed
+    optim.lr would otherwise be ignored without a word. Returns the
+    checkpoint's base lrs when they differed (nothing changes otherwise, so an
+    unchanged config still resumes bit for bit), else None.
+    """
+    sched = engine.lr_scheduler
+    saved = list(sched.base_lrs)
+    if all(base == lr for base in saved):
+        return None
+    sched.base_lrs = [lr] * len(saved)
+    # The current step's lr too, not only from the next scheduler step on.
+    for group, factor in zip(sched.optimizer.param_groups, sched.lr_lambdas):
+        group["initial_lr"], group["lr"] = lr, lr * factor(sched.last_epoch)
+    return saved
+

@@ -87,7 +87,7 @@ def train(cfg: TrainConfig, run_dir: str) -> list[float]:
     """Run the loop; returns the per-step mean losses (every rank gets the global value)."""
     # Heavy imports after validation, so a config error answers fast.
     from ltrain.data.loader import build_loader
-    from ltrain.engine import build_engine
+    from ltrain.engine import apply_config_lr, build_engine
     from ltrain.loss import lm_loss
     from ltrain.models.transformer import Transformer
     from ltrain.parallel.topology import destroy_topology, init_topology
@@ -112,6 +112,9 @@ def train(cfg: TrainConfig, run_dir: str) -> list[float]:
     engine = build_engine(model, cfg, load_universal=bool(universal))
     loader = build_loader(cfg.data, seed=cfg.trainer.seed, dp_rank=topo.dp_rank, dp_size=topo.dp)
     resumed = checkpoint.load(engine, loader, resume_from, universal) if resume_from else None
+    if resumed and (saved_lr := apply_config_lr(engine, cfg.optim.lr)):
+        log.warning("optim.lr=%g differs from the checkpoint's %g: the schedule continues with optim.lr "
+                    "as its peak", cfg.optim.lr, saved_lr[0])
     start = resumed.step if resumed else 0
     tracker = build_tracker(cfg.tracking, rank=topo.rank, run_dir=run_dir,
                             config=OmegaConf.to_container(OmegaConf.structured(cfg)),

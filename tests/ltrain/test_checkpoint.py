@@ -170,7 +170,7 @@ def _resume_resharded_step(rank, world, ckpt_dir, zero_stage):
     return universal is not None, _weights(engine)
 
 
-def _engine_and_loader(zero_stage, micro_batch, load_universal=False):
+def _engine_and_loader(zero_stage, micro_batch, load_universal=False, lr=None):
     from ltrain.config import TrainConfig
     from ltrain.data.loader import build_loader
     from ltrain.engine import build_engine
@@ -180,6 +180,7 @@ def _engine_and_loader(zero_stage, micro_batch, load_universal=False):
     cfg = TrainConfig()
     cfg.model.n_layers, cfg.data.seq_len, cfg.data.micro_batch_size = 2, 128, micro_batch
     cfg.parallel.zero_stage = zero_stage
+    cfg.optim.lr = cfg.optim.lr if lr is None else lr
     topo = init_topology(cp=1)
     torch.manual_seed(0)
     engine = build_engine(Transformer(cfg.model, cfg.attention), cfg, load_universal=load_universal)
@@ -215,3 +216,38 @@ def test_zero3_checkpoint_on_another_world_size_is_refused(tmp_path):
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode != 0
     assert "ltrain: checkpoint error:" in out and "ZeRO-3 state cannot be resharded exactly" in out
+
+
+def _resume_with_new_lr(rank, world, ckpt_dir):
+    """Train 3 steps at the default lr, checkpoint, resume with optim.lr halved."""
+    from ltrain import checkpoint
+    from ltrain.engine import apply_config_lr
+
+    engine, loader = _engine_and_loader(1, micro_batch=2)
+    for _ in range(3):
+        _step(engine, loader)
+    checkpoint.save(engine, ckpt_dir, step=3, tokens=0, loader=loader, tracker_run_id=None, keep_last=1,
+                    extra={"zero_stage": 1})
+    old_lr = engine.lr_scheduler.base_lrs[0]
+    same, _ = _engine_and_loader(1, micro_batch=2)
+    checkpoint.load(same, loader, checkpoint.choose(ckpt_dir, "auto"))
+    unchanged = apply_config_lr(same, old_lr)
+
+    engine, loader = _engine_and_loader(1, micro_batch=2, lr=old_lr / 2)
+    checkpoint.load(engine, loader, checkpoint.choose(ckpt_dir, "auto"))
+    restored = list(engine.lr_scheduler.base_lrs)
+    saved = apply_config_lr(engine, old_lr / 2)
+    factor = engine.lr_scheduler.lr_lambdas[0]
+    now = engine.get_lr()
+    _step(engine, loader)
+    return dict(old_lr=old_lr, unchanged=unchanged, restored=restored, saved=saved, now=now,
+                now_want=old_lr / 2 * factor(3), after=engine.get_lr(), after_want=old_lr / 2 * factor(4))
+
+
+def test_changed_lr_applies_on_resume(tmp_path):
+    """DeepSpeed restores the checkpoint's base lr; ltrain puts the config's back (the train loop warns)."""
+    r = run_ranks(_resume_with_new_lr, 1, str(tmp_path))[0]
+    assert r["unchanged"] is None  # same config: nothing touched, so resume stays bit-exact
+    assert r["restored"] == [r["old_lr"]] * 2 and r["saved"] == r["restored"]
+    assert r["now"] == [r["now_want"]] * 2 and r["after"] == [r["after_want"]] * 2
+
