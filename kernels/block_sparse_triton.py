@@ -45,23 +45,51 @@ def _dot(a, b, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, Out, Lse, Counts, Indices,
-                stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-                stride_cb, stride_ch, stride_ib, stride_ih, stride_im,
-                H, G, LAYOUT_HEAD_DIV, N_Q, scale_log2, q_start, k_start,
-                BLOCK: tl.constexpr, D: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+def _query_block(Counts, Indices, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh,
+                 stride_cb, stride_ch, stride_ib, stride_ih, stride_im, H, G, LAYOUT_HEAD_DIV,
+                 BLOCK: tl.constexpr, D: tl.constexpr):
+    """The program's query block (program ids: query block, batch x query head): its row
+    offsets, q/o tile offsets, its KV head's base offset, and its layout row (count, indices)."""
     qb = tl.program_id(0)
     b = tl.program_id(1) // H
     h = tl.program_id(1) % H
     lh = h // LAYOUT_HEAD_DIV
     offs_m = qb * BLOCK + tl.arange(0, BLOCK)
-    offs_n = tl.arange(0, BLOCK)
     offs_d = tl.arange(0, D)
     q_off = b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :]
     kv_base = b * stride_kb + (h // G) * stride_kh
-    q = tl.load(Q + q_off)
     count = tl.load(Counts + b * stride_cb + lh * stride_ch + qb)
     idx_ptr = Indices + b * stride_ib + lh * stride_ih + qb * stride_im
+    return offs_m, offs_d, q_off, kv_base, count, idx_ptr
+
+
+@triton.jit
+def _scores(q, k, offs_m, offs_k, scale_log2, q_start, k_start, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+    """s = q k^T scale in base 2, -inf above the diagonal of global positions when CAUSAL."""
+    s = _dot(q, tl.trans(k), PRECISION) * scale_log2
+    if CAUSAL:
+        s = tl.where((q_start + offs_m)[:, None] >= (k_start + offs_k)[None, :], s, float("-inf"))
+    return s
+
+
+@triton.jit
+def _row_stats(Lse, Delta, row_off):
+    """Saved lse (base 2; an empty row's -inf becomes 0 so that p = 0, not NaN) and delta of the rows."""
+    lse = tl.load(Lse + row_off) * 1.4426950408889634
+    return tl.where(lse == float("-inf"), 0.0, lse), tl.load(Delta + row_off)
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, Out, Lse, Counts, Indices,
+                stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                stride_cb, stride_ch, stride_ib, stride_ih, stride_im,
+                H, G, LAYOUT_HEAD_DIV, N_Q, scale_log2, q_start, k_start,
+                BLOCK: tl.constexpr, D: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+    offs_m, offs_d, q_off, kv_base, count, idx_ptr = _query_block(
+        Counts, Indices, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_cb, stride_ch,
+        stride_ib, stride_ih, stride_im, H, G, LAYOUT_HEAD_DIV, BLOCK, D)
+    offs_n = tl.arange(0, BLOCK)
+    q = tl.load(Q + q_off)
 
     m_i = tl.full([BLOCK], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK], tl.float32)
@@ -70,9 +98,7 @@ def _fwd_kernel(Q, K, V, Out, Lse, Counts, Indices,
         offs_k = tl.load(idx_ptr + i) * BLOCK + offs_n
         kv_off = kv_base + offs_k[:, None] * stride_kn + offs_d[None, :]
         k = tl.load(K + kv_off)
-        s = _dot(q, tl.trans(k), PRECISION) * scale_log2
-        if CAUSAL:
-            s = tl.where((q_start + offs_m)[:, None] >= (k_start + offs_k)[None, :], s, float("-inf"))
+        s = _scores(q, k, offs_m, offs_k, scale_log2, q_start, k_start, CAUSAL, PRECISION)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_safe)
@@ -93,23 +119,13 @@ def _dq_kernel(Q, K, V, DO, DQ, Lse, Delta, Counts, Indices,
                stride_cb, stride_ch, stride_ib, stride_ih, stride_im,
                H, G, LAYOUT_HEAD_DIV, N_Q, sm_scale, scale_log2, q_start, k_start,
                BLOCK: tl.constexpr, D: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
-    qb = tl.program_id(0)
-    b = tl.program_id(1) // H
-    h = tl.program_id(1) % H
-    lh = h // LAYOUT_HEAD_DIV
-    offs_m = qb * BLOCK + tl.arange(0, BLOCK)
+    offs_m, offs_d, q_off, kv_base, count, idx_ptr = _query_block(
+        Counts, Indices, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_cb, stride_ch,
+        stride_ib, stride_ih, stride_im, H, G, LAYOUT_HEAD_DIV, BLOCK, D)
     offs_n = tl.arange(0, BLOCK)
-    offs_d = tl.arange(0, D)
-    q_off = b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :]
-    kv_base = b * stride_kb + (h // G) * stride_kh
     q = tl.load(Q + q_off)
     do = tl.load(DO + q_off)
-    row_off = tl.program_id(1) * N_Q + offs_m
-    lse = tl.load(Lse + row_off) * 1.4426950408889634
-    lse = tl.where(lse == float("-inf"), 0.0, lse)
-    delta = tl.load(Delta + row_off)
-    count = tl.load(Counts + b * stride_cb + lh * stride_ch + qb)
-    idx_ptr = Indices + b * stride_ib + lh * stride_ih + qb * stride_im
+    lse, delta = _row_stats(Lse, Delta, tl.program_id(1) * N_Q + offs_m)
 
     dq = tl.zeros([BLOCK, D], tl.float32)
     for i in range(count):
@@ -117,9 +133,7 @@ def _dq_kernel(Q, K, V, DO, DQ, Lse, Delta, Counts, Indices,
         kv_off = kv_base + offs_k[:, None] * stride_kn + offs_d[None, :]
         k = tl.load(K + kv_off)
         v = tl.load(V + kv_off)
-        s = _dot(q, tl.trans(k), PRECISION) * scale_log2
-        if CAUSAL:
-            s = tl.where((q_start + offs_m)[:, None] >= (k_start + offs_k)[None, :], s, float("-inf"))
+        s = _scores(q, k, offs_m, offs_k, scale_log2, q_start, k_start, CAUSAL, PRECISION)
         p = tl.exp2(s - lse[:, None])
         dp = _dot(do, tl.trans(v), PRECISION)
         ds = p * (dp - delta[:, None])
@@ -156,13 +170,8 @@ def _dkdv_kernel(Q, K, V, DO, DK, DV, Lse, Delta, RCounts, RIndices,
             q_off = q_base + offs_m[:, None] * stride_qn + offs_d[None, :]
             q = tl.load(Q + q_off)
             do = tl.load(DO + q_off)
-            row_off = (b * H_KV * G + h) * N_Q + offs_m
-            lse = tl.load(Lse + row_off) * 1.4426950408889634
-            lse = tl.where(lse == float("-inf"), 0.0, lse)
-            delta = tl.load(Delta + row_off)
-            s = _dot(q, tl.trans(k), PRECISION) * scale_log2
-            if CAUSAL:
-                s = tl.where((q_start + offs_m)[:, None] >= (k_start + offs_k)[None, :], s, float("-inf"))
+            lse, delta = _row_stats(Lse, Delta, (b * H_KV * G + h) * N_Q + offs_m)
+            s = _scores(q, k, offs_m, offs_k, scale_log2, q_start, k_start, CAUSAL, PRECISION)
             p = tl.exp2(s - lse[:, None])
             dv += _dot(tl.trans(p.to(do.dtype)), do, PRECISION)
             dp = _dot(do, tl.trans(v), PRECISION)
