@@ -134,7 +134,7 @@ class _RingKV(torch.autograd.Function):
     def backward(ctx, do):
         q, k, v, prefix = ctx.saved_tensors
         rank, P = dist.get_rank(), dist.get_world_size()
-        dq, dk, dv, _ = lightning_bwd(q, k, v, None, prefix, do, None, CHUNK)
+        dq, dk, dv, _, _ = lightning_bwd(q, k, v, None, prefix, do, None, CHUNK)
         g = _kv_state(q, do)
         block = torch.stack([k, v, torch.zeros_like(k), torch.zeros_like(v)])
         for step in range(1, P):

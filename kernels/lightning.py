@@ -4,20 +4,19 @@
 
 No softmax and no normalisation: the model layer adds its output norm.
 `lightning_attention` is the public op (validation, dispatch, one autograd
-Function). `lightning_fwd` / `lightning_bwd` / `lightning_decay_grad` are the
-raw passes, exposed so that parallel/lasp2 can wrap them in its own autograd
-Function.
+Function). `lightning_fwd` / `lightning_bwd` are the raw passes, exposed so
+that parallel/lasp2 can wrap them in its own autograd Function.
 
 The decay lambda is usually a fixed per-head constant (TransNormerLLM, like
-ALiBi slopes). A decay that requires grad gets its gradient from one extra
-pass (`lightning_decay_grad`), run only then.
+ALiBi slopes). A decay that requires grad gets its gradient from the
+backward (`decay_grad=True`), computed only then.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .lightning_ref import lightning_ref_bwd, lightning_ref_decay_grad, lightning_ref_fwd
+from .lightning_ref import lightning_ref_bwd, lightning_ref_fwd
 
 IMPLS = ("auto", "triton", "torch")
 
@@ -70,25 +69,17 @@ def lightning_fwd(q, k, v, log_decay, initial_state, chunk_size=64, impl="auto")
     return lightning_ref_fwd(q, k, v, log_decay, initial_state, chunk_size)
 
 
-def lightning_bwd(q, k, v, log_decay, initial_state, do, d_final, chunk_size=64, impl="auto"):
-    """Backward pass: dq, dk, dv and the gradient of initial_state (fp32).
+def lightning_bwd(q, k, v, log_decay, initial_state, do, d_final, chunk_size=64, impl="auto", decay_grad=False):
+    """Backward pass: dq, dk, dv, the gradient of initial_state (fp32) and, with
+    decay_grad, the gradient of log_decay ([H] fp32, summed over the batch), else None.
 
     do: [B, H, N, Dv]; d_final: gradient of the final state [B, H, Dk, Dv] or None.
     """
     if _use_triton(q, impl):
         from .lightning_triton import lightning_triton_bwd
 
-        return lightning_triton_bwd(q, k, v, log_decay, initial_state, do, d_final, chunk_size)
-    return lightning_ref_bwd(q, k, v, log_decay, initial_state, do, d_final, chunk_size)
-
-
-def lightning_decay_grad(q, k, v, log_decay, initial_state, do, d_final, chunk_size=64, impl="auto"):
-    """Gradient with respect to log_decay: [H] fp32, summed over the batch (one extra pass)."""
-    if _use_triton(q, impl):
-        from .lightning_triton import lightning_triton_decay_grad
-
-        return lightning_triton_decay_grad(q, k, v, log_decay, initial_state, do, d_final, chunk_size)
-    return lightning_ref_decay_grad(q, k, v, log_decay, initial_state, do, d_final, chunk_size)
+        return lightning_triton_bwd(q, k, v, log_decay, initial_state, do, d_final, chunk_size, decay_grad)
+    return lightning_ref_bwd(q, k, v, log_decay, initial_state, do, d_final, chunk_size, decay_grad)
 
 
 class _LightningAttention(torch.autograd.Function):
@@ -105,12 +96,9 @@ class _LightningAttention(torch.autograd.Function):
         q, k, v, initial_state, log_decay = ctx.saved_tensors
         if do is None:
             do = torch.zeros(*q.shape[:3], v.shape[-1], dtype=q.dtype, device=q.device)
-        dq, dk, dv, d_init = lightning_bwd(q, k, v, log_decay, initial_state, do, d_final, ctx.chunk_size, ctx.impl)
+        dq, dk, dv, d_init, d_log_decay = lightning_bwd(q, k, v, log_decay, initial_state, do, d_final,
+                                                        ctx.chunk_size, ctx.impl, decay_grad=ctx.needs_input_grad[4])
         d_init = None if initial_state is None else d_init.to(initial_state.dtype)
-        d_log_decay = None
-        if ctx.needs_input_grad[4]:
-            d_log_decay = lightning_decay_grad(q, k, v, log_decay, initial_state, do, d_final, ctx.chunk_size,
-                                               ctx.impl)
         return dq, dk, dv, d_init, d_log_decay, None, None
 
 
@@ -119,7 +107,7 @@ def lightning_attention(q, k, v, *, decay=None, initial_state=None, return_final
     """Causal linear attention `o_t = q_t^T S_t`, `S_t = lambda_h S_{t-1} + k_t v_t^T`.
 
     q, k: [B, H, N, Dk]; v: [B, H, N, Dv]; decay: [H] with values in (0, 1]
-    (None: no decay; differentiable: its gradient costs one extra pass);
+    (None: no decay; differentiable);
     initial_state: [B, H, Dk, Dv] (S_0; differentiable). N need not be a
     multiple of chunk_size.
     Returns o: [B, H, N, Dv] in q's dtype, and with return_final_state also

@@ -100,7 +100,7 @@ def lightning_ref_fwd(q, k, v, log_decay=None, initial_state=None, chunk_size=64
     return o.flatten(2, 3)[:, :, :N].to(q.dtype), final
 
 
-def lightning_ref_bwd(q, k, v, log_decay, initial_state, do, d_final, chunk_size=64):
+def lightning_ref_bwd(q, k, v, log_decay, initial_state, do, d_final, chunk_size=64, decay_grad=False):
     """Chunked backward of `lightning_ref_fwd`.
 
     With dS_out the gradient reaching a chunk's outgoing state (d_final for the
@@ -110,54 +110,60 @@ def lightning_ref_bwd(q, k, v, log_decay, initial_state, do, d_final, chunk_size
         dk_j = lambda^(L-1-j) dS_out v_j + sum_{i>=j} lambda^(i-j) (do_i . v_j) q_i
         dv_j = lambda^(L-1-j) dS_out^T k_j + sum_{i>=j} lambda^(i-j) (q_i . k_j) do_i
 
-    Returns dq, dk, dv (dtypes of q, k, v) and d_initial [B, H, Dk, Dv] (fp32).
+    Returns dq, dk, dv (dtypes of q, k, v), d_initial [B, H, Dk, Dv] (fp32)
+    and, with decay_grad, the gradient with respect to log_decay ([H] fp32,
+    see _log_decay_grad), else None.
     """
     N = q.shape[2]
     qc, kc, vc, doc = (_chunked(x, chunk_size) for x in (q, k, v, do))
-    q_decay, k_decay, intra, chunk_decay, _ = _decays(log_decay, q.shape[1], N, chunk_size, q.device)
+    q_decay, k_decay, intra, chunk_decay, lens = _decays(log_decay, q.shape[1], N, chunk_size, q.device)
     s_in, _ = _states_in(kc, vc, k_decay, chunk_decay, initial_state)
     ds_out, d_state = _state_grads_out(qc, doc, q_decay, chunk_decay, d_final)
 
-    do_v = (doc @ vc.transpose(-1, -2)) * intra
+    do_dot_v = doc @ vc.transpose(-1, -2)
+    do_v = do_dot_v * intra
     q_k = (qc @ kc.transpose(-1, -2)) * intra
-    dq = do_v @ kc + (doc @ s_in.transpose(-1, -2)) * q_decay
-    dk = do_v.transpose(-1, -2) @ qc + (vc @ ds_out.transpose(-1, -2)) * k_decay
+    dq_state = (doc @ s_in.transpose(-1, -2)) * q_decay
+    dk_state = (vc @ ds_out.transpose(-1, -2)) * k_decay
+    dq = do_v @ kc + dq_state
+    dk = do_v.transpose(-1, -2) @ qc + dk_state
     dv = q_k.transpose(-1, -2) @ doc + (kc * k_decay) @ ds_out
+    d_log_decay = None
+    if decay_grad:
+        d_log_decay = _log_decay_grad(qc, kc, q_k, do_dot_v, dq_state, dk_state, s_in, ds_out, chunk_decay, lens)
 
     def unchunk(x, like):
         return x.flatten(2, 3)[:, :, :N].to(like.dtype)
 
-    return unchunk(dq, q), unchunk(dk, k), unchunk(dv, v), d_state
+    return unchunk(dq, q), unchunk(dk, k), unchunk(dv, v), d_state, d_log_decay
 
 
-def lightning_ref_decay_grad(q, k, v, log_decay, initial_state, do, d_final, chunk_size=64):
+def _log_decay_grad(qc, kc, q_k, do_dot_v, dq_state, dk_state, s_in, ds_out, chunk_decay, lens):
     """Gradient of the loss with respect to g_h = log(lambda_h): [H] fp32, summed over the batch.
 
     Adjoint form, per chunk of length L with S_in / dS_out as in lightning_ref_bwd:
 
         dg = sum_{j<=i} (i-j) lambda^(i-j) (q_i . k_j)(do_i . v_j)     intra-chunk pairs
-           + sum_i (i+1) lambda^(i+1) do_i . (S_in^T q_i)              output <- S_in
-           + sum_j (L-1-j) lambda^(L-1-j) k_j^T dS_out v_j             S_out <- k_j v_j^T
+           + sum_i (i+1) lambda^(i+1) q_i . (S_in do_i)                output <- S_in
+           + sum_j (L-1-j) lambda^(L-1-j) k_j . (dS_out v_j)           S_out <- k_j v_j^T
            + L lambda^L <dS_out, S_in>                                  S_out <- S_in
 
-    Each pair of tokens (t, s) enters with its distance t - s split into
-    chunk-local pieces. The textbook identity dg = sum_t t (q_t . dq_t - k_t .
-    dk_t) weighs terms by global positions that then cancel, so its fp32 error
-    grows with N (100x this form's on a lambda = 0.9 head at N = 4096, see
-    tests/kernels/test_lightning_ref.py); no term here grows with the position.
+    The backward's own terms supply the products: q_k = lambda^(i-j) q_i . k_j,
+    do_dot_v = do_i . v_j, and the state parts of dq and dk (dq_state_i =
+    lambda^(i+1) S_in do_i, dk_state_j = lambda^(L-1-j) dS_out v_j), so only
+    elementwise work is added. Each pair of tokens (t, s) enters with its
+    distance t - s split into chunk-local pieces. The textbook identity dg =
+    sum_t t (q_t . dq_t - k_t . dk_t) weighs terms by global positions that
+    then cancel, so its fp32 error grows with N (100x this form's on a
+    lambda = 0.9 head at N = 4096, see tests/kernels/test_lightning_ref.py);
+    no term here grows with the position.
     """
-    H, N = q.shape[1], q.shape[2]
-    qc, kc, vc, doc = (_chunked(x, chunk_size) for x in (q, k, v, do))
-    q_decay, k_decay, intra, chunk_decay, lens = _decays(log_decay, H, N, chunk_size, q.device)
-    s_in, _ = _states_in(kc, vc, k_decay, chunk_decay, initial_state)
-    ds_out, _ = _state_grads_out(qc, doc, q_decay, chunk_decay, d_final)
-
-    pos = torch.arange(chunk_size, device=q.device, dtype=torch.float32)
+    C = qc.shape[3]
+    pos = torch.arange(C, device=qc.device, dtype=torch.float32)
     dist = (pos.view(-1, 1) - pos.view(1, -1)).clamp(min=0)
-    pairs = (qc @ kc.transpose(-1, -2)) * (doc @ vc.transpose(-1, -2)) * (intra * dist)
-    from_state = (qc @ s_in) * doc * (q_decay * (pos + 1).view(-1, 1))
-    k_exp = (lens.view(-1, 1) - 1 - pos).clamp(min=0).unsqueeze(-1)
-    to_state = (kc @ ds_out) * vc * (k_decay * k_exp)
+    pairs = q_k * do_dot_v * dist
+    from_state = qc * dq_state * (pos + 1).view(-1, 1)
+    to_state = kc * dk_state * (lens.view(-1, 1) - 1 - pos).clamp(min=0).unsqueeze(-1)
     carry = (ds_out * s_in).sum((-1, -2)) * (chunk_decay * lens)
     return sum(t.sum(dims) for t, dims in [(pairs, (0, 2, 3, 4)), (from_state, (0, 2, 3, 4)),
                                             (to_state, (0, 2, 3, 4)), (carry, (0, 2))])

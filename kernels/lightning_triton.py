@@ -22,6 +22,7 @@ forward mode: it carries, next to S, the tangent T = dS/dg (g = log lambda)
 so it needs one pass and no stored states; every term is chunk-local (no
 global position factors, so no fp32 cancellation at long N). The PyTorch
 reference computes the same gradient in adjoint form, an independent check.
+It runs only when lightning_triton_bwd is asked for decay_grad.
 
 Inputs are made contiguous [B, H, N, D]; Dk and Dv are padded to powers of
 two >= 16 by masking. The last chunk may be short (L < C).
@@ -192,8 +193,9 @@ def lightning_triton_fwd(q, k, v, log_decay, initial_state, chunk_size=64):
     return o, final
 
 
-def lightning_triton_bwd(q, k, v, log_decay, initial_state, do, d_final, chunk_size=64):
-    """Gradients dq, dk, dv (input dtypes) and d_initial [B, H, Dk, Dv] fp32."""
+def lightning_triton_bwd(q, k, v, log_decay, initial_state, do, d_final, chunk_size=64, decay_grad=False):
+    """Gradients dq, dk, dv (input dtypes), d_initial [B, H, Dk, Dv] fp32, and with decay_grad
+    the gradient with respect to log_decay ([H] fp32, summed over the batch; one more kernel), else None."""
     q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), do.contiguous()
     grid, g, dims, blocks = _launch_args(q, v, log_decay, chunk_size)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -203,16 +205,10 @@ def lightning_triton_bwd(q, k, v, log_decay, initial_state, do, d_final, chunk_s
     _bwd_dq_kernel[grid](q, k, v, do, dq, s0, g, *dims, HAS_S0=initial_state is not None, **blocks)
     _bwd_dkv_kernel[grid](q, k, v, do, dk, dv, dsf, d_init, g, *dims, triton.cdiv(q.shape[2], chunk_size),
                           HAS_DSF=d_final is not None, **blocks)
-    return dq, dk, dv, d_init
-
-
-def lightning_triton_decay_grad(q, k, v, log_decay, initial_state, do, d_final, chunk_size=64):
-    """Gradient with respect to g_h = log(lambda_h): [H] fp32, summed over the batch."""
-    q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), do.contiguous()
-    grid, g, dims, blocks = _launch_args(q, v, log_decay, chunk_size)
-    dg = torch.empty(grid[0], device=q.device, dtype=torch.float32)
-    s0 = dg if initial_state is None else initial_state.contiguous()
-    dsf = dg if d_final is None else d_final.contiguous()
-    _bwd_decay_kernel[grid](q, k, v, do, s0, dsf, dg, g, *dims, HAS_S0=initial_state is not None,
-                            HAS_DSF=d_final is not None, **blocks)
-    return dg.view(q.shape[0], q.shape[1]).sum(0)
+    d_log_decay = None
+    if decay_grad:
+        dg = torch.empty(grid[0], device=q.device, dtype=torch.float32)
+        _bwd_decay_kernel[grid](q, k, v, do, s0, dsf, dg, g, *dims, HAS_S0=initial_state is not None,
+                                HAS_DSF=d_final is not None, **blocks)
+        d_log_decay = dg.view(q.shape[0], q.shape[1]).sum(0)
+    return dq, dk, dv, d_init, d_log_decay

@@ -41,7 +41,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ltrain.kernels.lightning import check_lightning_inputs, lightning_bwd, lightning_decay_grad, lightning_fwd
+from ltrain.kernels.lightning import check_lightning_inputs, lightning_bwd, lightning_fwd
 
 from . import comm
 
@@ -87,10 +87,8 @@ class _LASP2(torch.autograd.Function):
         d_states = _gather_states(d_prefix, ctx.group)
         s = torch.arange(P, device=q.device, dtype=torch.float32)
         d_memory = torch.einsum("hs,sbhde->bhde", _decay_powers(log_decay, H, C * (s - rank - 1)), d_states)
-        dq, dk, dv, _ = lightning_bwd(q, k, v, log_decay, prefix, do, d_memory, ctx.chunk_size, ctx.impl)
-        d_log_decay = None
-        if ctx.needs_input_grad[3]:
-            d_log_decay = lightning_decay_grad(q, k, v, log_decay, prefix, do, d_memory, ctx.chunk_size, ctx.impl)
+        dq, dk, dv, _, d_log_decay = lightning_bwd(q, k, v, log_decay, prefix, do, d_memory, ctx.chunk_size,
+                                                   ctx.impl, decay_grad=ctx.needs_input_grad[3])
         return dq, dk, dv, d_log_decay, None, None, None
 
 

@@ -3,12 +3,7 @@
 import pytest
 import torch
 
-from ltrain.kernels.lightning_ref import (
-    lightning_recurrent,
-    lightning_ref_bwd,
-    lightning_ref_decay_grad,
-    lightning_ref_fwd,
-)
+from ltrain.kernels.lightning_ref import lightning_recurrent, lightning_ref_bwd, lightning_ref_fwd
 
 
 def rel_err(a, b):
@@ -43,15 +38,17 @@ def test_ref_matches_recurrence(with_decay, with_init, N, chunk):
     log_decay = decay.detach().float().log() if with_decay else None
     init32 = init.float() if with_init else None
     o, final = lightning_ref_fwd(*args, log_decay, init32, chunk)
-    dq, dk, dv, d_init = lightning_ref_bwd(*args, log_decay, init32, do.float(), d_final.float(), chunk)
+    dq, dk, dv, d_init, dg = lightning_ref_bwd(*args, log_decay, init32, do.float(), d_final.float(), chunk,
+                                               decay_grad=with_decay)
 
     assert o.dtype == torch.float32 and final.dtype == torch.float32
     for got, want in [(o, o_ref), (final, f_ref), (dq, leaves[0].grad), (dk, leaves[1].grad), (dv, leaves[2].grad)]:
         assert rel_err(got, want) < 1e-5
     if with_init:
         assert rel_err(d_init, leaves[3].grad) < 1e-5
-    if with_decay:  # the reference returns d/d log(lambda) = lambda d/d lambda
-        dg = lightning_ref_decay_grad(*args, log_decay, init32, do.float(), d_final.float(), chunk)
+    if not with_decay:
+        assert dg is None
+    else:  # the reference returns d/d log(lambda) = lambda d/d lambda
         assert dg.dtype == torch.float32 and dg.shape == (3,)
         assert rel_err(dg, decay.grad * decay.detach()) < 1e-5
 
@@ -74,7 +71,7 @@ def test_decay_grad_fp32_long_sequence():
 
     exact, plain_fp32 = recurrent_grad(torch.float64), recurrent_grad(torch.float32)
     f32 = [t.float() for t in (q, k, v)]
-    dg = lightning_ref_decay_grad(*f32, decay.float().log(), None, do.float(), None, 64).double()
+    dg = lightning_ref_bwd(*f32, decay.float().log(), None, do.float(), None, 64, decay_grad=True)[4].double()
     err, plain_err = ((dg - exact) / exact).abs(), ((plain_fp32 - exact) / exact).abs()
     assert (err <= 3 * plain_err + 1e-6).all(), (err, plain_err)
     assert err[2] < 1e-5, err
@@ -85,7 +82,7 @@ def test_ref_no_final_grad_and_strong_decay_is_finite():
     q, k, v, _, do, _ = (t.float() for t in make_inputs(N=20))
     log_decay = torch.tensor([1e-3, 1e-3, 1e-3]).log()
     o, final = lightning_ref_fwd(q, k, v, log_decay, None, 16)
-    grads = lightning_ref_bwd(q, k, v, log_decay, None, do, None, 16)
+    grads = lightning_ref_bwd(q, k, v, log_decay, None, do, None, 16, decay_grad=True)
     o_ref, f_ref = lightning_recurrent(q, k, v, log_decay.exp())
     assert all(torch.isfinite(t).all() for t in (o, final, *grads))
     assert rel_err(o, o_ref) < 1e-5 and rel_err(final, f_ref) < 1e-5

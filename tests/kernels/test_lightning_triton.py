@@ -4,13 +4,8 @@ import pytest
 import torch
 
 from ltrain.kernels import lightning_attention
-from ltrain.kernels.lightning_ref import (
-    lightning_recurrent,
-    lightning_ref_bwd,
-    lightning_ref_decay_grad,
-    lightning_ref_fwd,
-)
-from ltrain.kernels.lightning_triton import lightning_triton_bwd, lightning_triton_decay_grad, lightning_triton_fwd
+from ltrain.kernels.lightning_ref import lightning_recurrent, lightning_ref_bwd, lightning_ref_fwd
+from ltrain.kernels.lightning_triton import lightning_triton_bwd, lightning_triton_fwd
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -36,13 +31,13 @@ def test_triton_matches_reference(with_decay, with_states):
     s0, d_final = (s0, d_final) if with_states else (None, None)
     got = lightning_triton_fwd(q, k, v, log_decay, s0, 16)
     want = lightning_ref_fwd(q, k, v, log_decay, s0, 16)
-    got += lightning_triton_bwd(q, k, v, log_decay, s0, do, d_final, 16)
-    want += lightning_ref_bwd(q, k, v, log_decay, s0, do, d_final, 16)
-    names = ["o", "final", "dq", "dk", "dv", "d_initial"]
-    if with_decay:  # tangent form (Triton) against adjoint form (reference)
-        got += (lightning_triton_decay_grad(q, k, v, log_decay, s0, do, d_final, 16),)
-        want += (lightning_ref_decay_grad(q, k, v, log_decay, s0, do, d_final, 16),)
-        names.append("d_log_decay")
+    # With decay: the decay gradient too, tangent form (Triton) against adjoint form (reference).
+    got += lightning_triton_bwd(q, k, v, log_decay, s0, do, d_final, 16, decay_grad=with_decay)
+    want += lightning_ref_bwd(q, k, v, log_decay, s0, do, d_final, 16, decay_grad=with_decay)
+    names = ["o", "final", "dq", "dk", "dv", "d_initial", "d_log_decay"]
+    if not with_decay:
+        assert got[-1] is None and want[-1] is None
+        got, want, names = got[:-1], want[:-1], names[:-1]
     tol = 1e-5 if DEVICE == "cpu" else 5e-3  # fp32 dots run as tf32 on GPUs
     assert len(got) == len(want) == len(names)
     for name, a, b in zip(names, got, want):
