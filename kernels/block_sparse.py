@@ -1,6 +1,12 @@
 """block_sparse_attention: the public op, one autograd Function over two
 implementations (Triton kernel, PyTorch reference) with the same forward and
-backward contract.
+backward contract, for both kinds of layout:
+
+    block layout (rows = query blocks, Nq / block_size of them): S2, dense, ring tiles;
+                 kernels block_sparse_triton / block_sparse_ref.
+    token layout (rows = query tokens, Nq of them, shared by a KV group's G
+                 query heads): InfLLM-V2's per-token top-k, which keeps
+                 selection causal; kernels token_sparse_triton / token_sparse_ref.
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ import warnings
 
 import torch
 
-from . import block_sparse_ref, block_sparse_triton
+from . import block_sparse_ref, block_sparse_triton, token_sparse_ref
 from .layout import BlockLayout
 
 BLOCK_SIZES = (16, 32, 64, 128)
@@ -73,32 +79,42 @@ def _check(q, k, v, layout, block_size, impl):
     if not isinstance(layout, BlockLayout):
         raise ValueError(f"layout must be a BlockLayout, got {type(layout).__name__}")
     Bl, Hl, Mq = layout.counts.shape
-    if Mq != Nq // block_size:
-        raise ValueError(f"layout has {Mq} query blocks but q has Nq/block_size = {Nq}/{block_size} = {Nq // block_size}")
+    if Mq not in (Nq // block_size, Nq):
+        raise ValueError(f"layout has {Mq} rows but q has Nq/block_size = {Nq}/{block_size} = {Nq // block_size} "
+                         f"query blocks (block layout) or Nq = {Nq} tokens (token layout)")
     if layout.num_k_blocks != Nk // block_size:
         raise ValueError(f"layout has {layout.num_k_blocks} key blocks but k has Nk/block_size = {Nk // block_size}")
     if Hl not in (1, Hkv, Hq):
         raise ValueError(f"layout heads must be 1, Hkv={Hkv} or Hq={Hq}, got {Hl}")
+    if Mq == Nq and Hl not in (1, Hkv):
+        raise ValueError(f"a token layout is shared by the query heads of a KV group: its heads must be 1 or "
+                         f"Hkv={Hkv}, got {Hl}")
     if Bl not in (1, B):
         raise ValueError(f"layout batch must be 1 or B={B}, got {Bl}")
     if layout.device != q.device:
         raise ValueError(f"layout is on {layout.device} but q is on {q.device}")
 
 
-def _select_impl(q, impl):
+def _select_impl(q, layout, impl):
     D = q.shape[-1]
+    per_token = layout.num_q_blocks == q.shape[2]
+    ref = token_sparse_ref if per_token else block_sparse_ref
     if impl == "torch" or (impl == "auto" and not q.is_cuda):
-        return block_sparse_ref
+        return ref
+    if per_token:
+        from . import token_sparse_triton as kernel
+    else:
+        kernel = block_sparse_triton
     if D not in block_sparse_triton.HEAD_DIMS:
         if impl == "triton":
             raise ValueError(f"head dim {D} not supported by the Triton kernel (supported: {block_sparse_triton.HEAD_DIMS}); use impl='torch'")
         if D not in _warned_head_dims:
             _warned_head_dims.add(D)
             warnings.warn(f"block_sparse_attention: head dim {D} has no Triton kernel; using the (slower) PyTorch reference")
-        return block_sparse_ref
+        return ref
     if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before import for the CPU interpreter)")
-    return block_sparse_triton
+    return kernel
 
 
 def block_sparse_attention(q, k, v, layout: BlockLayout, *, block_size: int = 64, causal: bool = True,
@@ -107,10 +123,12 @@ def block_sparse_attention(q, k, v, layout: BlockLayout, *, block_size: int = 64
     """Block-sparse softmax attention.
 
     q: [B, Hq, Nq, D], k, v: [B, Hkv, Nk, D] (Hq a multiple of Hkv; query head
-    h reads KV head h // (Hq / Hkv)); layout: BlockLayout with Nq/block_size
-    query blocks and Nk/block_size key blocks, batch 1 or B, heads 1, Hkv or Hq.
+    h reads KV head h // (Hq / Hkv)); layout: BlockLayout with Nk/block_size
+    key blocks, batch 1 or B, and rows that are either the Nq/block_size query
+    blocks (heads 1, Hkv or Hq) or the Nq query tokens (heads 1 or Hkv: a
+    token's selection is shared by its KV group).
 
-        o_i = sum_{j in active blocks, visible} softmax_j(sm_scale * q_i . k_j) v_j
+        o_i = sum_{j in the active blocks of i's row, visible} softmax_j(sm_scale * q_i . k_j) v_j
 
     visible means k_start + j <= q_start + i when causal (global positions, so a
     caller holding chunks of a longer sequence gets the right mask). A row with
@@ -124,5 +142,5 @@ def block_sparse_attention(q, k, v, layout: BlockLayout, *, block_size: int = 64
     opts = dict(block_size=block_size, causal=causal, q_start=int(q_start), k_start=int(k_start),
                 sm_scale=float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(q.shape[-1]))
     out, lse = BlockSparseAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), layout,
-                                          _select_impl(q, impl), opts)
+                                          _select_impl(q, layout, impl), opts)
     return (out, lse) if return_lse else out

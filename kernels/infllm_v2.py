@@ -1,23 +1,22 @@
 """InfLLM-V2 dense-sparse switchable attention (MiniCPM4; REFERENCES.md).
 
     N <= dense_len:  dense causal attention (the `dense` kind's SDPA call, bit for bit)
-    N >  dense_len:  infllm_v2_select -> BlockLayout (per batch, KV group, query block)
+    N >  dense_len:  infllm_v2_select -> token layout (per batch, KV group, query token)
                      -> block_sparse_attention, differentiable in q, k, v
 
 No parameters of its own: selection reads the layer's q and k and is not
 differentiated.
 
-Selection granularity. The paper selects per query token; block_sparse_attention
-takes one key-block list per query block. We select per query block: a block
-scores max_{i in query block} s[h, i, b] (infllm_v2_ref), then top-k as per
-token. A union of the per-token top-k sets would be exact but unbounded:
-measured on random inputs at 4K tokens with the CPU preset (benchmarks/infllm_v2.py),
-the union covers 22.3% of causal block pairs against 4.6% for the block-granular
-layout (4.8x the attention work), while the block-granular layout still holds
-70.7% of the per-token picks; scoring costs the same either way (0.49 s per
-token vs 0.34 s per block, the difference being top-k over 16x more rows).
-`granularity` (a power of two dividing block_size) exposes the choice;
-granularity=1 is the paper's per-token rule and equals the naive reference exactly (tests/kernels/test_infllm_v2.py).
+Selection is per query token, as in the paper and the public kernel: token i
+ranks key blocks by its own scores summed over the G query heads of its KV
+group, and those G heads attend exactly the token's selected blocks. So the
+output at i never depends on q, k, v past i (the causality contract).
+
+Changed at stop 10: earlier versions selected once per query block from the
+max over the block's queries, which let a later query of a block steer which
+blocks the earlier ones attended (a channel from the future; ~0.78 output
+change at N=512 with the CPU preset). Checkpoints trained that way are not
+causal; retrain or continue training with this version.
 """
 
 from __future__ import annotations
@@ -26,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from . import infllm_v2_ref
+from .infllm_v2_ref import CHUNK_ELEMENTS, COARSE, LSE_MODES
 from .block_sparse import BLOCK_SIZES, block_sparse_attention
 from .layout import BlockLayout
 
@@ -33,8 +33,10 @@ IMPLS = ("auto", "triton", "torch")
 
 
 def check_infllm_v2_params(*, kernel_size: int, kernel_stride: int, block_size: int, topk: int, init_blocks: int,
-                           window_size: int, dense_len: int = 0, prefix: str = "") -> None:
+                           window_size: int, dense_len: int = 0, lse: str = "exact", prefix: str = "") -> None:
     """ValueError naming the offending key (prefixed, e.g. "attention.infllm_v2.")."""
+    if lse not in LSE_MODES:
+        raise ValueError(f"{prefix}lse={lse!r}: allowed {', '.join(LSE_MODES)}")
     values = dict(kernel_size=kernel_size, kernel_stride=kernel_stride, block_size=block_size, topk=topk,
                   window_size=window_size)
     for key, val in values.items():
@@ -60,23 +62,23 @@ def check_infllm_v2_params(*, kernel_size: int, kernel_stride: int, block_size: 
                          f"= {init_blocks} + {window_size // block_size} = {forced}")
 
 
-def select_blocks(scores: torch.Tensor, *, block_size: int, topk: int, init_blocks: int, window_size: int,
-                  granularity: int, q_start: int = 0) -> BlockLayout:
-    """scores: [B, Hkv, Mg, Mk] block scores of Mg query granules -> BlockLayout
-    [B, Hkv, Mg, k], k = topk + window_size/block_size: init and local blocks
-    forced (+inf), blocks past the granule's own block q_blk never picked."""
-    Mg, Mk = scores.shape[2], scores.shape[3]
+def select_topk(scores: torch.Tensor, *, block_size: int, topk: int, init_blocks: int, window_size: int,
+                q_start: int = 0) -> torch.Tensor:
+    """scores: [B, Hkv, C, Mk] per-token block scores of queries q_start.. ->
+    indices [B, Hkv, C, k] int32, k = topk + window_size/block_size: init and
+    local blocks forced (+inf), blocks past the token's own block never picked (-1)."""
+    C, Mk = scores.shape[2], scores.shape[3]
     dev = scores.device
-    q_blk = ((q_start + torch.arange(Mg, device=dev) * granularity) // block_size)[:, None]
+    q_blk = ((q_start + torch.arange(C, device=dev)) // block_size)[:, None]
     b = torch.arange(Mk, device=dev)
     local = window_size // block_size
     s = scores.masked_fill((b < init_blocks) | ((b >= q_blk - local) & (b <= q_blk)), float("inf"))
     s = s.masked_fill(b > q_blk, float("-inf"))
     vals, idx = s.topk(min(topk + local, Mk), dim=-1)
-    return BlockLayout.from_indices(torch.where(vals > float("-inf"), idx, -1), Mk)
+    return torch.where(vals > float("-inf"), idx, -1).to(torch.int32)
 
 
-def _check(q, k, *, kernel_size, block_size, granularity, q_start, impl):
+def _check(q, k, *, kernel_size, block_size, q_start, impl):
     for name, t in (("q", q), ("k", k)):
         if t.dim() != 4:
             raise ValueError(f"{name} must be [B, H, N, D], got shape {tuple(t.shape)}")
@@ -85,8 +87,6 @@ def _check(q, k, *, kernel_size, block_size, granularity, q_start, impl):
                          "must be a multiple of k heads")
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if granularity < 1 or block_size % granularity or granularity & (granularity - 1):
-        raise ValueError(f"granularity={granularity} must be a power of two dividing block_size={block_size}")
     if q.shape[2] % block_size or k.shape[2] % block_size:
         raise ValueError(f"sequence lengths (q {q.shape[2]}, k {k.shape[2]}) must be multiples of "
                          f"block_size={block_size}: pad the sequence")
@@ -98,55 +98,77 @@ def _check(q, k, *, kernel_size, block_size, granularity, q_start, impl):
 
 @torch.no_grad()
 def infllm_v2_select(q: torch.Tensor, k: torch.Tensor, *, kernel_size: int, kernel_stride: int, block_size: int,
-                     topk: int, init_blocks: int, window_size: int, q_start: int = 0, granularity: int | None = None,
+                     topk: int, init_blocks: int, window_size: int, q_start: int = 0, lse: str = "exact",
                      impl: str = "auto") -> BlockLayout:
-    """Top-k key blocks per KV group and query granule (no gradient).
+    """Top-k key blocks per KV group and query token (no gradient).
 
     q: [B, Hq, Nq, D] at global positions q_start.., k: [B, Hkv, Nk, D] at 0..
-    (Nq, Nk, q_start multiples of block_size). Returns a BlockLayout with
-    counts [B, Hkv, Nq / granularity] and indices [..., topk + window_size/block_size];
-    granularity defaults to block_size, i.e. a layout block_sparse_attention
-    takes. impl: "auto" (Triton on CUDA, PyTorch on CPU), "triton", "torch".
+    (Nq, Nk, q_start multiples of block_size). Returns a token layout (the
+    kind block_sparse_attention takes) with counts [B, Hkv, Nq] and indices
+    [B, Hkv, Nq, topk + window_size/block_size]. lse: "exact" or "coarse"
+    (infllm_v2_ref). impl: "auto" (Triton on CUDA, PyTorch on CPU), "triton", "torch".
+
+    Queries are scored and ranked chunk by chunk, so the [Nq, Mk] score
+    matrix never exists whole.
     """
-    granularity = block_size if granularity is None else granularity
     check_infllm_v2_params(kernel_size=kernel_size, kernel_stride=kernel_stride, block_size=block_size, topk=topk,
-                           init_blocks=init_blocks, window_size=window_size)
-    _check(q, k, kernel_size=kernel_size, block_size=block_size, granularity=granularity, q_start=q_start, impl=impl)
+                           init_blocks=init_blocks, window_size=window_size, lse=lse)
+    _check(q, k, kernel_size=kernel_size, block_size=block_size, q_start=q_start, impl=impl)
     if impl == "triton" or (impl == "auto" and q.is_cuda):
         from . import infllm_v2_triton  # triton is optional on CPU boxes
-        block_scores = infllm_v2_triton.block_scores_triton
+        block_scores, lse_fn = infllm_v2_triton.block_scores_triton, infllm_v2_triton.lse_triton
     else:
-        block_scores = infllm_v2_ref.block_scores_torch
+        block_scores, lse_fn = infllm_v2_ref.block_scores_torch, infllm_v2_ref.lse_torch
+    B, Hq, Nq, _ = q.shape
+    Mk = k.shape[2] // block_size
     kc = infllm_v2_ref.compress_keys(k, kernel_size, kernel_stride)
-    scores = block_scores(q, kc, num_k_blocks=k.shape[2] // block_size, kernel_size=kernel_size,
-                          kernel_stride=kernel_stride, block_size=block_size, granularity=granularity, q_start=q_start)
-    return select_blocks(scores, block_size=block_size, topk=topk, init_blocks=init_blocks, window_size=window_size,
-                         granularity=granularity, q_start=q_start)
+    coarse = dict(kernel_size=COARSE * kernel_size, kernel_stride=COARSE * kernel_stride)
+    kc2 = infllm_v2_ref.compress_keys(k, **coarse) if lse == "coarse" and k.shape[2] >= coarse["kernel_size"] else None
+    width = max(kc.shape[2] * Hq, Mk * k.shape[1])
+    step = max(block_size, CHUNK_ELEMENTS // max(1, B * width) // block_size * block_size)
+    picks = []
+    for a in range(0, Nq, step):
+        qa, start = q[:, :, a:a + step], q_start + a
+        est = None
+        if lse == "coarse":
+            est = lse_fn(qa, kc2, **coarse, q_start=start) if kc2 is not None else \
+                torch.full(qa.shape[:3], float("-inf"), device=q.device)
+        scores = block_scores(qa, kc, num_k_blocks=Mk, kernel_size=kernel_size, kernel_stride=kernel_stride,
+                              block_size=block_size, q_start=start, lse=est)
+        picks.append(select_topk(scores, block_size=block_size, topk=topk, init_blocks=init_blocks,
+                                 window_size=window_size, q_start=start))
+    return BlockLayout.from_indices(torch.cat(picks, dim=2), Mk)
 
 
-def attended_fraction(layout: BlockLayout) -> float:
-    """Attended (query block, key block) pairs over the causal pairs dense
-    attention visits (q and k aligned at block 0). One host sync."""
-    Bl, Hl, Mq = layout.counts.shape
-    return layout.counts.sum().item() / (Bl * Hl * Mq * (Mq + 1) // 2)
+def causal_pairs(num_tokens: int, block_size: int) -> int:
+    """(query token, key block) pairs of causal dense attention over num_tokens tokens (q, k aligned at 0)."""
+    m = num_tokens // block_size
+    return block_size * m * (m + 1) // 2
+
+
+def attended_fraction(layout: BlockLayout, block_size: int) -> float:
+    """Attended (token, key block) pairs of a token layout over the causal
+    pairs dense attention visits (q and k aligned at 0). One host sync."""
+    Bl, Hl, Nq = layout.counts.shape
+    return layout.counts.sum().item() / (Bl * Hl * causal_pairs(Nq, block_size))
 
 
 def infllm_v2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kernel_size: int, kernel_stride: int,
                         block_size: int, topk: int, init_blocks: int, window_size: int, dense_len: int,
-                        impl: str = "auto") -> tuple[torch.Tensor, dict]:
+                        lse: str = "exact", impl: str = "auto") -> tuple[torch.Tensor, dict]:
     """Causal self-attention, q: [B, Hq, N, D], k, v: [B, Hkv, N, D] -> (o [B, Hq, N, D], stats).
 
     N <= dense_len: o = softmax(q k^T / sqrt(D) + causal) v via SDPA, exactly
     as the `dense` kind. Otherwise o_i attends, with exact softmax, to the
-    keys of the blocks infllm_v2_select picks for i's query block and KV group.
-    stats: {"mode": "dense" | "sparse", "block_fraction": attended / causal block pairs}.
+    keys of the blocks infllm_v2_select picks for token i and its KV group.
+    stats: {"mode": "dense" | "sparse", "block_fraction": attended / causal (token, key block) pairs}.
     """
     check_infllm_v2_params(kernel_size=kernel_size, kernel_stride=kernel_stride, block_size=block_size, topk=topk,
-                           init_blocks=init_blocks, window_size=window_size, dense_len=dense_len)
+                           init_blocks=init_blocks, window_size=window_size, dense_len=dense_len, lse=lse)
     if q.shape[2] <= dense_len:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True), \
             {"mode": "dense", "block_fraction": 1.0}
     layout = infllm_v2_select(q, k, kernel_size=kernel_size, kernel_stride=kernel_stride, block_size=block_size,
-                              topk=topk, init_blocks=init_blocks, window_size=window_size, impl=impl)
+                              topk=topk, init_blocks=init_blocks, window_size=window_size, lse=lse, impl=impl)
     out = block_sparse_attention(q, k, v, layout, block_size=block_size, impl=impl)
-    return out, {"mode": "sparse", "block_fraction": attended_fraction(layout)}
+    return out, {"mode": "sparse", "block_fraction": attended_fraction(layout, block_size)}

@@ -9,8 +9,7 @@ the score of query i against chunk j, summed over the heads of a group, is
 
     p[h, i, j] = sum_g exp(q_{g,i} . K_c[j] / sqrt(D) - lse_{g,i})   if j*stride + kernel_size - 1 <= t_i, else 0
 
-(lse over the visible chunks, so each head's row sums to 1), and the score of
-key block b is the max over the chunks overlapping it:
+(lse_{g,i} below), and the score of key block b is the max over the chunks overlapping it:
 
     s[h, i, b] = max_{j : j*stride < (b+1)*block_size, j*stride + kernel_size > b*block_size} p[h, i, j]
 
@@ -18,10 +17,22 @@ which is 1-D max pooling with stride S = block_size / stride, padding
 P = ceil(kernel_size / stride) - 1 and kernel S + P (kernel 5, stride 4,
 padding 1 at the public 32/16/64).
 
-Two functions: `select_naive`, the per-token oracle written straight from
-these equations (materialises [Nq, n_c]; small shapes only), and
-`block_scores_torch`, the production CPU path, which walks query chunks so
-memory stays bounded and takes the max over `granularity` consecutive queries.
+The normaliser lse_{g,i} is, by `lse`:
+
+    "exact":  log sum_j exp(q_{g,i} . K_c[j] / sqrt(D)) over the visible chunks (each head's row sums to 1);
+    "coarse": the same sum over the coarser K_c2 (windows of COARSE * kernel_size every
+              COARSE * kernel_stride: 128 / 64 at the public 32 / 16), as MiniCPM4's public
+              code estimates it: 1/4 of the chunks, so a Triton scorer's lse pass is 4x cheaper.
+              A query that sees no coarse chunk yet (the first ~4 windows, whose blocks are all
+              forced init / local blocks at every shipped setting) uses lse = 0.
+
+Selection is per query token: every token ranks the key blocks by s[h, i, b]
+alone, so what token i attends never depends on a later query (causality).
+
+Functions: `select_naive`, the per-token oracle written straight from these
+equations (materialises [Nq, n_c]; small shapes only), and `block_scores_torch`
+and `lse_torch`, the production CPU path for one chunk of queries (the caller,
+kernels/infllm_v2.py, walks query chunks so memory stays bounded).
 """
 
 from __future__ import annotations
@@ -33,6 +44,9 @@ import torch.nn.functional as F
 
 # Elements of one query chunk's [B, Hq, C, n_c] score tensor (fp32): ~32 MiB.
 CHUNK_ELEMENTS = 1 << 23
+# K_c2 windows and strides are COARSE x those of K_c (public implementation: 128 / 64 for 32 / 16).
+COARSE = 4
+LSE_MODES = ("exact", "coarse")
 
 
 def compress_keys(k: torch.Tensor, kernel_size: int, kernel_stride: int) -> torch.Tensor:
@@ -51,46 +65,64 @@ def visible(n_c: int, positions: torch.Tensor, kernel_size: int, kernel_stride: 
     return j[None, :] * kernel_stride + kernel_size - 1 <= positions[:, None]
 
 
-def block_scores_torch(q: torch.Tensor, kc: torch.Tensor, *, num_k_blocks: int, kernel_size: int,
-                       kernel_stride: int, block_size: int, granularity: int, q_start: int = 0) -> torch.Tensor:
-    """q: [B, Hq, Nq, D], kc: [B, Hkv, n_c, D] -> s [B, Hkv, Nq / granularity, num_k_blocks] fp32:
-    the block scores above, max over each run of `granularity` queries (the max
-    over tokens commutes with the max pooling). Invisible blocks score 0.
+def _visible_prefix(q_start: int, n: int, n_c: int, kernel_size: int, kernel_stride: int) -> tuple[int, int]:
+    """(lo, hi): chunks [0, lo) are visible to every query of q_start .. q_start + n - 1, [0, hi) to the last."""
+    first, last = q_start, q_start + n - 1
+    hi = min(n_c, max(0, (last - kernel_size + 1) // kernel_stride + 1))
+    return min(hi, max(0, (first - kernel_size + 1) // kernel_stride + 1)), hi
 
-    Each query chunk scores only the chunks its last query can see (causal
-    prefix), and masks only the band where visibility changes."""
-    B, Hq, Nq, D = q.shape
+
+def _chunk_scores(q: torch.Tensor, kc: torch.Tensor, hi: int, lo: int, q_start: int, kernel_size: int,
+                  kernel_stride: int) -> torch.Tensor:
+    """[B, Hkv, G, C, hi] scaled scores against the visible prefix of chunks, -inf where invisible."""
+    B, Hq, C, D = q.shape
+    Hkv = kc.shape[1]
+    s = torch.matmul((q.float() / math.sqrt(D)).reshape(B, Hkv, Hq // Hkv * C, D), kc[:, :, :hi].transpose(-1, -2))
+    s = s.view(B, Hkv, Hq // Hkv, C, hi)
+    pos = torch.arange(q_start, q_start + C, device=q.device)
+    s[..., lo:].masked_fill_(~visible(hi, pos, kernel_size, kernel_stride)[:, lo:], float("-inf"))
+    return s
+
+
+def lse_torch(q: torch.Tensor, kc: torch.Tensor, *, kernel_size: int, kernel_stride: int,
+              q_start: int = 0) -> torch.Tensor:
+    """q: [B, Hq, C, D], kc: [B, Hkv, n_c, D] (windows kernel_size, stride kernel_stride)
+    -> lse [B, Hq, C] fp32 over each query's visible chunks, -inf where none."""
+    B, Hq, C, _ = q.shape
+    lo, hi = _visible_prefix(q_start, C, kc.shape[2], kernel_size, kernel_stride)
+    if hi == 0:
+        return torch.full((B, Hq, C), float("-inf"), device=q.device)
+    return torch.logsumexp(_chunk_scores(q, kc, hi, lo, q_start, kernel_size, kernel_stride), -1).view(B, Hq, C)
+
+
+def block_scores_torch(q: torch.Tensor, kc: torch.Tensor, *, num_k_blocks: int, kernel_size: int,
+                       kernel_stride: int, block_size: int, q_start: int = 0,
+                       lse: torch.Tensor | None = None) -> torch.Tensor:
+    """q: [B, Hq, C, D] at q_start.., kc: [B, Hkv, n_c, D] -> s [B, Hkv, C, num_k_blocks]
+    fp32, the per-token block scores above. lse [B, Hq, C] (the coarse estimate)
+    or None (exact, from the same scores). Invisible blocks score 0.
+
+    Scores only the chunks the chunk's last query can see (causal prefix), and
+    masks only the band where visibility changes."""
+    B, Hq, C, _ = q.shape
     Hkv, n_c = kc.shape[1], kc.shape[2]
-    G = Hq // Hkv
     S, P = pool_geometry(kernel_size, kernel_stride, block_size)
-    step = max(granularity, CHUNK_ELEMENTS // max(1, B * Hq * n_c) // granularity * granularity)
-    qs = q.float() / math.sqrt(D)
-    out = torch.zeros(B, Hkv, Nq // granularity, num_k_blocks, device=q.device)
-    for start in range(0, Nq, step):
-        C = min(step, Nq - start)
-        first, last = q_start + start, q_start + start + C - 1
-        hi = min(n_c, max(0, (last - kernel_size + 1) // kernel_stride + 1))  # chunks visible to the last query
-        if hi == 0:
-            continue
-        lo = min(hi, max(0, (first - kernel_size + 1) // kernel_stride + 1))  # visible to every query
-        s = torch.matmul(qs[:, :, start:start + C].reshape(B, Hkv, G * C, D), kc[:, :, :hi].transpose(-1, -2))
-        s = s.view(B, Hkv, G, C, hi)
-        pos = torch.arange(first, last + 1, device=q.device)
-        s[..., lo:].masked_fill_(~visible(hi, pos, kernel_size, kernel_stride)[:, lo:], float("-inf"))
-        p = torch.softmax(s, dim=-1)
-        if first < kernel_size - 1:
-            p.nan_to_num_(0.0)  # queries that see no chunk yet
-        p = p.sum(2).unflatten(2, (-1, granularity)).amax(3)
-        # Scores are >= 0, so zero padding leaves every max unchanged; the
-        # right pad makes exactly num_k_blocks windows.
-        p = F.pad(p, (P, S * num_k_blocks - hi))
-        out[:, :, start // granularity:(start + C) // granularity] = \
-            F.max_pool1d(p.flatten(0, 2)[:, None], S + P, S).view(*p.shape[:3], num_k_blocks)
-    return out
+    lo, hi = _visible_prefix(q_start, C, n_c, kernel_size, kernel_stride)
+    if hi == 0:
+        return torch.zeros(B, Hkv, C, num_k_blocks, device=q.device)
+    s = _chunk_scores(q, kc, hi, lo, q_start, kernel_size, kernel_stride)
+    if lse is None:
+        p = torch.softmax(s, dim=-1).nan_to_num_(0.0)  # nan: queries that see no chunk yet
+    else:
+        p = torch.exp(s - lse.masked_fill(lse == float("-inf"), 0.0).view(B, Hkv, Hq // Hkv, C, 1))
+    # Scores are >= 0, so zero padding leaves every max unchanged; the right
+    # pad makes exactly num_k_blocks windows.
+    p = F.pad(p.sum(2), (P, S * num_k_blocks - hi))
+    return F.max_pool1d(p.flatten(0, 2)[:, None], S + P, S).view(B, Hkv, C, num_k_blocks)
 
 
 def select_naive(q: torch.Tensor, k: torch.Tensor, *, kernel_size: int, kernel_stride: int, block_size: int,
-                 topk: int, init_blocks: int, window_size: int, q_start: int = 0) -> torch.Tensor:
+                 topk: int, init_blocks: int, window_size: int, q_start: int = 0, lse: str = "exact") -> torch.Tensor:
     """Per-token selection, the oracle: bool [B, Hkv, Nq, Mk], Mk = Nk / block_size.
 
     Per query token: blocks b < init_blocks and q_blk - window_size/block_size <= b <= q_blk
@@ -102,9 +134,18 @@ def select_naive(q: torch.Tensor, k: torch.Tensor, *, kernel_size: int, kernel_s
     pos = torch.arange(q_start, q_start + Nq, device=q.device)
     B, Hq, _, D = q.shape
     Hkv, n_c = kc.shape[1], kc.shape[2]
-    scores = torch.einsum("bhgid,bhjd->bhgij", q.float().view(B, Hkv, Hq // Hkv, Nq, D), kc) / math.sqrt(D)
+    qg = q.float().view(B, Hkv, Hq // Hkv, Nq, D)
+    scores = torch.einsum("bhgid,bhjd->bhgij", qg, kc) / math.sqrt(D)
     scores = scores.masked_fill(~visible(n_c, pos, kernel_size, kernel_stride), float("-inf"))
-    p = torch.softmax(scores, dim=-1).nan_to_num(0.0).sum(2)  # [B, Hkv, Nq, n_c]
+    if lse == "exact":
+        p = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    else:
+        kc2 = compress_keys(k, COARSE * kernel_size, COARSE * kernel_stride)
+        s2 = torch.einsum("bhgid,bhjd->bhgij", qg, kc2) / math.sqrt(D)
+        s2 = s2.masked_fill(~visible(kc2.shape[2], pos, COARSE * kernel_size, COARSE * kernel_stride), float("-inf"))
+        l2 = torch.logsumexp(s2, -1, keepdim=True)
+        p = torch.exp(scores - l2.masked_fill(l2 == float("-inf"), 0.0))
+    p = p.sum(2)  # [B, Hkv, Nq, n_c]
     j = torch.arange(kc.shape[2], device=q.device)[:, None]
     b = torch.arange(Mk, device=q.device)
     overlap = (j * kernel_stride < (b + 1) * block_size) & (j * kernel_stride + kernel_size > b * block_size)

@@ -9,8 +9,11 @@ Two kernels:
     _score_kernel  one program per (batch, KV group, query tile): for each
                    tile of key blocks, gathers the S + P chunks each block
                    pools, sums exp(s - lse) over the group's query heads,
-                   takes the max over the chunks (max pooling) and over each
-                   run of `granularity` queries, and stores [tile/granularity, blocks].
+                   takes the max over the chunks (max pooling) and stores
+                   per-token scores [tile, blocks].
+
+The lse kernel also serves the coarse estimate: run over K_c2 with the coarse
+window and stride (infllm_v2_ref, `lse="coarse"`).
 
 Chunks shared by neighbouring blocks (P of every S + P) are scored twice;
 that keeps pooling a plain per-block reduction. Both kernels stop at the last
@@ -70,7 +73,7 @@ def _lse_kernel(Q, KC, LSE, q_start, N, NC, HQ, HKV, D, sm_scale, KERNEL_SIZE: t
 @triton.jit
 def _score_kernel(Q, KC, LSE, OUT, q_start, N, NC, MK, HQ, HKV, D, sm_scale, KERNEL_SIZE: tl.constexpr,
                   KERNEL_STRIDE: tl.constexpr, BLOCK_SIZE: tl.constexpr, S: tl.constexpr, P: tl.constexpr,
-                  GRAN: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_B: tl.constexpr, KW: tl.constexpr,
+                  BLOCK_Q: tl.constexpr, BLOCK_B: tl.constexpr, KW: tl.constexpr,
                   BLOCK_D: tl.constexpr):
     bk = tl.program_id(1)  # b * HKV + kv
     G = HQ // HKV
@@ -95,34 +98,42 @@ def _score_kernel(Q, KC, LSE, OUT, q_start, N, NC, MK, HQ, HKV, D, sm_scale, KER
             bh = (bk // HKV) * HQ + (bk % HKV) * G + g
             q = _load_q(Q, bh * N * D, rows, N, D, BLOCK_D)
             lse = tl.load(LSE + bh * N + rows, mask=rows < N, other=float("-inf"))
+            lse = tl.where(lse == float("-inf"), 0.0, lse)  # nothing visible: vis masks the row anyway
             s = tl.dot(q, tl.trans(kc)) * sm_scale
             acc += tl.where(vis, tl.exp(s - lse[:, None]), 0.0)
         best = tl.max(tl.reshape(acc, (BLOCK_Q, BLOCK_B, KW)), 2)
-        best = tl.max(tl.reshape(best, (BLOCK_Q // GRAN, GRAN, BLOCK_B)), 1)
-        out_rows = tl.program_id(0) * (BLOCK_Q // GRAN) + tl.arange(0, BLOCK_Q // GRAN)
         cols = b0 + blk
-        tl.store(OUT + (bk * (N // GRAN) + out_rows[:, None]) * MK + cols[None, :], best,
-                 mask=(out_rows[:, None] < N // GRAN) & (cols[None, :] < MK))
+        tl.store(OUT + (bk * N + rows[:, None]) * MK + cols[None, :], best,
+                 mask=(rows[:, None] < N) & (cols[None, :] < MK))
+
+
+def lse_triton(q: torch.Tensor, kc: torch.Tensor, *, kernel_size: int, kernel_stride: int,
+               q_start: int = 0) -> torch.Tensor:
+    """Same contract as infllm_v2_ref.lse_torch: q [B, Hq, C, D], kc [B, Hkv, n_c, D] fp32 -> [B, Hq, C] fp32."""
+    B, Hq, N, D = q.shape
+    q, kc = q.contiguous(), kc.contiguous()
+    lse = torch.empty(B, Hq, N, device=q.device, dtype=torch.float32)
+    _lse_kernel[(triton.cdiv(N, BLOCK_Q), B * Hq)](q, kc, lse, q_start, N, kc.shape[2], Hq, kc.shape[1], D,
+                                                   1.0 / math.sqrt(D), KERNEL_SIZE=kernel_size,
+                                                   KERNEL_STRIDE=kernel_stride, BLOCK_Q=BLOCK_Q, BLOCK_C=BLOCK_C,
+                                                   BLOCK_D=max(16, triton.next_power_of_2(D)))
+    return lse
 
 
 def block_scores_triton(q: torch.Tensor, kc: torch.Tensor, *, num_k_blocks: int, kernel_size: int,
-                        kernel_stride: int, block_size: int, granularity: int, q_start: int = 0) -> torch.Tensor:
-    """Same contract as infllm_v2_ref.block_scores_torch: q [B, Hq, Nq, D],
-    kc [B, Hkv, n_c, D] fp32 -> [B, Hkv, Nq / granularity, num_k_blocks] fp32
-    (granularity a power of two)."""
+                        kernel_stride: int, block_size: int, q_start: int = 0,
+                        lse: torch.Tensor | None = None) -> torch.Tensor:
+    """Same contract as infllm_v2_ref.block_scores_torch: q [B, Hq, C, D],
+    kc [B, Hkv, n_c, D] fp32, lse [B, Hq, C] or None (exact) -> [B, Hkv, C, num_k_blocks] fp32."""
     B, Hq, N, D = q.shape
     Hkv, NC = kc.shape[1], kc.shape[2]
     q, kc = q.contiguous(), kc.contiguous()
     S, P = pool_geometry(kernel_size, kernel_stride, block_size)
-    sm_scale = 1.0 / math.sqrt(D)
-    block_d = max(16, triton.next_power_of_2(D))
-    lse = torch.empty(B, Hq, N, device=q.device, dtype=torch.float32)
-    block_q = max(BLOCK_Q, granularity)
-    common = dict(KERNEL_SIZE=kernel_size, KERNEL_STRIDE=kernel_stride, BLOCK_Q=block_q, BLOCK_D=block_d)
-    _lse_kernel[(triton.cdiv(N, block_q), B * Hq)](q, kc, lse, q_start, N, NC, Hq, Hkv, D, sm_scale,
-                                                   BLOCK_C=BLOCK_C, **common)
-    out = torch.zeros(B, Hkv, N // granularity, num_k_blocks, device=q.device, dtype=torch.float32)
-    _score_kernel[(triton.cdiv(N, block_q), B * Hkv)](
-        q, kc, lse, out, q_start, N, NC, num_k_blocks, Hq, Hkv, D, sm_scale, BLOCK_SIZE=block_size, S=S, P=P,
-        GRAN=granularity, BLOCK_B=BLOCK_B, KW=triton.next_power_of_2(S + P), **common)
+    if lse is None:
+        lse = lse_triton(q, kc, kernel_size=kernel_size, kernel_stride=kernel_stride, q_start=q_start)
+    out = torch.zeros(B, Hkv, N, num_k_blocks, device=q.device, dtype=torch.float32)
+    _score_kernel[(triton.cdiv(N, BLOCK_Q), B * Hkv)](
+        q, kc, lse.contiguous(), out, q_start, N, NC, num_k_blocks, Hq, Hkv, D, 1.0 / math.sqrt(D),
+        KERNEL_SIZE=kernel_size, KERNEL_STRIDE=kernel_stride, BLOCK_SIZE=block_size, S=S, P=P, BLOCK_Q=BLOCK_Q,
+        BLOCK_B=BLOCK_B, KW=triton.next_power_of_2(S + P), BLOCK_D=max(16, triton.next_power_of_2(D)))
     return out

@@ -4,11 +4,15 @@ A layout is data, not code (ARCHITECTURE.md): S2 builds one once from its
 parameters, InfLLM-V2 builds one per step from top-k scores, and a single
 block-sparse kernel serves both.
 
-Storage is CSR-like, per (batch, head, query block):
+Storage is CSR-like, per (batch, head, row):
 
     counts:  int32 [Bl, Hl, Mq]            number of active key blocks
     indices: int32 [Bl, Hl, Mq, max_active] active key blocks, ascending,
                                             padded with -1 after counts
+
+A row is a query block (a block layout: S2, dense) or a query token (a token
+layout, Mq = Nq: InfLLM-V2's per-token top-k, whose rows then hold one
+selection per token that the KV group's query heads share).
 
 Bl is 1 (shared over the batch) or B. Hl is 1 (all heads), Hkv (one selection
 per GQA group, as InfLLM-V2 needs) or Hq (one per query head, as S2 needs).
@@ -118,12 +122,15 @@ class BlockLayout:
         return mask[..., : self.num_k_blocks]
 
     def to_mask(self, nq: int, nk: int) -> torch.Tensor:
-        """Token-level bool mask [Hl, nq, nk], or [Bl, Hl, nq, nk] when Bl > 1.
-        For tests and debugging only: it is nq x nk."""
-        if nq % self.num_q_blocks or nk % self.num_k_blocks or nq // self.num_q_blocks != nk // self.num_k_blocks:
-            raise ValueError(f"to_mask: ({nq}, {nk}) tokens do not tile {self.num_q_blocks} x {self.num_k_blocks} equal blocks")
-        bs = nq // self.num_q_blocks
-        mask = self.block_mask().repeat_interleave(bs, dim=2).repeat_interleave(bs, dim=3)
+        """Token-level bool mask [Hl, nq, nk], or [Bl, Hl, nq, nk] when Bl > 1,
+        of a block layout (rows tile nq like the key blocks tile nk) or a token
+        layout (one row per query token). For tests and debugging only: it is nq x nk."""
+        if nk % self.num_k_blocks or nq % self.num_q_blocks:
+            raise ValueError(f"to_mask: ({nq}, {nk}) tokens do not tile {self.num_q_blocks} x {self.num_k_blocks} rows x blocks")
+        bs, rows = nk // self.num_k_blocks, nq // self.num_q_blocks
+        if rows not in (1, bs):
+            raise ValueError(f"to_mask: {self.num_q_blocks} rows over {nq} queries are neither blocks of {bs} nor tokens")
+        mask = self.block_mask().repeat_interleave(rows, dim=2).repeat_interleave(bs, dim=3)
         return mask[0] if mask.shape[0] == 1 else mask
 
     def density(self) -> float:

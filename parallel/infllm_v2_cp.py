@@ -10,8 +10,9 @@ switch reads the full length N = n * P, so every rank takes the same branch:
            is one reduce-scatter of dK/dV, lasp2h.GatherKV); each local query
            chunk selects its top-k key blocks over the whole sequence with its
            global q_start (infllm_v2_select on the gathered, detached keys: the
-           compression windows straddle chunk boundaries) and attends to them
-           with block_sparse_attention (k_start = 0).
+           compression windows straddle chunk boundaries), per token exactly
+           as on one device, and attends to them with block_sparse_attention
+           (token layout, k_start = 0).
     ulysses: the head split turns each rank's problem into single-device
            InfLLM-V2 on whole sequences, exact when every rank holds whole KV
            groups (Hkv % P == 0): selection sums the scores of a group's query
@@ -31,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from ltrain.kernels import BlockLayout, block_sparse_attention, infllm_v2_attention, infllm_v2_select
-from ltrain.kernels.infllm_v2 import check_infllm_v2_params
+from ltrain.kernels.infllm_v2 import causal_pairs, check_infllm_v2_params
 
 from . import comm
 from .lasp2h import GatherKV, lasp2h_attention
@@ -58,17 +59,17 @@ def natural_order(x: torch.Tensor, P: int, mode: str) -> torch.Tensor:
     return x.unflatten(2, (len(slots), -1))[:, :, perm].flatten(2, 3)
 
 
-def _global_fraction(attended: torch.Tensor, causal_pairs: int, group) -> float:
-    """Attended block pairs summed over ranks / causal pairs of the whole sequence
+def _global_fraction(attended: torch.Tensor, pairs: int, group) -> float:
+    """Attended (token, block) pairs summed over ranks / causal pairs of the whole sequence
     (attended_fraction's definition). One small all-reduce, one host sync."""
     total = attended.detach().double().reshape(1).clone()
     comm.all_reduce(total, group=group)
-    return total.item() / causal_pairs
+    return total.item() / pairs
 
 
 def _sparse_gathered(q, k, v, *, group, mode, block_size, impl, select_opts):
     """Sparse InfLLM-V2 for this rank's queries q [B, Hq, n, D] against the
-    all-gathered k, v [B, Hkv, N, D] -> (o [B, Hq, n, D], attended block pairs)."""
+    all-gathered k, v [B, Hkv, N, D] -> (o [B, Hq, n, D], attended (token, block) pairs)."""
     _log_once("infllm_v2_cp_attention: sparse mode all-gathers K/V (selected-block fetch not implemented yet)")
     P, r = dist.get_world_size(group), dist.get_rank(group)
     k_all, v_all = (natural_order(t, P, mode) for t in GatherKV.apply(k, v, group))
@@ -95,7 +96,7 @@ def _dense(q, k, v, *, group, mode, block_size, impl):
 
 def infllm_v2_cp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group, mode: str = "zigzag",
                            kernel_size: int, kernel_stride: int, block_size: int, topk: int, init_blocks: int,
-                           window_size: int, dense_len: int, cp_impl: str = "ring",
+                           window_size: int, dense_len: int, lse: str = "exact", cp_impl: str = "ring",
                            impl: str = "auto") -> tuple[torch.Tensor, dict]:
     """InfLLM-V2 causal attention over a sequence sharded across `group`.
 
@@ -111,7 +112,7 @@ def infllm_v2_cp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     "sparse", "block_fraction": attended / causal block pairs, whole sequence}.
     """
     check_infllm_v2_params(kernel_size=kernel_size, kernel_stride=kernel_stride, block_size=block_size, topk=topk,
-                           init_blocks=init_blocks, window_size=window_size, dense_len=dense_len)
+                           init_blocks=init_blocks, window_size=window_size, dense_len=dense_len, lse=lse)
     group = group if group is not None else dist.group.WORLD
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}: allowed {', '.join(MODES)}")
@@ -127,7 +128,7 @@ def infllm_v2_cp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         raise ValueError(f"infllm_v2_cp_attention ({mode}, cp={P}): sequence length N = {N} must be divisible by "
                          f"{'2 x ' if mode == 'zigzag' else ''}cp x block_size = {chunks * block_size}")
     params = dict(kernel_size=kernel_size, kernel_stride=kernel_stride, topk=topk, init_blocks=init_blocks,
-                  window_size=window_size)
+                  window_size=window_size, lse=lse)
 
     if cp_impl == "ulysses":
         if Hkv % P == 0:
@@ -140,9 +141,8 @@ def infllm_v2_cp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
             {"mode": "dense", "block_fraction": 1.0}
     out, attended = _sparse_gathered(q, k, v, group=group, mode=mode, block_size=block_size, impl=impl,
                                      select_opts=params)
-    M = N // block_size
-    return out, {"mode": "sparse", "block_fraction": _global_fraction(attended, q.shape[0] * Hkv * M * (M + 1) // 2,
-                                                                      group)}
+    pairs = q.shape[0] * Hkv * causal_pairs(N, block_size)
+    return out, {"mode": "sparse", "block_fraction": _global_fraction(attended, pairs, group)}
 
 
 def _ulysses(q, k, v, *, group, mode, block_size, dense_len, impl, params):

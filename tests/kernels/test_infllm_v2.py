@@ -1,12 +1,13 @@
 """InfLLM-V2 selection (PyTorch path) against the naive per-token reference,
-and the switchable attention against dense attention."""
+the switchable attention against dense attention, and its causality: no
+output depends on a later q, k or v, whatever the GQA ratio."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from ltrain.kernels import infllm_v2_attention, infllm_v2_select
-from ltrain.kernels import infllm_v2_ref
+from ltrain.kernels import infllm_v2, infllm_v2_ref
 from ltrain.kernels.infllm_v2_ref import block_scores_torch, compress_keys, pool_geometry, select_naive
 
 CPU = dict(kernel_size=8, kernel_stride=4, block_size=16, topk=4, init_blocks=1, window_size=32)
@@ -23,41 +24,95 @@ def test_pool_geometry_is_the_papers_max_pool():
     assert (S + P, S, P) == (5, 4, 1)
 
 
+@pytest.mark.parametrize("lse", ["exact", "coarse"])
 @pytest.mark.parametrize("params", [CPU, dict(CPU, kernel_size=12, init_blocks=2, window_size=48, topk=6),
                                     dict(CPU, kernel_size=4, kernel_stride=4, topk=5)])
-def test_granularity_one_equals_naive_per_token_reference(params):
+def test_selection_equals_naive_per_token_reference(params, lse):
     q, k = qk()
-    layout = infllm_v2_select(q, k, granularity=1, impl="torch", **params)
+    layout = infllm_v2_select(q, k, impl="torch", lse=lse, **params)
     assert layout.counts.shape == (2, 2, 256)
-    assert torch.equal(layout.block_mask(), select_naive(q, k, **params))
+    assert torch.equal(layout.block_mask(), select_naive(q, k, lse=lse, **params))
 
 
-def test_query_offset_and_short_query_chunk():
+@pytest.mark.parametrize("lse", ["exact", "coarse"])
+def test_query_offset_and_short_query_chunk(lse):
     q, k = qk(Nq=64, Nk=256)
-    layout = infllm_v2_select(q, k, granularity=1, q_start=192, impl="torch", **CPU)
-    assert torch.equal(layout.block_mask(), select_naive(q, k, q_start=192, **CPU))
+    layout = infllm_v2_select(q, k, q_start=192, impl="torch", lse=lse, **CPU)
+    assert torch.equal(layout.block_mask(), select_naive(q, k, q_start=192, lse=lse, **CPU))
 
 
-def test_block_granular_scores_are_the_max_over_the_blocks_tokens(monkeypatch):
-    """Query chunking (forced small here) changes the scores only by rounding."""
+def test_query_chunking_does_not_change_the_selection(monkeypatch):
     q, k = qk()
-    kc = compress_keys(k, 8, 4)
-    opts = dict(num_k_blocks=16, kernel_size=8, kernel_stride=4, block_size=16)
-    per_token = block_scores_torch(q, kc, granularity=1, **opts)
-    monkeypatch.setattr(infllm_v2_ref, "CHUNK_ELEMENTS", 1)
-    per_block = block_scores_torch(q, kc, granularity=16, **opts)
-    torch.testing.assert_close(per_block, per_token.unflatten(2, (16, 16)).amax(3), atol=1e-6, rtol=1e-6)
+    whole = infllm_v2_select(q, k, impl="torch", **CPU)
+    monkeypatch.setattr(infllm_v2, "CHUNK_ELEMENTS", 1)  # one block of queries per chunk
+    assert torch.equal(infllm_v2_select(q, k, impl="torch", **CPU).indices, whole.indices)
 
 
-def test_block_layout_keeps_forced_blocks_and_k_slots():
+def test_coarse_lse_is_the_logsumexp_over_the_coarse_windows():
+    q, k = qk(Nq=128, Nk=256)
+    kc2 = compress_keys(k, 32, 16)
+    got = infllm_v2_ref.lse_torch(q, kc2, kernel_size=32, kernel_stride=16, q_start=128)
+    pos = torch.arange(128, 256)
+    s = torch.einsum("bhid,bhjd->bhij", q, kc2.repeat_interleave(2, 1)) / 32 ** 0.5
+    s = s.masked_fill(~(torch.arange(kc2.shape[2]) * 16 + 31 <= pos[:, None]), float("-inf"))
+    torch.testing.assert_close(got, torch.logsumexp(s, -1))
+
+
+def test_token_layout_keeps_forced_blocks_and_k_slots():
     q, k = qk()
     layout = infllm_v2_select(q, k, impl="torch", **CPU)
-    mask = layout.block_mask()  # [B, Hkv, 16, 16]
-    i = torch.arange(16)[:, None]
+    mask = layout.block_mask()  # [B, Hkv, 256 tokens, 16 blocks]
+    i = torch.arange(256)[:, None] // 16
     j = torch.arange(16)
     forced = ((j == 0) | ((j >= i - 2) & (j <= i)))
     assert (mask | ~forced).all() and not (mask & (j > i)).any()
-    assert torch.equal(layout.counts, torch.minimum(i[:, 0] + 1, torch.tensor(6)).int().expand(2, 2, 16))
+    assert torch.equal(layout.counts, torch.minimum(i[:, 0] + 1, torch.tensor(6)).int().expand(2, 2, 256))
+
+
+def _steer(q, k, t, target_block, block_size):
+    """q with token t's queries pointed at the mean key of target_block (all heads of each group)."""
+    G = q.shape[1] // k.shape[1]
+    q = q.clone()
+    q[:, :, t] = 8 * k[:, :, target_block * block_size:(target_block + 1) * block_size].mean(2).repeat_interleave(G, 1)
+    return q
+
+
+@pytest.mark.parametrize("G", [1, 2, 4, 16])
+@pytest.mark.parametrize("N", [256, 512])
+def test_sparse_path_is_causal(G, N):
+    """Perturb q (steered towards a distant key block, so the token's selection
+    changes), then k and v, at the last token of several query blocks: every
+    earlier output stays the same to the bit, and so do the gradients of the
+    earlier outputs into the earlier positions."""
+    g = torch.Generator().manual_seed(G * N)
+    Hkv = 1 if G == 16 else 2
+    q = torch.randn(1, G * Hkv, N, 32, generator=g)
+    k, v = (torch.randn(1, Hkv, N, 32, generator=g) for _ in range(2))
+    do = torch.randn(1, G * Hkv, N, 32, generator=g)
+
+    def run(inputs, t):
+        """Outputs, and the gradients of <out[:t], do[:t]> into q, k, v."""
+        xs = [x.clone().requires_grad_() for x in inputs]
+        out, stats = infllm_v2_attention(*xs, impl="torch", dense_len=64, **CPU)
+        assert stats["mode"] == "sparse"
+        return out.detach(), torch.autograd.grad((out[:, :, :t] * do[:, :, :t]).sum(), xs)
+
+    steered = 0
+    for t in (N - 1, N // 2 + 15, 9 * 16 + 15):
+        base, base_grads = run((q, k, v), t)
+        q2 = _steer(q, k, t, 1, 16)
+        steered += not torch.equal(infllm_v2_select(q2, k, **CPU).indices[:, :, t],
+                                   infllm_v2_select(q, k, **CPU).indices[:, :, t])
+        k2, v2 = k.clone(), v.clone()
+        k2[:, :, t] += 3.0
+        v2[:, :, t] -= 3.0
+        for inputs in ((q2, k, v), (q, k2, v2)):
+            out, grads = run(inputs, t)
+            assert torch.equal(out[:, :, :t], base[:, :, :t]), (G, N, t)
+            assert not torch.equal(out[:, :, t], base[:, :, t])  # the probe does reach the output
+            for a, b in zip(grads, base_grads):
+                torch.testing.assert_close(a[:, :, :t], b[:, :, :t], atol=1e-6, rtol=0)
+    assert steered, "the steering probe never changed a selection"
 
 
 def sparse_vs_dense(dtype=torch.float32, **params):
@@ -87,7 +142,7 @@ def test_short_sequence_is_bit_identical_dense():
 
 def test_sparse_mode_reports_fraction_and_differs_from_dense():
     out, ref, grads, _, stats = sparse_vs_dense(**dict(CPU, dense_len=64))
-    # 8 query blocks, k = 6 slots: 1+2+3+4+5+6+6+6 of 36 causal pairs.
+    # 8 query blocks, k = 6 slots per token: 16 x (1+2+3+4+5+6+6+6) of 16 x 36 causal (token, block) pairs.
     assert stats == {"mode": "sparse", "block_fraction": 33 / 36}
     assert not torch.allclose(out, ref) and all(torch.isfinite(g).all() for g in grads)
 
@@ -99,6 +154,7 @@ def test_sparse_mode_reports_fraction_and_differs_from_dense():
     ("window_size", 8, "window_size=8 is smaller than block_size=16"),
     ("block_size", 48, "block_size=48 must be one of"),
     ("init_blocks", -1, "init_blocks=-1 must be a non-negative integer"),
+    ("lse", "approx", "lse='approx': allowed exact, coarse"),
 ])
 def test_bad_parameters(key, value, match):
     params = dict(CPU, **{key: value})
@@ -114,5 +170,5 @@ def test_bad_shapes():
     with pytest.raises(ValueError, match="multiples of block_size=16"):
         infllm_v2_select(q, k, **CPU)
     q, k = qk()
-    with pytest.raises(ValueError, match="granularity=3"):
-        infllm_v2_select(q, k, granularity=3, **CPU)
+    with pytest.raises(ValueError, match="q_start=8 must be a multiple of block_size=16"):
+        infllm_v2_select(q, k, q_start=8, **CPU)
