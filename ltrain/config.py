@@ -6,11 +6,14 @@ key). `validate` adds the checks that need more than a type: ranges, known
 attention kinds, divisibility over context-parallel ranks, data files. It runs
 right after composition, before any process group starts, and raises
 ConfigError with one line naming the key, the bad value and what is allowed.
+A setting that runs but silently loses something (an S2 layout whose heads
+together miss distant context) is logged as a one-line warning instead.
 """
 
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import List, Optional
@@ -23,6 +26,9 @@ from ltrain.attention.registry import resolve_layer_kinds
 from ltrain.data.config import DataConfig, DataConfigError, validate_data_config
 from ltrain.data.memmap import read_meta
 from ltrain.data.tokenizer import BYTE_VOCAB_SIZE
+from ltrain.kernels.s2 import s2_pattern_coverage
+
+log = logging.getLogger("ltrain.config")
 
 
 class ConfigError(ValueError):
@@ -71,6 +77,9 @@ class InfLLMV2Config:
     init_blocks: int = 1
     window_size: int = 2048
     dense_len: int = 8192
+    # Normaliser of the selection scores: "exact" per-head lse, or "coarse" (estimated
+    # from 4x coarser compressed keys, as MiniCPM4's public code does); kernels/infllm_v2_ref.py.
+    lse: str = "exact"
 
 
 @dataclass
@@ -279,6 +288,46 @@ def _validate_s2(cfg: TrainConfig) -> None:
         _fail("attention.s2.num_dense_heads", s2.num_dense_heads, f"must be in [0, model.n_heads={cfg.model.n_heads}]")
     if cfg.data.seq_len % s2.block_size:
         _fail("data.seq_len", cfg.data.seq_len, f"must be a multiple of attention.s2.block_size={s2.block_size}")
+    _warn_s2_coverage(cfg)
+
+
+def _warn_s2_coverage(cfg: TrainConfig) -> None:
+    """Log one warning line when the S2 layout drops context: some causal block
+    pair beyond the local band that no head attends (kernels.s2: covered iff
+    the distinct head patterns, n_heads or 1 with homo_head, reach vert_stride,
+    or a head is dense). A warning, not an error: `attention=s2-paper` on the
+    default tiny model (4 heads, stride 8) is such a combination, and at the
+    default data.seq_len everything is still within the local band."""
+    s2, n_heads, bs = cfg.attention.s2, cfg.model.n_heads, cfg.attention.s2.block_size
+    params = dict(vert_stride=s2.vert_stride, homo_head=s2.homo_head, head_sliding_offset=s2.head_sliding_offset,
+                  num_dense_heads=s2.num_dense_heads)
+    # Whether some length drops context does not depend on the local band (the
+    # vertical rule ignores the query block), so test the mask of a one-block
+    # band over 1 + vert_stride blocks: small whatever local_blocks is.
+    probe = s2_pattern_coverage(n_heads, 1 + s2.vert_stride, local_blocks=1, **params)
+    if probe.covered:
+        return
+    first = (s2.local_blocks + probe.example[1] + 1) * bs  # shortest sequence with an uncovered pair
+    data_blocks = cfg.data.seq_len // bs
+    fraction = 0.0  # a data.seq_len within the local band drops nothing yet
+    if data_blocks > s2.local_blocks:
+        fraction = s2_pattern_coverage(n_heads, data_blocks, local_blocks=s2.local_blocks, **params).fraction
+    patterns = 1 if s2.homo_head else n_heads
+    homo = "attention.s2.homo_head=true (one shared pattern), " if s2.homo_head else ""
+    if not s2.homo_head:
+        fix_heads = f"model.n_heads >= {s2.vert_stride}"
+    elif n_heads >= s2.vert_stride:
+        fix_heads = "attention.s2.homo_head=false"
+    else:
+        fix_heads = f"model.n_heads >= {s2.vert_stride} with attention.s2.homo_head=false"
+    log.warning(
+        f"attention.s2.vert_stride={s2.vert_stride} with model.n_heads={n_heads}, {homo}"
+        f"attention.s2.num_dense_heads=0 drops context: {patterns} distinct head pattern(s) < vert_stride, so "
+        f"beyond the local band (attention.s2.local_blocks={s2.local_blocks}) no head attends some key blocks "
+        f"in sequences of {first} tokens or more ({fraction:.1%} of causal block pairs at data.seq_len="
+        f"{cfg.data.seq_len}); fix: {fix_heads}, attention.s2.vert_stride <= {patterns}, "
+        "or attention.s2.num_dense_heads >= 1"
+    )
 
 
 def _validate_cp(cfg: TrainConfig, kinds: set[str]) -> None:

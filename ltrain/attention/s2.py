@@ -5,6 +5,12 @@ stripes (kernels.s2; REFERENCES.md "S2-Attention"):
     o_i = sum_{j visible to head h} softmax_j(q_i . k_j / sqrt(D)) v_j,
     key block J visible to query block I iff J <= I and
         (I - J < local_blocks  or  (J + h * step + offset) % vert_stride == 0)
+
+The heads together see every causal block pair iff they have >= vert_stride
+distinct patterns (model.n_heads, or 1 with homo_head) or one is dense
+(num_dense_heads > 0); otherwise distant context is dropped: config
+validation logs a warning naming the keys, and kernels.s2.s2_layout warns
+(UserWarning) when a layout built for an actual sequence length misses a pair.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from ltrain.kernels import block_sparse_attention, s2_layout
+from ltrain.kernels.s2 import s2_block_mask, s2_coverage, s2_pattern_coverage, s2_uncovered
 from tests.kernels.test_block_sparse_ref import NAMES, assert_close, dense_mask, make_qkv, run, sdpa_reference
 
 # H=4, 8 blocks, local_blocks=2, vert_stride=4, head_sliding_offset=1 (vLLM):
@@ -32,36 +33,105 @@ def test_head_sliding_offset_zero_shifts_heads():
     assert as_rows(layout.block_mask()[0])[0] == PINNED[3]
 
 
-@pytest.mark.parametrize("num_heads", [8, 16, 32])
-def test_union_over_heads_covers_causal_pairs_with_defaults(num_heads):
+def brute_force_uncovered(block_mask, local_blocks):
+    """Causal block pairs beyond the local band that no head attends, by a plain loop over the mask [H, M, M]."""
+    heads = block_mask.tolist()
+    m = len(heads[0])
+    return [(i, j) for i in range(m) for j in range(i + 1)
+            if i - j >= local_blocks and not any(head[i][j] for head in heads)]
+
+
+def distinct_patterns(num_heads, homo_head):
+    return 1 if homo_head else num_heads
+
+
+# vert_stride 8 (the paper's), local_blocks 16, 64 blocks: every stripe residue lies beyond the local band.
+COVERAGE_CASES = [(h, homo, 0) for h in (1, 2, 4, 6, 8, 16, 32) for homo in (False, True)] + \
+                 [(1, False, 1), (2, False, 1), (4, False, 1), (4, True, 1), (8, True, 1)]
+
+
+@pytest.mark.parametrize("num_heads, homo_head, num_dense_heads", COVERAGE_CASES)
+def test_warns_iff_some_causal_pair_is_uncovered(num_heads, homo_head, num_dense_heads):
+    kw = dict(homo_head=homo_head, num_dense_heads=num_dense_heads)
+    mask = s2_block_mask(num_heads, 64, **kw)
+    missing = brute_force_uncovered(mask, 16)
+    if missing:
+        with pytest.warns(UserWarning, match="that context is dropped") as record:
+            layout = s2_layout(num_heads, 64 * 64, **kw)
+        msg = str(record[0].message)
+        causal = 64 * 65 // 2
+        assert f"no head attends {len(missing)} of {causal} causal block pairs ({len(missing) / causal:.1%})" in msg
+        assert f"e.g. query block {missing[0][0]} -> key block {missing[0][1]}" in msg
+        assert "vert_stride" in msg and "num_dense_heads > 0" in msg
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            layout = s2_layout(num_heads, 64 * 64, **kw)
+    # The layout's own union agrees with the brute force over the full mask.
+    assert brute_force_uncovered(layout.block_mask()[0], 16) == missing
+    assert s2_uncovered(layout.block_mask()[0]).nonzero().tolist() == [list(p) for p in missing]
+
+
+@pytest.mark.parametrize("num_heads, homo_head, num_dense_heads", COVERAGE_CASES)
+def test_covered_iff_distinct_patterns_reach_vert_stride(num_heads, homo_head, num_dense_heads):
+    missing = brute_force_uncovered(s2_block_mask(num_heads, 64, homo_head=homo_head,
+                                                  num_dense_heads=num_dense_heads), 16)
+    rule = num_dense_heads > 0 or distinct_patterns(num_heads, homo_head) >= 8
+    assert (not missing) == rule
+    assert s2_pattern_coverage(num_heads, homo_head=homo_head, num_dense_heads=num_dense_heads).covered == rule
+
+
+@pytest.mark.parametrize("vert_stride", [1, 2, 3, 4, 5, 8])
+@pytest.mark.parametrize("offset", [0, 1])
+def test_rule_holds_for_other_strides_and_offsets(vert_stride, offset):
+    for num_heads in range(1, 11):
+        for homo in (False, True):
+            mask = s2_block_mask(num_heads, 3 + 2 * vert_stride, local_blocks=3, vert_stride=vert_stride,
+                                 homo_head=homo, head_sliding_offset=offset)
+            missing = brute_force_uncovered(mask, 3)
+            assert (not missing) == (distinct_patterns(num_heads, homo) >= vert_stride), (num_heads, homo)
+            short = s2_pattern_coverage(num_heads, local_blocks=3, vert_stride=vert_stride, homo_head=homo,
+                                        head_sliding_offset=offset)
+            assert short.covered == (not missing)
+
+
+def test_four_heads_stride_eight_drop_every_even_key_block():
+    # The old criterion H * head_sliding_step >= vert_stride (4 * 2 = 8) called this covered.
+    mask = s2_block_mask(4, 64)
+    for head in range(4):  # head h keeps j = -(2h + 1) mod 8 beyond the band: odd blocks only
+        assert mask[head, 63, :48].nonzero().flatten().remainder(8).unique().tolist() == [(-(2 * head + 1)) % 8]
+    missing = brute_force_uncovered(mask, 16)
+    assert {j % 2 for _, j in missing} == {0}
+    assert {j for _, j in missing} == set(range(0, 48, 2))
+    with pytest.warns(UserWarning, match=r"4 distinct head pattern\(s\).*< vert_stride=8.*num_heads >= 8"):
+        s2_layout(4, 64 * 64)
+
+
+def test_warning_depends_on_the_sequence_actually_built():
+    # Within the local band every pair is local; the first dropped pair is (local_blocks, 0).
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        layout = s2_layout(num_heads, 64 * 64)
-    union = layout.block_mask()[0].any(0)
-    assert torch.equal(union, torch.ones(64, 64, dtype=torch.bool).tril())
+        s2_layout(1, 64 * 16)
+        s2_layout(4, 64 * 16, homo_head=True)
+    with pytest.warns(UserWarning, match=r"no head attends 1 of 153 .*query block 16 -> key block 0"):
+        s2_layout(4, 64 * 17)
 
 
-@pytest.mark.parametrize("num_heads", [3, 6])
-def test_warns_when_heads_do_not_cover(num_heads):
-    # 3 * max(1, 8 // 3) = 6 < 8 and 6 * 1 = 6 < 8: some distant block pairs are dropped by every head.
-    with pytest.warns(UserWarning, match="does not cover every causal block pair"):
-        layout = s2_layout(num_heads, 64 * 32)
-    uncovered = ~layout.block_mask()[0].any(0) & torch.ones(32, 32, dtype=torch.bool).tril()
-    assert uncovered.any()
-
-
-def test_no_warning_when_covered():
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        s2_layout(4, 64 * 32)                       # 4 * max(1, 8 // 4) = 8 >= 8
-        s2_layout(2, 64 * 32, num_dense_heads=1)     # a dense head sees everything
-        s2_layout(1, 64 * 16)                        # everything is local
-    with pytest.warns(UserWarning, match="does not cover"):
-        s2_layout(8, 64 * 32, homo_head=True)        # one shared pattern
+def test_coverage_of_a_hand_made_mask():
+    mask = torch.zeros(2, 3, 3, dtype=torch.bool)
+    mask[0] = torch.eye(3, dtype=torch.bool)
+    mask[1, 2, 0] = True
+    assert s2_uncovered(mask).nonzero().tolist() == [[1, 0], [2, 1]]
+    cov = s2_coverage(mask)
+    assert (cov.uncovered, cov.causal, cov.example, cov.covered) == (2, 6, (1, 0), False)
+    assert cov.fraction == pytest.approx(1 / 3)
+    assert s2_coverage(torch.ones(1, 3, 3, dtype=torch.bool)).covered
+    with pytest.raises(ValueError, match=r"\[H, M, M\]"):
+        s2_uncovered(torch.ones(3, 3, dtype=torch.bool))
 
 
 def test_homo_head_and_dense_heads():
-    with pytest.warns(UserWarning, match="does not cover"):
+    with pytest.warns(UserWarning, match="that context is dropped"):
         homo = s2_layout(4, 8 * 16, block_size=16, local_blocks=2, vert_stride=4, homo_head=True)
     assert homo.counts.shape[1] == 1   # one shared pattern
     assert as_rows(homo.block_mask()[0])[0] == PINNED[0]

@@ -1,5 +1,6 @@
 """Every config file composes; every validation error names its key."""
 
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,8 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from ltrain.config import ConfigError, TrainConfig, register_configs, validate
+from ltrain.kernels.s2 import s2_block_mask
+from tests.kernels.test_s2 import brute_force_uncovered
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 register_configs()
@@ -133,3 +136,68 @@ def test_learn_decay_needs_a_decay():
         validate(load("attention=linear", "attention.linear.decay=false", "attention.linear.learn_decay=true"),
                  world_size=1)
     validate(load("attention=linear", "attention.linear.learn_decay=true"), world_size=1)
+
+
+def s2_warnings(caplog, *overrides):
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="ltrain.config"):
+        cfg = load(*overrides)
+        validate(cfg, world_size=1)
+    return cfg, [r.getMessage() for r in caplog.records if r.name == "ltrain.config"]
+
+
+def s2_uncovered_pairs(cfg, num_blocks):
+    s2 = cfg.attention.s2
+    mask = s2_block_mask(cfg.model.n_heads, num_blocks, local_blocks=s2.local_blocks, vert_stride=s2.vert_stride,
+                         homo_head=s2.homo_head, head_sliding_offset=s2.head_sliding_offset,
+                         num_dense_heads=s2.num_dense_heads)
+    return brute_force_uncovered(mask, s2.local_blocks)
+
+
+@pytest.mark.parametrize("model", ["tiny", "small", "llama-1b"])
+@pytest.mark.parametrize("attention", ["s2", "s2-paper"])
+def test_s2_presets_warn_iff_they_drop_context(caplog, attention, model):
+    """Shipped S2 presets on every shipped model: a config-time warning iff some
+    causal block pair beyond the local band is seen by no head at some length
+    (brute force over the mask, long enough to hold every stripe residue).
+    Only s2-paper (vert_stride 8) on the 4-head tiny model drops context."""
+    cfg, logged = s2_warnings(caplog, f"attention={attention}", f"model={model}")
+    s2 = cfg.attention.s2
+    drops = bool(s2_uncovered_pairs(cfg, s2.local_blocks + 2 * s2.vert_stride))
+    assert drops == ((attention, model) == ("s2-paper", "tiny"))
+    assert len(logged) == drops
+
+
+@pytest.mark.parametrize("overrides, homo", [
+    (("attention=s2-paper",), False),                                          # 4 heads, stride 8
+    (("attention=s2-paper", "data.seq_len=4096"), False),
+    (("attention=s2", "model.n_heads=2"), False),                               # 2 heads, stride 4
+    (("attention=s2", "attention.s2.homo_head=true"), True),                    # one shared pattern
+    (("attention=s2-paper", "model=small", "attention.s2.homo_head=true"), True),
+])
+def test_s2_context_drop_warning_names_keys_and_numbers(caplog, overrides, homo):
+    cfg, logged = s2_warnings(caplog, *overrides)
+    assert len(logged) == 1
+    msg, s2 = logged[0], cfg.attention.s2
+    assert "\n" not in msg
+    assert msg.startswith(f"attention.s2.vert_stride={s2.vert_stride} with model.n_heads={cfg.model.n_heads}")
+    assert ("attention.s2.homo_head=true" in msg) == homo
+    assert "drops context" in msg and "fix: " in msg and "attention.s2.num_dense_heads >= 1" in msg
+    assert f"attention.s2.vert_stride <= {1 if homo else cfg.model.n_heads}" in msg
+    # The shortest dropping sequence and the fraction at data.seq_len, against the brute force.
+    long = s2_uncovered_pairs(cfg, s2.local_blocks + 2 * s2.vert_stride)
+    assert f"in sequences of {(long[0][0] + 1) * s2.block_size} tokens or more" in msg
+    m = cfg.data.seq_len // s2.block_size
+    fraction = len(s2_uncovered_pairs(cfg, m)) / (m * (m + 1) // 2)
+    assert f"({fraction:.1%} of causal block pairs at data.seq_len={cfg.data.seq_len})" in msg
+
+
+@pytest.mark.parametrize("overrides", [
+    ("attention=s2-paper", "attention.s2.num_dense_heads=1"),                  # a dense head sees everything
+    ("attention=s2", "attention.s2.homo_head=true", "attention.s2.num_dense_heads=1"),
+    ("attention=s2-paper", "model=small"),                                      # 12 heads >= 8
+    ("attention=s2-paper", "attention.s2.vert_stride=4"),                       # 4 heads >= 4
+    ("attention=s2-paper", "attention.pattern=D"),                              # no s2 layer
+])
+def test_s2_no_warning_when_heads_cover_the_context(caplog, overrides):
+    assert s2_warnings(caplog, *overrides)[1] == []

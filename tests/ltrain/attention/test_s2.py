@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -81,6 +82,24 @@ def test_sequence_not_divisible_by_block_size_names_both_keys():
         layer(torch.randn(1, 40, model_cfg.dim), context(1, 40, model_cfg.dim // model_cfg.n_heads))
 
 
+def test_layer_warns_once_when_its_layout_drops_context():
+    """4 heads, vert_stride 8 (step 2): the heads see only odd key blocks beyond the
+    local band, so the first forward at a length past the band warns; the
+    covered test config (stride 4) does not."""
+    model_cfg, attn_cfg = tiny_s2_cfg(vert_stride=8, local_blocks=2)
+    layer = build_attention("s2", 0, model_cfg, attn_cfg)
+    head_dim = model_cfg.dim // model_cfg.n_heads
+    x = torch.randn(1, 128, model_cfg.dim)
+    with pytest.warns(UserWarning, match="that context is dropped") as record:
+        layer(x, context(1, 128, head_dim))
+        layer(x, context(1, 128, head_dim))  # the layout is cached: no second warning
+    assert len([w for w in record if "that context is dropped" in str(w.message)]) == 1
+    model_cfg, attn_cfg = tiny_s2_cfg()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build_attention("s2", 0, model_cfg, attn_cfg)(x, context(1, 128, head_dim))
+
+
 def test_cli_training_with_s2_preset_learns(tmp_path):
     env = {**os.environ, "LTRAIN_RUN_ID": "x", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(
@@ -90,6 +109,7 @@ def test_cli_training_with_s2_preset_learns(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "layers SDSD" in proc.stdout + proc.stderr
+    assert "drops context" not in proc.stderr and "context is dropped" not in proc.stderr  # the preset covers
     rows = [json.loads(line) for line in (tmp_path / "x" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 30
     losses = [r["loss"] for r in rows]
