@@ -358,6 +358,30 @@ def _validate_cp(cfg: TrainConfig, kinds: set[str]) -> None:
                   "parallel.cp, or parallel.cp divisible by it (KV heads are then replicated)")
 
 
+# Keys that existed once and why they are gone: an override of one gets this reason.
+REMOVED_KEYS = {
+    "attention.infllm_v2.granularity": "selection is per query token; block-granular selection let later queries "
+                                       "of a block steer the earlier ones (not causal)",
+}
+
+
+def check_known_keys(dcfg) -> None:
+    """ConfigError for a key the schema lacks (a `+key=...` override would
+    otherwise be dropped silently when the config becomes TrainConfig)."""
+    schema = OmegaConf.to_container(OmegaConf.structured(TrainConfig), resolve=False)
+
+    def walk(node: dict, ref: dict, path: str) -> None:
+        for key, val in node.items():
+            name = f"{path}{key}"
+            if key not in ref:
+                why = REMOVED_KEYS.get(name, "no such setting; allowed here: " + ", ".join(map(str, ref)))
+                raise ConfigError(f"{name} is not a setting: {why}; remove the override")
+            if isinstance(val, dict) and isinstance(ref[key], dict):
+                walk(val, ref[key], name + ".")
+
+    walk({k: v for k, v in OmegaConf.to_container(dcfg, resolve=False).items() if k != "hydra"}, schema, "")
+
+
 def register_configs() -> None:
     """Register the schema (typed merge target for conf/) and the run-id resolver."""
     if not OmegaConf.has_resolver("ltrain_run_id"):

@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from ltrain import checkpoint  # noqa: E402
-from ltrain.config import ConfigError, TrainConfig, register_configs, validate  # noqa: E402
+from ltrain.config import ConfigError, TrainConfig, check_known_keys, register_configs, validate  # noqa: E402
 from ltrain.parallel.comm import CommMeter  # noqa: E402
 from ltrain.parallel.sharding import shard_sequence  # noqa: E402
 
@@ -177,8 +177,9 @@ def train(cfg: TrainConfig, run_dir: str) -> list[float]:
 
 @hydra.main(config_path="pkg://ltrain.conf", config_name="train", version_base="1.3")
 def hydra_main(dcfg: DictConfig) -> None:
-    cfg: TrainConfig = OmegaConf.to_object(dcfg)
     try:
+        check_known_keys(dcfg)
+        cfg: TrainConfig = OmegaConf.to_object(dcfg)
         validate(cfg)
         train(cfg, HydraConfig.get().runtime.output_dir)
     except ConfigError as exc:

@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_module
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from ltrain.config import ConfigError, TrainConfig, register_configs, validate
+from ltrain.config import ConfigError, TrainConfig, check_known_keys, register_configs, validate
 from ltrain.kernels.s2 import s2_block_mask
 from tests.kernels.test_s2 import brute_force_uncovered
 
@@ -37,6 +37,8 @@ def test_every_preset_composes_and_validates(override, tmp_path):
         src.write_text("hello world\n" * 500)
         subprocess.run([sys.executable, "-m", "ltrain.data.prepare", str(src), str(tmp_path / "out")], check=True)
         extra = [f"data.path={tmp_path / 'out'}", "data.seq_len=128"]
+    with initialize_config_module("ltrain.conf", version_base="1.3"):
+        check_known_keys(compose("train", overrides=[override, *extra]))
     cfg = load(override, *extra)
     assert isinstance(cfg, TrainConfig)
     validate(cfg, world_size=1)
@@ -116,6 +118,25 @@ def test_wrong_type_is_rejected_at_compose_time():
         load("model.dim=1.5")
     with pytest.raises(ConfigCompositionException, match="not_a_key"):
         load("model.not_a_key=1")
+
+
+@pytest.mark.parametrize("override, match", [
+    ("+attention.infllm_v2.granularity=64", r"^attention.infllm_v2.granularity is not a setting: selection is per "
+                                            r"query token.*not causal"),
+    ("+trainer.max_step=10", r"^trainer.max_step is not a setting: no such setting; allowed here: max_steps"),
+])
+def test_an_added_key_the_schema_lacks_is_an_error_not_dropped(override, match):
+    """`+key=...` passes Hydra's struct check; TrainConfig would drop it silently."""
+    with initialize_config_module("ltrain.conf", version_base="1.3"):
+        dcfg = compose("train", overrides=["attention=infllm_v2", override])
+    with pytest.raises(ConfigError, match=match):
+        check_known_keys(dcfg)
+
+
+def test_infllm_v2_lse_is_checked_at_config_time():
+    with pytest.raises(ConfigError, match="attention.infllm_v2.lse='approx': allowed exact, coarse"):
+        validate(load("attention=infllm_v2", "attention.infllm_v2.lse=approx"), world_size=1)
+    validate(load("attention=infllm_v2", "attention.infllm_v2.lse=coarse"), world_size=1)
 
 
 @pytest.mark.parametrize("attention, override", [
