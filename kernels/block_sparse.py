@@ -17,7 +17,7 @@ import warnings
 
 import torch
 
-from . import block_sparse_ref, block_sparse_triton, token_sparse_ref
+from . import block_sparse_ref, block_sparse_triton, token_sparse_ref, token_sparse_triton
 from .layout import BlockLayout
 
 BLOCK_SIZES = (16, 32, 64, 128)
@@ -98,13 +98,9 @@ def _check(q, k, v, layout, block_size, impl):
 def _select_impl(q, layout, impl):
     D = q.shape[-1]
     per_token = layout.num_q_blocks == q.shape[2]
-    ref = token_sparse_ref if per_token else block_sparse_ref
+    ref, kernel = (token_sparse_ref, token_sparse_triton) if per_token else (block_sparse_ref, block_sparse_triton)
     if impl == "torch" or (impl == "auto" and not q.is_cuda):
         return ref
-    if per_token:
-        from . import token_sparse_triton as kernel
-    else:
-        kernel = block_sparse_triton
     if D not in block_sparse_triton.HEAD_DIMS:
         if impl == "triton":
             raise ValueError(f"head dim {D} not supported by the Triton kernel (supported: {block_sparse_triton.HEAD_DIMS}); use impl='torch'")
