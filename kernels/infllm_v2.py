@@ -66,14 +66,18 @@ def select_topk(scores: torch.Tensor, *, block_size: int, topk: int, init_blocks
                 q_start: int = 0) -> torch.Tensor:
     """scores: [B, Hkv, C, Mk] per-token block scores of queries q_start.. ->
     indices [B, Hkv, C, k] int32, k = topk + window_size/block_size: init and
-    local blocks forced (+inf), blocks past the token's own block never picked (-1)."""
+    local blocks forced (+inf), blocks past the token's own block never picked (-1).
+
+    Overlapping pooling windows make exact ties (two blocks sharing their best
+    chunk); every row is ranked at the full width Mk, so a token's picks do
+    not depend on how queries were chunked (or split over ranks)."""
     C, Mk = scores.shape[2], scores.shape[3]
     dev = scores.device
     q_blk = ((q_start + torch.arange(C, device=dev)) // block_size)[:, None]
     b = torch.arange(Mk, device=dev)
     local = window_size // block_size
-    s = scores.masked_fill((b < init_blocks) | ((b >= q_blk - local) & (b <= q_blk)), float("inf"))
-    s = s.masked_fill(b > q_blk, float("-inf"))
+    forced = (b < init_blocks) | (b >= q_blk - local)
+    s = torch.where(b > q_blk, float("-inf"), torch.where(forced, float("inf"), scores))
     vals, idx = s.topk(min(topk + local, Mk), dim=-1)
     return torch.where(vals > float("-inf"), idx, -1).to(torch.int32)
 

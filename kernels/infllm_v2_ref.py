@@ -115,10 +115,14 @@ def block_scores_torch(q: torch.Tensor, kc: torch.Tensor, *, num_k_blocks: int, 
         p = torch.softmax(s, dim=-1).nan_to_num_(0.0)  # nan: queries that see no chunk yet
     else:
         p = torch.exp(s - lse.masked_fill(lse == float("-inf"), 0.0).view(B, Hkv, Hq // Hkv, C, 1))
-    # Scores are >= 0, so zero padding leaves every max unchanged; the right
-    # pad makes exactly num_k_blocks windows.
-    p = F.pad(p.sum(2), (P, S * num_k_blocks - hi))
-    return F.max_pool1d(p.flatten(0, 2)[:, None], S + P, S).view(B, Hkv, C, num_k_blocks)
+    p = p.sum(2).flatten(0, 2)[:, None]  # [B * Hkv * C, 1, hi]
+    if P <= S:
+        # Pool only the blocks that have a visible chunk (ceil_mode keeps the last,
+        # partial one); the others score 0, as scores >= 0 make zero padding neutral.
+        s = F.max_pool1d(p, S + P, S, padding=P, ceil_mode=True)[..., 0, :num_k_blocks]
+        return F.pad(s, (0, num_k_blocks - s.shape[-1])).view(B, Hkv, C, num_k_blocks)
+    p = F.pad(p, (P, S * num_k_blocks - hi))  # max_pool1d allows padding <= kernel / 2 only
+    return F.max_pool1d(p, S + P, S).view(B, Hkv, C, num_k_blocks)
 
 
 def select_naive(q: torch.Tensor, k: torch.Tensor, *, kernel_size: int, kernel_stride: int, block_size: int,

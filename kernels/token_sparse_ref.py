@@ -41,14 +41,26 @@ def split(layout: BlockLayout, block_size: int) -> tuple[BlockLayout, BlockLayou
     idx = torch.where(layout.indices >= 0, layout.indices, mk).long()
     hits = torch.zeros(Bl, Hl, mq, mk + 1, dtype=torch.int32, device=layout.device)
     hits.scatter_add_(-1, idx.view(Bl, Hl, mq, block_size * K), torch.ones_like(idx, dtype=torch.int32).view(Bl, Hl, mq, -1))
-    common = hits[..., :mk] == block_size  # a token lists a block at most once
-    # Token t's slot s is common iff common[t // bs, idx[t, s]]: gather per query block, no [Nq, Mk] tensor.
-    in_common = torch.cat([common, common.new_zeros(Bl, Hl, mq, 1)], -1).gather(-1, idx.view(Bl, Hl, mq, -1))
-    in_common = in_common.view(Bl, Hl, Nq, K)
+    hits[..., mk] = 0  # padding is never common
+    # Token t's slot s is common iff hits[t // bs, idx[t, s]] == bs (a token lists a block at
+    # most once): gathered per query block, no [Nq, Mk] tensor.
+    in_common = (hits.gather(-1, idx.view(Bl, Hl, mq, -1)) == block_size).view(Bl, Hl, Nq, K)
     rest = BlockLayout.from_indices(torch.where(in_common, -1, layout.indices), mk)
     width = int(rest.counts.max()) if rest.counts.numel() else 0
     rest = BlockLayout(rest.counts, rest.indices[..., :width].contiguous(), mk)
-    return BlockLayout.from_block_mask(common), rest
+    # The common blocks are among every token's, so the first token of each block lists them all.
+    first = in_common[:, :, ::block_size]
+    common = BlockLayout.from_indices(torch.where(first, layout.indices[:, :, ::block_size], -1), mk)
+    return common, rest
+
+
+def split_cached(layout: BlockLayout, block_size: int) -> tuple[BlockLayout, BlockLayout]:
+    """split(), computed once per layout: the forward and the backward of one
+    step share it (stored beside the layout's other cached views)."""
+    cache = layout.__dict__.setdefault("_token_split", {})
+    if block_size not in cache:
+        cache[block_size] = split(layout, block_size)
+    return cache[block_size]
 
 
 class _Rest:
@@ -117,7 +129,7 @@ def forward(q, k, v, layout: BlockLayout, *, block_size: int, causal: bool, sm_s
     """q: [B, Hq, Nq, D], k, v: [B, Hkv, Nk, D], per-token layout -> out [B, Hq, Nq, D] (q.dtype), lse [B, Hq, Nq] fp32."""
     B, Nq, G = q.shape[0], q.shape[2], q.shape[1] // k.shape[1]
     opts = dict(block_size=block_size, causal=causal, sm_scale=sm_scale, q_start=q_start, k_start=k_start)
-    common, rest = split(layout, block_size)
+    common, rest = split_cached(layout, block_size)
     qf, kf, vf = q.float(), k.float(), v.float()  # the reference computes in fp32; its parts stay fp32 until the end
     o1, l1 = block_sparse_ref.forward(qf, kf, vf, common, **opts)
     part = _Rest(qf, kf, rest, block_size=block_size, causal=causal, q_start=q_start, k_start=k_start)
@@ -136,7 +148,7 @@ def backward(do, q, k, v, lse, delta, layout: BlockLayout, *, block_size: int, c
     """
     B, Nq, D, G = q.shape[0], q.shape[2], q.shape[3], q.shape[1] // k.shape[1]
     opts = dict(block_size=block_size, causal=causal, sm_scale=sm_scale, q_start=q_start, k_start=k_start)
-    common, rest = split(layout, block_size)
+    common, rest = split_cached(layout, block_size)
     qf, kf, vf = q.float(), k.float(), v.float()
     dq, dk, dv = (t.contiguous() for t in block_sparse_ref.backward(do.float(), qf, kf, vf, lse, delta, common, **opts))
     part = _Rest(qf, kf, rest, block_size=block_size, causal=causal, q_start=q_start, k_start=k_start)
