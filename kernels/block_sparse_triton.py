@@ -73,6 +73,27 @@ def _scores(q, k, offs_m, offs_k, scale_log2, q_start, k_start, CAUSAL: tl.const
 
 
 @triton.jit
+def _softmax_step(m_i, l_i, acc, s, v, PRECISION: tl.constexpr):
+    """One online-softmax update (base 2) with key tile scores s and values v; m_safe = 0
+    on rows still empty keeps exp2(-inf - -inf) from making NaN."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _softmax_result(m_i, l_i, acc):
+    """(o, natural-log lse) of the finished rows. A non-empty row has l >= 1 (its max
+    term is 2^0); an empty row has acc = 0, so o = 0 and lse = -inf."""
+    out = acc / tl.maximum(l_i, 1.0)[:, None]
+    return out, tl.where(l_i > 0, (m_i + tl.log2(tl.maximum(l_i, 1.0))) / 1.4426950408889634, float("-inf"))
+
+
+@triton.jit
 def _row_stats(Lse, Delta, row_off):
     """Saved lse (base 2; an empty row's -inf becomes 0 so that p = 0, not NaN) and delta of the rows."""
     lse = tl.load(Lse + row_off) * 1.4426950408889634
@@ -97,19 +118,10 @@ def _fwd_kernel(Q, K, V, Out, Lse, Counts, Indices,
     for i in range(count):
         offs_k = tl.load(idx_ptr + i) * BLOCK + offs_n
         kv_off = kv_base + offs_k[:, None] * stride_kn + offs_d[None, :]
-        k = tl.load(K + kv_off)
-        s = _scores(q, k, offs_m, offs_k, scale_log2, q_start, k_start, CAUSAL, PRECISION)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + kv_off)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION)
-        m_i = m_new
-    # A non-empty row has l >= 1 (its max term is 2^0); an empty row has acc = 0.
-    tl.store(Out + q_off, (acc / tl.maximum(l_i, 1.0)[:, None]).to(Out.dtype.element_ty))
-    lse = tl.where(l_i > 0, (m_i + tl.log2(tl.maximum(l_i, 1.0))) / 1.4426950408889634, float("-inf"))
+        s = _scores(q, tl.load(K + kv_off), offs_m, offs_k, scale_log2, q_start, k_start, CAUSAL, PRECISION)
+        m_i, l_i, acc = _softmax_step(m_i, l_i, acc, s, tl.load(V + kv_off), PRECISION)
+    out, lse = _softmax_result(m_i, l_i, acc)
+    tl.store(Out + q_off, out.to(Out.dtype.element_ty))
     tl.store(Lse + tl.program_id(1) * N_Q + offs_m, lse)
 
 

@@ -52,7 +52,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .block_sparse_triton import HEAD_DIMS, LOG2E, _common, _dot, _layout_args, _row_stats, _scores
+from .block_sparse_triton import (HEAD_DIMS, LOG2E, _common, _dot, _layout_args, _row_stats, _scores, _softmax_result,
+                                  _softmax_step)
 from .layout import BlockLayout
 
 __all__ = ["HEAD_DIMS", "forward", "backward", "reverse_index"]
@@ -105,19 +106,6 @@ def _token_rows(Counts, Indices, stride_qb, stride_qh, stride_qn, stride_kb, str
 
 
 @triton.jit
-def _softmax_step(m_i, l_i, acc, s, v, PRECISION: tl.constexpr):
-    """One online-softmax update (base 2) with key tile scores s and values v; m_safe = 0
-    on rows still empty keeps exp2(-inf - -inf) from making NaN."""
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m_i - m_safe)
-    p = tl.exp2(s - m_safe[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION)
-    return m_new, l_i, acc
-
-
-@triton.jit
 def _fwd_kernel(Q, K, V, Out, Lse, Counts, Indices,
                 stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                 stride_cb, stride_ch, stride_ib, stride_ih, stride_im,
@@ -139,9 +127,8 @@ def _fwd_kernel(Q, K, V, Out, Lse, Counts, Indices,
         kv_off = kv_base + offs_k[:, None] * stride_kn + offs_d[None, :]
         s = _scores(q, tl.load(K + kv_off), pos, offs_k, scale_log2, q_start, k_start, CAUSAL, PRECISION)
         m_i, l_i, acc = _softmax_step(m_i, l_i, acc, s, tl.load(V + kv_off), PRECISION)
-    # A non-empty row has l >= 1 (its max term is 2^0); an empty row has acc = 0.
-    tl.store(Out + q_off, (acc / tl.maximum(l_i, 1.0)[:, None]).to(Out.dtype.element_ty), mask=valid[:, None])
-    lse = tl.where(l_i > 0, (m_i + tl.log2(tl.maximum(l_i, 1.0))) / 1.4426950408889634, float("-inf"))
+    out, lse = _softmax_result(m_i, l_i, acc)
+    tl.store(Out + q_off, out.to(Out.dtype.element_ty), mask=valid[:, None])
     tl.store(Lse + row_off, lse, mask=valid)
 
 
