@@ -172,7 +172,12 @@ def main():
     pre, runs = metrics(out, "pretrain"), {r: metrics(out, r) for r in ("sparse", "dense")}
     first = n_pre + 1
     k = min(10, args.continue_steps)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                            text=True).stdout.strip()
     result = {
+        "command": "python " + " ".join(["benchmarks/short_to_long.py", *sys.argv[1:]]),
+        "commit": commit,
+        "load_avg_at_end": list(os.getloadavg()),
         "device": f"cpu ({platform.machine()}, {args.threads} thread(s) per process)",
         "torch": torch.__version__,
         "settings": {"pretrain_steps": n_pre, "continue_steps": args.continue_steps, "short_seq_len": args.short,
@@ -240,6 +245,9 @@ def write(r: dict, tag: str) -> None:
     lines = [
         f"# Short-to-long: dense at {s['short_seq_len']} -> InfLLM-V2 sparse at {s['long_seq_len']} "
         f"({r['device']}, torch {r['torch']})",
+        "",
+        f"Command: `{r['command']}` at commit {r['commit']}; 1-min load average at the end "
+        f"{r['load_avg_at_end'][0]:.1f}.",
         "",
         f"Tiny model (0.85M), synthetic passkey data, micro batch {s['micro_batch_size']}. "
         f"Stage 1: {s['pretrain_steps']} steps dense at {s['short_seq_len']} tokens "
