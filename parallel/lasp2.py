@@ -1,39 +1,55 @@
 """LASP-2: sequence parallelism for linear attention with one all-gather of states.
 
-The sequence is split contiguously over the P ranks of `group`; rank r holds
-chunk r of length C. With lambda the per-head decay (1 without decay) and
-0-based positions i, j inside the chunk:
+The sequence is cut into G chunks of length C over the P ranks of `group`:
+
+contiguous  G = P,  rank r holds chunk r;
+zigzag      G = 2P, rank r holds chunks r and 2P-1-r, in that order in its
+            local tensor (parallel.sharding.shard_sequence), the split ring
+            attention balances causal work with.
+
+Both are one code path: a rank holds m = G / P chunks (m = 1 or 2), and every
+formula below runs over GLOBAL chunk indices c, s in [0, G). With lambda the
+per-head decay (1 without decay) and 0-based positions i, j inside a chunk:
 
 forward
-    M_r      = sum_j lambda^(C-1-j) k_j v_j^T                  memory state [B, H, Dk, Dv]
-    all-gather M_0 .. M_{P-1}                                    (one collective)
-    prefix_r = sum_{s<r} lambda^(C (r-1-s)) M_s                 state entering chunk r
-    o        = lightning_attention(q, k, v, initial_state=prefix_r)   (intra + inter)
+    M_c      = sum_j lambda^(C-1-j) k_j v_j^T                  memory state of chunk c [B, H, Dk, Dv]
+    all-gather the m states of every rank: M_0 .. M_{G-1}       (one collective)
+    prefix_c = sum_{s<c} lambda^(C (c-1-s)) M_s                 state entering chunk c
+    o        = lightning_attention(q_c, k_c, v_c, initial_state=prefix_c)   per chunk (intra + inter)
 
 backward
-    dS_r     = sum_i lambda^(i+1) q_i do_i^T                    gradient of prefix_r
-    all-gather dS_0 .. dS_{P-1}                                  (one collective)
-    dM_r     = sum_{s>r} lambda^(C (s-r-1)) dS_s                gradient of M_r
-    dq, dk, dv = lightning backward with initial_state=prefix_r and
-                 final-state gradient dM_r (the final state's k, v terms are
-                 exactly M_r's, so this adds dk_j += lambda^(C-1-j) dM_r v_j
-                 and dv_j += lambda^(C-1-j) dM_r^T k_j)
-    dg_r       = lightning's decay gradient with the same prefix_r and dM_r
-                 (only when decay requires grad; no collective)
+    dS_c     = sum_i lambda^(i+1) q_i do_i^T                    gradient of prefix_c
+    all-gather dS_0 .. dS_{G-1}                                  (one collective)
+    dM_c     = sum_{s>c} lambda^(C (s-c-1)) dS_s                gradient of M_c
+    dq, dk, dv = lightning backward per chunk with initial_state=prefix_c and
+                 final-state gradient dM_c (the final state's k, v terms are
+                 exactly M_c's, so this adds dk_j += lambda^(C-1-j) dM_c v_j
+                 and dv_j += lambda^(C-1-j) dM_c^T k_j)
+    dg       = lightning's decay gradient with the same prefix_c and dM_c,
+               summed over this rank's chunks (only when decay requires grad;
+               no collective)
 
-Why dg_r needs nothing more: prefix_{r+1} = lambda^C prefix_r + M_r is exactly
-rank r's final state, so the ranks form one state chain and dM_r is the
-adjoint of the link out of rank r. The lightning decay gradient of rank r's
-chunk with (prefix_r fixed, dM_r on its final state) is rank r's share of
-d loss / d log(lambda), and the shares sum over the group to the gradient
-of the whole sequence. Each rank returns its share, like the shares of the
-q/k/v projection weights; the data-parallel gradient reduction (which spans
-dp x cp in ltrain) adds them.
+In zigzag the successors of rank r's chunk r include its own chunk 2P-1-r (and
+its predecessors include chunk r): the sums above are over global chunk
+indices, so a rank's own states enter its prefix / suffix like anyone else's.
+A rank's m chunks run as m batch rows of one lightning call (initial state per
+row), so the kernel is called once per pass in either mode.
 
-Communication per layer and step: one all-gather of P x B x H x Dk x Dv fp32
-elements in each direction, independent of the sequence length. States travel
-in fp32 whatever the input dtype. Every rank joins both collectives, rank 0
-(empty prefix) and rank P-1 (empty suffix) included.
+Why dg needs nothing more: prefix_{c+1} = lambda^C prefix_c + M_c is exactly
+chunk c's final state, so the G chunks form one state chain and dM_c is the
+adjoint of the link out of chunk c. The lightning decay gradient of chunk c
+with (prefix_c fixed, dM_c on its final state) is chunk c's share of
+d loss / d log(lambda), and the shares sum over the chunks to the gradient of
+the whole sequence. Each rank returns the sum of its chunks' shares, like the
+shares of the q/k/v projection weights; the data-parallel gradient reduction
+(which spans dp x cp in ltrain) adds them.
+
+Communication per layer and step: one all-gather of P x m x B x H x Dk x Dv
+fp32 elements in each direction (m = 1 contiguous, 2 zigzag: still one
+collective each way, since a rank sends its m states as one [m, B, H, Dk, Dv]
+buffer), independent of the sequence length. States travel in fp32 whatever
+the input dtype. Every rank joins both collectives, whether its prefix or
+suffix is empty (contiguous rank 0 and rank P-1) or not.
 """
 
 from __future__ import annotations
@@ -44,71 +60,126 @@ import torch.distributed as dist
 from ltrain.kernels.lightning import check_lightning_inputs, lightning_bwd, lightning_fwd
 
 from . import comm
+from .ring import chunk_ids
+from .sharding import MODES
 
 
-def _gather_states(state: torch.Tensor, group) -> torch.Tensor:
-    """state: [B, H, Dk, Dv] fp32 -> [P, B, H, Dk, Dv], one all-gather."""
+def check_mode(mode: str, n: int | None = None) -> int:
+    """Validate the split `mode` and (unless None) this rank's local length n;
+    return m, the number of chunks a rank holds (1 contiguous, 2 zigzag)."""
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r}: allowed {', '.join(MODES)}")
+    m = 2 if mode == "zigzag" else 1
+    if n is not None and m == 2 and (n % 2 or n == 0):
+        raise ValueError(f"mode='zigzag' needs this rank's local length to be 2 equal chunks (global chunks r "
+                         f"and 2P-1-r), got local length {n}")
+    return m
+
+
+def _fold(x, m):
+    """[B, H, m*C, D] (this rank's m chunks, local order) -> [m*B, H, C, D], chunk-major
+    batch rows. A view when m = 1."""
+    B, H, N, D = x.shape
+    return x.unflatten(2, (m, N // m)).permute(2, 0, 1, 3, 4).reshape(m * B, H, N // m, D)
+
+
+def _unfold(x, m):
+    """Inverse of _fold: [m*B, H, C, D] -> [B, H, m*C, D]."""
+    mB, H, C, D = x.shape
+    return x.view(m, mB // m, H, C, D).permute(1, 2, 0, 3, 4).reshape(mB // m, H, m * C, D)
+
+
+def _gather_states(states: torch.Tensor, m: int, group) -> torch.Tensor:
+    """states: [m*B, H, Dk, Dv] fp32, this rank's m chunk states (chunk-major)
+    -> [P*m, B, H, Dk, Dv], rank-major (slot s*m + a: rank s's a-th chunk); one all-gather."""
     P = dist.get_world_size(group)
-    out = state.new_empty(P * state.shape[0], *state.shape[1:])
-    comm.all_gather_into_tensor(out, state.contiguous(), group=group)
-    return out.view(P, *state.shape)
+    out = states.new_empty(P * states.shape[0], *states.shape[1:])
+    comm.all_gather_into_tensor(out, states.contiguous(), group=group)
+    return out.view(P * m, states.shape[0] // m, *states.shape[1:])
 
 
 def _decay_powers(log_decay, H, exponents):
-    """[H, len(exponents)] lambda_h^e; a negative exponent marks an absent term and gives 0."""
+    """[H, *exponents.shape] lambda_h^e; a negative exponent marks an absent term and gives 0."""
     g = torch.zeros(H, device=exponents.device) if log_decay is None else log_decay
-    return torch.where(exponents >= 0, torch.exp(g.view(H, 1) * exponents.clamp(min=0)), 0.0)
+    g = g.view(H, *([1] * exponents.dim()))
+    return torch.where(exponents >= 0, torch.exp(g * exponents.clamp(min=0)), 0.0)
+
+
+def _chunk_geometry(group, mode, device):
+    """(this rank's global chunk ids [m], global chunk id of each gathered slot [P*m]) as fp32."""
+    P, rank = dist.get_world_size(group), dist.get_rank(group)
+    mine = torch.tensor(chunk_ids(rank, P, mode), device=device, dtype=torch.float32)
+    slots = torch.tensor([c for s in range(P) for c in chunk_ids(s, P, mode)], device=device,
+                         dtype=torch.float32)
+    return mine, slots
+
+
+def _combine(log_decay, H, C, exponents, states):
+    """sum_s lambda^(C e[a, s]) states[s] for each local chunk a (terms with e < 0 absent)
+    -> [m*B, H, Dk, Dv]."""
+    out = torch.einsum("has,sbhde->abhde", _decay_powers(log_decay, H, C * exponents), states)
+    return out.flatten(0, 1)
 
 
 class _LASP2(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, log_decay, group, chunk_size, impl):
-        _, H, C, _ = q.shape
-        P, rank = dist.get_world_size(group), dist.get_rank(group)
+    def forward(ctx, q, k, v, log_decay, group, chunk_size, impl, mode):
+        m = check_mode(mode, q.shape[2])
+        qf, kf, vf = (_fold(t, m) for t in (q, k, v))
+        _, H, C, _ = qf.shape
         pos = torch.arange(C, device=q.device, dtype=torch.float32)
         k_w = _decay_powers(log_decay, H, C - 1 - pos).unsqueeze(-1)
-        memory = torch.einsum("bhcd,bhce->bhde", k.float() * k_w, v.float())
-        states = _gather_states(memory, group)
-        s = torch.arange(P, device=q.device, dtype=torch.float32)
-        prefix = torch.einsum("hs,sbhde->bhde", _decay_powers(log_decay, H, C * (rank - 1 - s)), states)
-        o, _ = lightning_fwd(q, k, v, log_decay, prefix, chunk_size, impl)
+        memory = torch.einsum("bhcd,bhce->bhde", kf.float() * k_w, vf.float())
+        states = _gather_states(memory, m, group)
+        mine, slots = _chunk_geometry(group, mode, q.device)
+        prefix = _combine(log_decay, H, C, mine.view(-1, 1) - 1 - slots.view(1, -1), states)
+        o, _ = lightning_fwd(qf, kf, vf, log_decay, prefix, chunk_size, impl)
         ctx.save_for_backward(q, k, v, log_decay, prefix)
-        ctx.group, ctx.chunk_size, ctx.impl = group, chunk_size, impl
-        return o
+        ctx.group, ctx.chunk_size, ctx.impl, ctx.mode, ctx.m = group, chunk_size, impl, mode, m
+        return _unfold(o, m)
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, log_decay, prefix = ctx.saved_tensors
-        _, H, C, _ = q.shape
-        P, rank = dist.get_world_size(ctx.group), dist.get_rank(ctx.group)
+        m = ctx.m
+        qf, kf, vf, dof = (_fold(t, m) for t in (q, k, v, do))
+        _, H, C, _ = qf.shape
         pos = torch.arange(C, device=q.device, dtype=torch.float32)
         q_w = _decay_powers(log_decay, H, pos + 1).unsqueeze(-1)
-        d_prefix = torch.einsum("bhcd,bhce->bhde", q.float() * q_w, do.float())
-        d_states = _gather_states(d_prefix, ctx.group)
-        s = torch.arange(P, device=q.device, dtype=torch.float32)
-        d_memory = torch.einsum("hs,sbhde->bhde", _decay_powers(log_decay, H, C * (s - rank - 1)), d_states)
-        dq, dk, dv, _, d_log_decay = lightning_bwd(q, k, v, log_decay, prefix, do, d_memory, ctx.chunk_size,
+        d_prefix = torch.einsum("bhcd,bhce->bhde", qf.float() * q_w, dof.float())
+        d_states = _gather_states(d_prefix, m, ctx.group)
+        mine, slots = _chunk_geometry(ctx.group, ctx.mode, q.device)
+        d_memory = _combine(log_decay, H, C, slots.view(1, -1) - mine.view(-1, 1) - 1, d_states)
+        dq, dk, dv, _, d_log_decay = lightning_bwd(qf, kf, vf, log_decay, prefix, dof, d_memory, ctx.chunk_size,
                                                    ctx.impl, decay_grad=ctx.needs_input_grad[3])
-        return dq, dk, dv, d_log_decay, None, None, None
+        dq, dk, dv = (_unfold(t, m) for t in (dq, dk, dv))
+        return dq, dk, dv, d_log_decay, None, None, None, None
 
 
 def lasp2_linear_attention(q, k, v, decay=None, group=None, *, chunk_size=64, impl="auto",
-                           check_shards=False):
-    """Causal linear attention over a sequence split contiguously across `group`.
+                           check_shards=False, mode="contiguous"):
+    """Causal linear attention over a sequence split across `group`.
 
-    q, k: [B, H, C, Dk]; v: [B, H, C, Dv] -- this rank's chunk (rank r holds
-    global positions [r C, (r+1) C)); decay: [H] in (0, 1] or None, the same
-    on every rank. Returns o: [B, H, C, Dv], equal to this rank's slice of
-    lightning_attention on the full sequence. Gradients flow to q, k, v, and to
-    decay when it requires grad: decay.grad is this rank's share, and its sum
-    over the group is the full-sequence gradient (as for any weight shared by
-    the ranks of a sequence-parallel group).
+    q, k: [B, H, n, Dk]; v: [B, H, n, Dv] -- this rank's shard of the sequence:
+    mode="contiguous": rank r holds global positions [r n, (r+1) n);
+    mode="zigzag": the sequence is 2P chunks of C = n/2 and rank r holds chunk r
+    then chunk 2P-1-r (parallel.sharding.shard_sequence's layout).
+    decay: [H] in (0, 1] or None, the same on every rank. Returns o: [B, H, n, Dv],
+    equal to this rank's shard (same layout) of lightning_attention on the full
+    sequence. Gradients flow to q, k, v, and to decay when it requires grad:
+    decay.grad is this rank's share, and its sum over the group is the
+    full-sequence gradient (as for any weight shared by the ranks of a
+    sequence-parallel group).
     check_shards: also verify (one extra small all-gather) that every rank
-    holds a chunk of the same shape; off on the hot path because the config
+    holds a shard of the same shape; off on the hot path because the config
     layer already checks that the sequence divides across cp ranks.
+    Raises ValueError for a mode not in parallel.sharding.MODES, or (zigzag) a
+    local length that is not 2 equal chunks.
     """
+    check_mode(mode)
     log_decay = check_lightning_inputs(q, k, v, decay, chunk_size=chunk_size)
+    check_mode(mode, q.shape[2])
     group = group if group is not None else dist.group.WORLD
     if check_shards:
         comm.check_same_shape(group, q=q, k=k, v=v)
-    return _LASP2.apply(q, k, v, log_decay, group, chunk_size, impl)
+    return _LASP2.apply(q, k, v, log_decay, group, chunk_size, impl, mode)

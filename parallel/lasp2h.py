@@ -1,12 +1,16 @@
 """LASP-2H: the softmax-attention layers of a hybrid model under LASP-2.
 
-The sequence is split contiguously over the P ranks of `group`. Forward: one
-all-gather of K and V (packed into one buffer), then causal softmax attention
-of this rank's queries against all gathered keys, masked by global position
-(key position p_k is visible to query position p_q iff p_k <= p_q). Backward:
-recompute the attention (no P x N score matrix is kept between passes), then
-one reduce-scatter returns to each rank the sum over ranks of dK and dV of its
-own keys. dK/dV are reduced in fp32.
+The sequence is split over the P ranks of `group`, contiguously (rank r holds
+chunk r of P) or zigzag (2P chunks, rank r holds chunks r and 2P-1-r, in that
+order; parallel.sharding.shard_sequence), the split the model's other layers
+use. Forward: one all-gather of K and V (packed into one buffer), put in
+sequence order (a permutation of whole chunks; the identity for contiguous),
+then causal softmax attention of each of this rank's query chunks against the
+gathered keys, masked by global position (key position p_k is visible to query
+position p_q iff p_k <= p_q); a query chunk only reads the keys up to its own
+last position. Backward: recompute the attention (no P x N score matrix is
+kept between passes), then one reduce-scatter returns to each rank the sum
+over ranks of dK and dV of its own keys. dK/dV are reduced in fp32.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from . import comm
+from .lasp2 import check_mode
+from .ring import chunk_ids
 
 
 def _attend(q, k, v, q_start, sm_scale):
@@ -30,45 +36,65 @@ def _attend(q, k, v, q_start, sm_scale):
                                           enable_gqa=q.shape[1] != k.shape[1])
 
 
+def _attend_chunks(q, k_all, v_all, q_starts, sm_scale):
+    """This rank's query chunks (len(q_starts) equal pieces of q, at global q_starts)
+    against the gathered keys in sequence order; each chunk reads keys [0, its end)."""
+    c = q.shape[2] // len(q_starts)
+    outs = []
+    for a, q0 in enumerate(q_starts):
+        end = q0 + c
+        outs.append(_attend(q[:, :, a * c:(a + 1) * c], k_all[:, :, :end], v_all[:, :, :end], q0, sm_scale))
+    return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
+
+
 class _LASP2H(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, group, q_start, sm_scale):
-        k_all, v_all = all_gather_kv(k, v, group)
+    def forward(ctx, q, k, v, group, q_starts, sm_scale, mode):
+        k_all, v_all = all_gather_kv(k, v, group, mode)
         # Keys past the last query position can never be attended: drop them.
-        n_keys = min(q_start + q.shape[2], k_all.shape[2])
+        n_keys = min(max(q_starts) + q.shape[2] // len(q_starts), k_all.shape[2])
         k_all, v_all = k_all[:, :, :n_keys], v_all[:, :, :n_keys]
         ctx.save_for_backward(q, k_all, v_all)
-        ctx.group, ctx.q_start, ctx.sm_scale, ctx.kv_shapes = group, q_start, sm_scale, (k.shape, v.shape)
-        return _attend(q, k_all, v_all, q_start, sm_scale)
+        ctx.group, ctx.q_starts, ctx.sm_scale, ctx.mode = group, q_starts, sm_scale, mode
+        ctx.kv_shapes = (k.shape, v.shape)
+        return _attend_chunks(q, k_all, v_all, q_starts, sm_scale)
 
     @staticmethod
     def backward(ctx, do):
         q, k_all, v_all = ctx.saved_tensors
         with torch.enable_grad():
             q_, k_, v_ = (t.detach().requires_grad_() for t in (q, k_all, v_all))
-            o = _attend(q_, k_, v_, ctx.q_start, ctx.sm_scale)
+            o = _attend_chunks(q_, k_, v_, ctx.q_starts, ctx.sm_scale)
             dq, dk_all, dv_all = torch.autograd.grad(o, (q_, k_, v_), do)
-        dk, dv = reduce_scatter_kv(dk_all, dv_all, *ctx.kv_shapes, ctx.group)
-        return dq, dk, dv, None, None, None
+        dk, dv = reduce_scatter_kv(dk_all, dv_all, *ctx.kv_shapes, ctx.group, ctx.mode)
+        return dq, dk, dv, None, None, None, None
 
 
-def all_gather_kv(k, v, group):
-    """One all-gather of this rank's k, v [B, H, C, D] (packed into one buffer)
-    -> k_all, v_all [B, H, P*C, D], rank-major: rank s's keys at [s C, (s+1) C)."""
+def _slots(P, mode):
+    """Global chunk held at each rank-major slot of a gather (rank s's chunks in its local order)."""
+    return [c for s in range(P) for c in chunk_ids(s, P, mode)]
+
+
+def all_gather_kv(k, v, group, mode="contiguous"):
+    """One all-gather of this rank's k, v [B, H, n, D] (packed into one buffer)
+    -> k_all, v_all [B, H, P*n, D] in sequence order (global position p at index
+    p) for the split `mode`; for contiguous this is rank-major, rank s's keys at
+    [s n, (s+1) n)."""
     P = dist.get_world_size(group)
     packed = torch.cat([k.reshape(-1), v.reshape(-1)])
     gathered = packed.new_empty(P * packed.numel())
     comm.all_gather_into_tensor(gathered, packed, group=group)
     gathered = gathered.view(P, -1)
-    return _unshard(gathered[:, : k.numel()], k.shape), _unshard(gathered[:, k.numel():], v.shape)
+    return (_unshard(gathered[:, : k.numel()], k.shape, mode),
+            _unshard(gathered[:, k.numel():], v.shape, mode))
 
 
-def reduce_scatter_kv(dk_all, dv_all, k_shape, v_shape, group):
-    """Adjoint of all_gather_kv: gradients over the first Nk <= P*C gathered keys
-    [B, H, Nk, D] -> this rank's dk, dv (k_shape, v_shape), summed over ranks in fp32
-    by one reduce-scatter."""
+def reduce_scatter_kv(dk_all, dv_all, k_shape, v_shape, group, mode="contiguous"):
+    """Adjoint of all_gather_kv: gradients over the first Nk <= P*n keys in
+    sequence order [B, H, Nk, D] -> this rank's dk, dv (k_shape, v_shape), summed
+    over ranks in fp32 by one reduce-scatter."""
     P = dist.get_world_size(group)
-    packed = torch.cat([_shard(dk_all, k_shape, P), _shard(dv_all, v_shape, P)], dim=1)
+    packed = torch.cat([_shard(dk_all, k_shape, P, mode), _shard(dv_all, v_shape, P, mode)], dim=1)
     mine = packed.new_empty(packed.shape[1])
     comm.reduce_scatter_tensor(mine, packed.reshape(-1), group=group)
     dk = mine[: math.prod(k_shape)].view(k_shape).to(dk_all.dtype)
@@ -77,46 +103,62 @@ def reduce_scatter_kv(dk_all, dv_all, k_shape, v_shape, group):
 
 
 class GatherKV(torch.autograd.Function):
-    """(k, v, group) -> all_gather_kv(k, v, group), differentiable: the backward
-    is reduce_scatter_kv. For callers that attend with their own kernel."""
+    """(k, v, group[, mode]) -> all_gather_kv(k, v, group, mode), differentiable:
+    the backward is reduce_scatter_kv. For callers that attend with their own kernel."""
 
     @staticmethod
-    def forward(ctx, k, v, group):
-        ctx.group, ctx.shapes = group, (k.shape, v.shape)
-        return all_gather_kv(k, v, group)
+    def forward(ctx, k, v, group, mode="contiguous"):
+        ctx.group, ctx.shapes, ctx.mode = group, (k.shape, v.shape), mode
+        return all_gather_kv(k, v, group, mode)
 
     @staticmethod
     def backward(ctx, dk_all, dv_all):
-        dk, dv = reduce_scatter_kv(dk_all, dv_all, *ctx.shapes, ctx.group)
-        return dk, dv, None
+        dk, dv = reduce_scatter_kv(dk_all, dv_all, *ctx.shapes, ctx.group, ctx.mode)
+        return dk, dv, None, None
 
 
-def _unshard(flat, shape):
-    """[P, B*H*C*D] rank-major chunks -> [B, H, P*C, D] in sequence order."""
+def _unshard(flat, shape, mode):
+    """[P, B*H*n*D] rank-major shards -> [B, H, P*n, D] in sequence order (one copy)."""
     P = flat.shape[0]
-    B, H, C, D = shape
-    return flat.view(P, B, H, C, D).permute(1, 2, 0, 3, 4).reshape(B, H, P * C, D)
+    B, H, n, D = shape
+    slots = _slots(P, mode)
+    m = len(slots) // P
+    x = flat.view(P, B, H, m, n // m, D).permute(1, 2, 0, 3, 4, 5)  # [B, H, P, m, c, D]
+    if mode == "contiguous":
+        return x.reshape(B, H, P * n, D)
+    order = sorted(range(len(slots)), key=slots.__getitem__)  # rank-major slot of each global chunk
+    src = torch.tensor(order, device=flat.device)
+    return x[:, :, src // m, src % m].reshape(B, H, P * n, D)
 
 
-def _shard(x, shape, P):
-    """[B, H, Nk, D] gradient over the first Nk <= P*C keys -> [P, B*H*C*D] fp32, zero-padded."""
-    B, H, C, D = shape
-    x = F.pad(x.float(), (0, 0, 0, P * C - x.shape[2]))
-    return x.view(B, H, P, C, D).permute(2, 0, 1, 3, 4).reshape(P, -1)
+def _shard(x, shape, P, mode):
+    """[B, H, Nk, D] gradient over the first Nk <= P*n keys in sequence order
+    -> [P, B*H*n*D] fp32 rank-major shards, zero-padded."""
+    B, H, n, D = shape
+    x = F.pad(x.float(), (0, 0, 0, P * n - x.shape[2]))
+    if mode != "contiguous":
+        slots = _slots(P, mode)
+        x = x.view(B, H, len(slots), -1, D)[:, :, torch.tensor(slots, device=x.device)]
+    return x.reshape(B, H, P, n, D).permute(2, 0, 1, 3, 4).reshape(P, -1)
 
 
-def lasp2h_attention(q, k, v, *, group=None, q_start=None, sm_scale=None, check_shards=False):
-    """Causal softmax attention over a sequence split contiguously across `group`.
+def lasp2h_attention(q, k, v, *, group=None, q_start=None, sm_scale=None, check_shards=False,
+                     mode="contiguous"):
+    """Causal softmax attention over a sequence split across `group`.
 
-    q: [B, Hq, C, D]; k, v: [B, Hkv, C, D] -- this rank's chunk, Hq a multiple
-    of Hkv (GQA). Keys of rank s sit at global positions [s C, (s+1) C).
-    q_start: global position of this rank's first query (default rank * C).
+    q: [B, Hq, n, D]; k, v: [B, Hkv, n, D] -- this rank's shard, Hq a multiple
+    of Hkv (GQA). mode="contiguous": rank s's tokens sit at global positions
+    [s n, (s+1) n); q_start: global position of this rank's first query
+    (default rank * n). mode="zigzag": the sequence is 2P chunks of c = n/2 and
+    rank s holds chunk s then chunk 2P-1-s (each local query chunk at its own
+    global start); q_start must be None.
     sm_scale: softmax scale (default 1/sqrt(D)). check_shards: verify with one
     extra small all-gather that every rank's q, k, v have the same shape.
-    Returns o: [B, Hq, C, D], o_i = softmax(q_i K^T sm_scale, keys at
-    positions <= q_start + i) V.
+    Returns o: [B, Hq, n, D], o_i = softmax(q_i K^T sm_scale, keys at
+    global positions <= that of query i) V.
     """
     group = group if group is not None else dist.group.WORLD
+    check_mode(mode)
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError("q, k, v must be [B, H, C, D]")
     if k.shape != v.shape:
@@ -126,11 +168,19 @@ def lasp2h_attention(q, k, v, *, group=None, q_start=None, sm_scale=None, check_
         raise ValueError(f"k must be [B, Hkv, C, D] = [{B}, Hkv, {C}, {D}], got {tuple(k.shape)}")
     if Hq % k.shape[1]:
         raise ValueError(f"q's heads ({Hq}) must be a multiple of k's heads ({k.shape[1]})")
+    check_mode(mode, C)
+    if mode == "zigzag" and q_start is not None:
+        raise ValueError(f"q_start applies to mode='contiguous' only (zigzag positions follow from the rank), "
+                         f"got q_start={q_start}")
     if check_shards:
         comm.check_same_shape(group, q=q, k=k, v=v)
-    if q_start is None:
-        q_start = dist.get_rank(group) * C
-    if not 0 <= q_start <= (dist.get_world_size(group) - 1) * C:
-        raise ValueError(f"q_start must lie in [0, (P-1) C] = [0, {(dist.get_world_size(group) - 1) * C}], "
-                         f"got {q_start}")
-    return _LASP2H.apply(q, k, v, group, q_start, sm_scale)
+    P, rank = dist.get_world_size(group), dist.get_rank(group)
+    if mode == "zigzag":
+        q_starts = tuple(ci * (C // 2) for ci in chunk_ids(rank, P, mode))
+    else:
+        if q_start is None:
+            q_start = rank * C
+        if not 0 <= q_start <= (P - 1) * C:
+            raise ValueError(f"q_start must lie in [0, (P-1) C] = [0, {(P - 1) * C}], got {q_start}")
+        q_starts = (q_start,)
+    return _LASP2H.apply(q, k, v, group, q_starts, sm_scale, mode)

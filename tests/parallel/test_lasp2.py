@@ -4,8 +4,10 @@ import pytest
 import torch
 
 from ltrain.kernels import lightning_attention
-from ltrain.parallel import CommMeter, lasp2_linear_attention
+from ltrain.parallel import CommMeter, lasp2_linear_attention, shard_sequence
 from tests.multiproc import run_ranks
+
+MODES = ("contiguous", "zigzag")
 
 B, H, DK, DV, CHUNK = 2, 3, 8, 4, 16
 
@@ -21,46 +23,52 @@ def _full_inputs(N, seed):
     return q, k, v, do
 
 
-def _lasp2_vs_single_process(rank, world_size, C):
-    """Errors of this rank's output and q/k/v grads, and the meter readings per pass."""
+def _lasp2_vs_single_process(rank, world_size, n):
+    """Per mode and decay case: errors of this rank's output and q/k/v grads (n
+    tokens per rank, split as the mode says), and the meter readings per pass."""
     report = {}
-    decay = torch.tensor([1.0, 0.97, 0.8])
-    for name, decay in [("no_decay", None), ("decay", decay), ("learned_decay", decay.clone().requires_grad_())]:
-        q, k, v, do = _full_inputs(world_size * C, seed=1)
-        full = [t.clone().requires_grad_() for t in (q, k, v)]
-        decay_full = None if decay is None else decay.detach().clone().requires_grad_(decay.requires_grad)
-        o_full = lightning_attention(*full, decay=decay_full, chunk_size=CHUNK)
-        o_full.backward(do)
+    base = torch.tensor([1.0, 0.97, 0.8])
+    for mode in MODES:
+        for name, decay in [("no_decay", None), ("decay", base), ("learned_decay", base.clone().requires_grad_())]:
+            q, k, v, do = _full_inputs(world_size * n, seed=1)
+            full = [t.clone().requires_grad_() for t in (q, k, v)]
+            decay_full = None if decay is None else decay.detach().clone().requires_grad_(decay.requires_grad)
+            o_full = lightning_attention(*full, decay=decay_full, chunk_size=CHUNK)
+            o_full.backward(do)
 
-        mine = slice(rank * C, (rank + 1) * C)
-        local = [t[:, :, mine].clone().requires_grad_() for t in (q, k, v)]
-        with CommMeter() as fwd_meter:
-            o = lasp2_linear_attention(*local, decay, chunk_size=CHUNK)
-        with CommMeter() as bwd_meter:
-            o.backward(do[:, :, mine])
-        report[name] = {
-            "o": rel_err(o, o_full[:, :, mine]),
-            **{f"d{n}": rel_err(a.grad, b.grad[:, :, mine]) for n, a, b in zip("qkv", local, full)},
-            "fwd": fwd_meter.snapshot(),
-            "bwd": bwd_meter.snapshot(),
-        }
-        if decay is not None and decay.requires_grad:
-            report[name]["d_decay_share"], report[name]["d_decay_full"] = decay.grad, decay_full.grad
+            def mine(t):
+                return shard_sequence(t, rank, world_size, mode=mode, dim=2)
+
+            local = [mine(t).clone().requires_grad_() for t in (q, k, v)]
+            with CommMeter() as fwd_meter:
+                o = lasp2_linear_attention(*local, decay, chunk_size=CHUNK, mode=mode)
+            with CommMeter() as bwd_meter:
+                o.backward(mine(do))
+            case = report[mode, name] = {
+                "o": rel_err(o, mine(o_full)),
+                **{f"d{n}": rel_err(a.grad, mine(b.grad)) for n, a, b in zip("qkv", local, full)},
+                "fwd": fwd_meter.snapshot(),
+                "bwd": bwd_meter.snapshot(),
+            }
+            if decay is not None and decay.requires_grad:
+                case["d_decay_share"], case["d_decay_full"] = decay.grad, decay_full.grad
     return report
 
 
 def _check_decay_grad(reports):
     """Each rank returns its share of d decay; the shares sum to the full-sequence gradient."""
-    shares = [r["learned_decay"]["d_decay_share"] for r in reports]
-    full = reports[0]["learned_decay"]["d_decay_full"]
-    assert all(s.abs().min() > 0 for s in shares)  # every rank contributes to every head
-    assert rel_err(sum(shares), full) < 2e-5
+    for mode in MODES:
+        shares = [r[mode, "learned_decay"]["d_decay_share"] for r in reports]
+        full = reports[0][mode, "learned_decay"]["d_decay_full"]
+        assert all(s.abs().min() > 0 for s in shares)  # every rank contributes to every head
+        assert rel_err(sum(shares), full) < 2e-5, mode
 
 
 def _check_report(report, world_size):
-    for case in report.values():
+    for (mode, _), case in report.items():
         assert max(case[n] for n in ("o", "dq", "dk", "dv")) < 2e-5, case
-        state_bytes = world_size * B * H * DK * DV * 4
+        # zigzag: 2 chunk states per rank, still one collective each way
+        state_bytes = world_size * (2 if mode == "zigzag" else 1) * B * H * DK * DV * 4
         for meter in (case["fwd"], case["bwd"]):
             assert meter["all_gather"] == {"calls": 1, "bytes": state_bytes}
             assert sum(m["calls"] for m in meter.values()) == 1
@@ -83,7 +91,7 @@ def _two_rank_suite(rank, world_size):
 
 
 def test_lasp2_two_ranks_and_bad_inputs():
-    # C = 24 is not a multiple of the kernel chunk: rank and kernel chunking differ.
+    # n = 24 (zigzag: chunks of 12) is not a multiple of the kernel chunk: rank and kernel chunking differ.
     results = run_ranks(_two_rank_suite, 2)
     for report, (decay_msg, shard_msg) in results:
         _check_report(report, 2)
@@ -98,3 +106,12 @@ def test_lasp2_four_ranks():
     for report in reports:
         _check_report(report, 4)
     _check_decay_grad(reports)
+
+
+def test_lasp2_mode_errors():
+    # Raised before any collective: no process group needed.
+    q, k, v, _ = _full_inputs(12, seed=0)
+    with pytest.raises(ValueError, match=r"mode='stripe': allowed zigzag, contiguous"):
+        lasp2_linear_attention(q, k, v, mode="stripe")
+    with pytest.raises(ValueError, match=r"mode='zigzag' needs this rank's local length to be 2 equal chunks"):
+        lasp2_linear_attention(q[:, :, :7], k[:, :, :7], v[:, :, :7], mode="zigzag")

@@ -4,10 +4,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ltrain.parallel import CommMeter, lasp2h_attention
+from ltrain.parallel import CommMeter, lasp2h_attention, shard_sequence
 from tests.multiproc import run_ranks
 
 B, D = 2, 8
+MODES = ("contiguous", "zigzag")
 
 
 def rel_err(a, b):
@@ -15,6 +16,8 @@ def rel_err(a, b):
 
 
 def _lasp2h_vs_single_process(rank, world_size, C, Hq, Hkv):
+    """Per mode: errors of this rank's output and q/k/v grads (C tokens per rank),
+    and the meter readings per pass; then the bad-input messages."""
     g = torch.Generator().manual_seed(3)
     N = world_size * C
     q, do = (torch.randn(B, Hq, N, D, generator=g) for _ in range(2))
@@ -23,35 +26,42 @@ def _lasp2h_vs_single_process(rank, world_size, C, Hq, Hkv):
     o_full = F.scaled_dot_product_attention(*full, is_causal=True, scale=0.3, enable_gqa=Hq != Hkv)
     o_full.backward(do)
 
-    mine = slice(rank * C, (rank + 1) * C)
-    local = [t[:, :, mine].clone().requires_grad_() for t in (q, k, v)]
-    with CommMeter() as fwd_meter:
-        o = lasp2h_attention(*local, group=None, sm_scale=0.3)
-    with CommMeter() as bwd_meter:
-        o.backward(do[:, :, mine])
-    errors = {"o": rel_err(o, o_full[:, :, mine])}
-    errors.update({f"d{n}": rel_err(a.grad, b.grad[:, :, mine]) for n, a, b in zip("qkv", local, full)})
+    results = {}
+    for mode in MODES:
+        def mine(t):
+            return shard_sequence(t, rank, world_size, mode=mode, dim=2)
+
+        local = [mine(t).clone().requires_grad_() for t in (q, k, v)]
+        with CommMeter() as fwd_meter:
+            o = lasp2h_attention(*local, group=None, sm_scale=0.3, mode=mode)
+        with CommMeter() as bwd_meter:
+            o.backward(mine(do))
+        errors = {"o": rel_err(o, mine(o_full))}
+        errors.update({f"d{n}": rel_err(a.grad, mine(b.grad)) for n, a, b in zip("qkv", local, full)})
+        results[mode] = errors, fwd_meter.snapshot(), bwd_meter.snapshot()
     bad = []
     for kwargs in [dict(q_start=-1), dict(check_shards=True)]:
         try:
             lasp2h_attention(*(t[:, :, : C - rank] for t in local), group=None, **kwargs)
         except ValueError as exc:
             bad.append(str(exc))
-    return errors, fwd_meter.snapshot(), bwd_meter.snapshot(), bad
+    return results, bad
 
 
 def _check(world_size, C, Hq, Hkv):
     kv_elems = 2 * world_size * B * Hkv * C * D
-    for errors, fwd, bwd, bad in run_ranks(_lasp2h_vs_single_process, world_size, C, Hq, Hkv):
-        assert max(errors.values()) < 1e-5, errors
-        assert fwd["all_gather"] == {"calls": 1, "bytes": kv_elems * 4}
-        assert bwd["reduce_scatter"] == {"calls": 1, "bytes": kv_elems * 4}
-        assert sum(m["calls"] for m in fwd.values()) == sum(m["calls"] for m in bwd.values()) == 1
+    for results, bad in run_ranks(_lasp2h_vs_single_process, world_size, C, Hq, Hkv):
+        for mode, (errors, fwd, bwd) in results.items():
+            assert max(errors.values()) < 1e-5, (mode, errors)
+            assert fwd["all_gather"] == {"calls": 1, "bytes": kv_elems * 4}
+            assert bwd["reduce_scatter"] == {"calls": 1, "bytes": kv_elems * 4}
+            assert sum(m["calls"] for m in fwd.values()) == sum(m["calls"] for m in bwd.values()) == 1
         assert bad[0].startswith("q_start must lie in")
         assert bad[1].startswith("q must have the same shape on every rank")
 
 
 def test_lasp2h_two_ranks_gqa():
+    # C = 12: zigzag chunks of 6 tokens.
     _check(2, 12, Hq=4, Hkv=2)
 
 
@@ -67,3 +77,14 @@ def test_lasp2h_local_shape_errors():
         lasp2h_attention(q, torch.zeros(1, 2, 4, 8), torch.zeros(1, 2, 4, 8), group=None)
     with pytest.raises(ValueError, match="v must"):
         lasp2h_attention(q, torch.zeros(1, 3, 4, 8), torch.zeros(1, 3, 5, 8), group=None)
+
+
+def test_lasp2h_mode_errors():
+    # Raised before any collective: no process group needed.
+    q = torch.zeros(1, 2, 6, 8)
+    with pytest.raises(ValueError, match=r"mode='stripe': allowed zigzag, contiguous"):
+        lasp2h_attention(q, q, q, group=None, mode="stripe")
+    with pytest.raises(ValueError, match=r"mode='zigzag' needs this rank's local length to be 2 equal chunks"):
+        lasp2h_attention(q[:, :, :5], q[:, :, :5], q[:, :, :5], group=None, mode="zigzag")
+    with pytest.raises(ValueError, match="q_start applies to mode='contiguous' only"):
+        lasp2h_attention(q, q, q, group=None, q_start=0, mode="zigzag")
