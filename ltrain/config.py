@@ -331,26 +331,18 @@ def _warn_s2_coverage(cfg: TrainConfig) -> None:
 
 
 def _validate_cp(cfg: TrainConfig, kinds: set[str]) -> None:
-    """Context parallelism: linear layers (LASP-2) need a contiguous split, so a
-    model with any splits contiguously (its softmax layers use LASP-2H); others
-    split zigzag into 2 x cp chunks of whole attention blocks (ring / Ulysses)."""
+    """Context parallelism: every model splits zigzag into 2 x cp chunks (one split
+    for every layer: ring / Ulysses for softmax kinds, LASP-2 for linear layers,
+    LASP-2H for the dense layers of hybrid models); the chunks hold whole
+    attention blocks of every softmax kind the pattern has."""
     p, n, m = cfg.parallel, cfg.data.seq_len, cfg.model
-    if "linear" in kinds:
-        if "s2" in kinds:
-            _fail("attention.pattern", cfg.attention.pattern,
-                  "under parallel.cp > 1, s2 layers (ring / Ulysses, zigzag split) cannot be mixed with "
-                  "linear layers (LASP-2, contiguous split)")
-        chunk = p.cp * (cfg.attention.infllm_v2.block_size if "infllm_v2" in kinds else 1)
-        if n % chunk:
-            _fail("data.seq_len", n, f"must be divisible by parallel.cp={p.cp}"
-                  + (f" x attention.infllm_v2.block_size = {chunk}" if chunk != p.cp else ""))
-        return
     block = max([16] + [cfg.attention.s2.block_size for k in kinds if k == "s2"]
                 + [cfg.attention.infllm_v2.block_size for k in kinds if k == "infllm_v2"])
     if n % (2 * p.cp * block):
         _fail("data.seq_len", n, f"must be divisible by 2 x parallel.cp x block_size = 2 x {p.cp} x {block} "
               f"= {2 * p.cp * block} (zigzag split into whole attention blocks)")
-    if p.cp_impl == "ulysses":
+    ulysses_kinds = kinds & {"s2", "infllm_v2"} | (kinds & {"dense"} if "linear" not in kinds else set())
+    if p.cp_impl == "ulysses" and ulysses_kinds:  # hybrid dense layers use LASP-2H, linear ones LASP-2
         if m.n_heads % p.cp:
             _fail("parallel.cp", p.cp, f"Ulysses needs model.n_heads={m.n_heads} divisible by parallel.cp")
         if m.n_kv_heads % p.cp and p.cp % m.n_kv_heads:

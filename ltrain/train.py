@@ -83,6 +83,20 @@ def attention_stats(stats: dict) -> dict:
     return {k: v.item() if isinstance(v, torch.Tensor) else v for k, v in stats.items()}
 
 
+def run_summary(kinds: list[str], stats: dict, losses: list[float], tokens: int, seconds: float,
+                run_dir: str) -> str:
+    """The lines rank 0 prints at the end: per layer its kind, mode and attended
+    fraction (last step), the loss from first to last step, throughput, the run dir."""
+    lines = [f"done: {len(losses)} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}, "
+             f"{tokens / max(seconds, 1e-9):,.0f} tokens/s over the run" if losses else "done: no steps run"]
+    for i, kind in enumerate(kinds):
+        mode, frac = stats.get(f"attn/layer{i}/mode"), stats.get(f"attn/layer{i}/block_fraction")
+        lines.append(f"  layer {i}: {kind}" + (f" ({mode})" if mode else "")
+                     + (f", attended fraction {frac:.3f}" if frac is not None else ""))
+    lines.append(f"  run dir: {run_dir}")
+    return "\n".join(lines)
+
+
 def train(cfg: TrainConfig, run_dir: str) -> list[float]:
     """Run the loop; returns the per-step mean losses (every rank gets the global value)."""
     # Heavy imports after validation, so a config error answers fast.
@@ -124,7 +138,8 @@ def train(cfg: TrainConfig, run_dir: str) -> list[float]:
     bar = tqdm(total=cfg.trainer.max_steps, initial=start, disable=topo.rank != 0 or not cfg.trainer.progress,
                desc="train", unit="step", dynamic_ncols=True, mininterval=1.0)
     losses: list[float] = []
-    window_start, window_tokens = time.perf_counter(), 0
+    run_start = window_start = time.perf_counter()
+    window_tokens = 0
     tokens = resumed.tokens if resumed else 0
     for step in range(start + 1, cfg.trainer.max_steps + 1):
         step_start = time.perf_counter()
@@ -170,6 +185,10 @@ def train(cfg: TrainConfig, run_dir: str) -> list[float]:
                             extra={"seq_len": cfg.data.seq_len, "dp": topo.dp, "cp": topo.cp,
                                    "zero_stage": cfg.parallel.zero_stage})
     bar.close()
+    if topo.rank == 0:
+        log.info("%s", run_summary(model.kinds, attention_stats(model.attn_stats), losses,
+                                   tokens - (resumed.tokens if resumed else 0), time.perf_counter() - run_start,
+                                   run_dir))
     tracker.finish()
     destroy_topology()
     return losses

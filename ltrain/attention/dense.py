@@ -1,8 +1,8 @@
 """`dense`: causal softmax attention over the whole sequence.
 
-One device: torch SDPA. Context parallel: LASP-2H (all-gather K/V) on a
-contiguous split (hybrid models, whose linear layers need that split), ring
-attention or Ulysses on a zigzag split.
+One device: torch SDPA. Context parallel, on the model's zigzag split: LASP-2H
+(all-gather K/V) in hybrid models (those with linear layers), else ring
+attention or Ulysses (`parallel.cp_impl`).
 """
 
 from __future__ import annotations
@@ -35,13 +35,13 @@ def ring_block_size(chunk_len: int) -> int:
 def dense_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
     if ctx.cp_group is None:
         return sdpa_causal(q, k, v)
-    if ctx.cp_mode == "contiguous":
-        return lasp2h_attention(q, k, v, group=ctx.cp_group)
+    if ctx.hybrid:
+        return lasp2h_attention(q, k, v, group=ctx.cp_group, mode=ctx.cp_mode)
     if ctx.cp_impl == "ulysses":
-        return ulysses_attention(q, k, v, attn_fn=sdpa_causal, group=ctx.cp_group, mode="zigzag")
+        return ulysses_attention(q, k, v, attn_fn=sdpa_causal, group=ctx.cp_group, mode=ctx.cp_mode)
     bs = ring_block_size(q.shape[2] // 2)
     return ring_attention(q, k, v, layout_fn=lambda m: BlockLayout.causal(m, m), group=ctx.cp_group,
-                          block_size=bs, mode="zigzag")
+                          block_size=bs, mode=ctx.cp_mode)
 
 
 @register("dense", "D")

@@ -70,8 +70,8 @@ class LinearAttention(Projections):
             ctx.stats[f"attn/layer{self.layer_idx}/decay_min"] = decay.detach().min()
         if ctx.cp_group is None:
             o = lightning_attention(q, k, v, decay=decay, chunk_size=self.chunk_size)
-        else:  # the train loop splits contiguously whenever a linear layer exists
-            o = lasp2_linear_attention(q, k, v, decay, ctx.cp_group, chunk_size=self.chunk_size)
+        else:  # two zigzag chunks per rank, one state all-gather each way
+            o = lasp2_linear_attention(q, k, v, decay, ctx.cp_group, chunk_size=self.chunk_size, mode=ctx.cp_mode)
         return self.out(self.out_norm(o))
 
 

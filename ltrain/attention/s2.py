@@ -65,16 +65,11 @@ class S2Core:
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
         if ctx.cp_group is None:
             return self.full_sequence(q, k, v)
-        if ctx.cp_mode == "contiguous":
-            raise ValueError(
-                "attention kind 's2' under parallel.cp > 1 runs on ring or Ulysses over a zigzag split; "
-                "a pattern with linear layers (which need a contiguous split) cannot also have s2 layers"
-            )
         if ctx.cp_impl == "ulysses":
-            return ulysses_attention(q, k, v, attn_fn=self.full_sequence, group=ctx.cp_group, mode="zigzag")
+            return ulysses_attention(q, k, v, attn_fn=self.full_sequence, group=ctx.cp_group, mode=ctx.cp_mode)
         bs = self.cfg.block_size
         return ring_attention(q, k, v, layout_fn=lambda m: self.layout(m * bs, q.device), group=ctx.cp_group,
-                              block_size=bs, mode="zigzag")
+                              block_size=bs, mode=ctx.cp_mode)
 
 
 @register("s2", "S")

@@ -45,8 +45,9 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(model_cfg.dim, model_cfg.norm_eps)
         self.head = None if model_cfg.tie_embeddings else nn.Linear(model_cfg.dim, model_cfg.vocab_size, bias=False)
         self.attn_stats: dict = {}
-        # LASP-2 needs each rank's tokens in one contiguous run; softmax-only models zigzag.
-        self.cp_mode = "contiguous" if "linear" in self.kinds else "zigzag"
+        # One split for every layer: zigzag balances causal softmax work (ring), and LASP-2 /
+        # LASP-2H take it as two chunks per rank in the same single state all-gather.
+        self.cp_mode = "zigzag"
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -75,7 +76,7 @@ class Transformer(nn.Module):
             factor=self.cfg.rope_factor,
         )
         ctx = AttnContext(positions=positions, cos=cos, sin=sin, cp_group=cp_group,
-                          cp_mode=self.cp_mode, cp_impl=cp_impl)
+                          cp_mode=self.cp_mode, cp_impl=cp_impl, hybrid="linear" in self.kinds)
         x = self.embed(input_ids)
         for layer in self.layers:
             if self.cfg.activation_checkpointing and self.training:

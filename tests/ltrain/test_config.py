@@ -86,7 +86,7 @@ def test_cp_must_divide_world_and_seq_len():
         validate(load("parallel.dp=3"), world_size=4)
     with pytest.raises(ConfigError, match="data.seq_len=288 .*2 x parallel.cp x block_size = 2 x 2 x 16"):
         validate(load("parallel.cp=2", "data.seq_len=288"), world_size=4)
-    with pytest.raises(ConfigError, match="data.seq_len=258 .*parallel.cp=4"):
+    with pytest.raises(ConfigError, match="data.seq_len=258 .*2 x parallel.cp x block_size = 2 x 4 x 16"):
         validate(load("attention=hybrid", "parallel.cp=4", "data.seq_len=258"), world_size=4)
 
 
@@ -98,9 +98,29 @@ def test_ulysses_needs_heads_divisible_by_cp():
         validate(load("parallel.cp=8", "parallel.cp_impl=ulysses", "data.seq_len=512"), world_size=8)
 
 
-def test_s2_and_linear_cannot_share_a_cp_split():
-    with pytest.raises(ConfigError, match="attention.pattern='SL'"):
-        validate(load("attention=s2", "attention.pattern=SL", "parallel.cp=2"), world_size=2)
+MIXES = ["SILD", "LLSI", "SDID", "SL"]
+
+
+@pytest.mark.parametrize("pattern", MIXES)
+@pytest.mark.parametrize("cp", [1, 2, 4])
+@pytest.mark.parametrize("cp_impl", ["ring", "ulysses"])
+def test_every_mix_of_kinds_validates_under_cp(pattern, cp, cp_impl):
+    """One zigzag split serves every kind, so any mix is accepted wherever the lengths divide."""
+    overrides = ["attention=mixed", f"attention.pattern={pattern}",
+                 f"parallel.cp={cp}", f"parallel.cp_impl={cp_impl}", "data.seq_len=512"]
+    validate(load(*overrides), world_size=cp)
+
+
+@pytest.mark.parametrize("attention", ["dense", "s2", "s2-paper", "infllm_v2", "infllm_v2-paper", "linear",
+                                       "hybrid"])
+@pytest.mark.parametrize("cp", [2, 4])
+@pytest.mark.parametrize("cp_impl", ["ring", "ulysses"])
+def test_every_preset_under_cp_validates_or_names_the_key(attention, cp, cp_impl):
+    """Accepted here, or refused here with the key: never inside a collective."""
+    try:
+        validate(load(f"attention={attention}", f"parallel.cp={cp}", f"parallel.cp_impl={cp_impl}"), world_size=cp)
+    except ConfigError as exc:
+        assert str(exc).split("=")[0] in ("data.seq_len", "parallel.cp"), exc
 
 
 def test_infllm_v2_settings_are_checked_at_config_time():
