@@ -94,6 +94,46 @@ def _softmax_result(m_i, l_i, acc):
 
 
 @triton.jit
+def _attend_blocks(q, K, V, kv_base, idx_ptr, count, rows, stride_kn, scale_log2, q_start, k_start,
+                   ROWS: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr, CAUSAL: tl.constexpr,
+                   PRECISION: tl.constexpr):
+    """(o, lse) of the q rows (query positions `rows`) over the `count` key blocks listed
+    at idx_ptr: the forward loop that block and token kernels share."""
+    offs_n = tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, D)
+    m_i = tl.full([ROWS], float("-inf"), tl.float32)
+    l_i = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, D], tl.float32)
+    for i in range(count):
+        offs_k = tl.load(idx_ptr + i) * BLOCK + offs_n
+        kv_off = kv_base + offs_k[:, None] * stride_kn + offs_d[None, :]
+        s = _scores(q, tl.load(K + kv_off), rows, offs_k, scale_log2, q_start, k_start, CAUSAL, PRECISION)
+        m_i, l_i, acc = _softmax_step(m_i, l_i, acc, s, tl.load(V + kv_off), PRECISION)
+    return _softmax_result(m_i, l_i, acc)
+
+
+@triton.jit
+def _dq_blocks(q, do, lse, delta, K, V, kv_base, idx_ptr, count, rows, stride_kn, scale_log2, q_start, k_start,
+               ROWS: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr, CAUSAL: tl.constexpr,
+               PRECISION: tl.constexpr):
+    """sum_j ds_ij k_j (dq before sm_scale) of the q rows over the same key blocks,
+    from their saved lse (base 2) and delta: the dq loop block and token kernels share."""
+    offs_n = tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, D)
+    dq = tl.zeros([ROWS, D], tl.float32)
+    for i in range(count):
+        offs_k = tl.load(idx_ptr + i) * BLOCK + offs_n
+        kv_off = kv_base + offs_k[:, None] * stride_kn + offs_d[None, :]
+        k = tl.load(K + kv_off)
+        v = tl.load(V + kv_off)
+        s = _scores(q, k, rows, offs_k, scale_log2, q_start, k_start, CAUSAL, PRECISION)
+        p = tl.exp2(s - lse[:, None])
+        ds = p * (_dot(do, tl.trans(v), PRECISION) - delta[:, None])
+        dq += _dot(ds.to(k.dtype), k, PRECISION)
+    return dq
+
+
+@triton.jit
 def _row_stats(Lse, Delta, row_off):
     """Saved lse (base 2; an empty row's -inf becomes 0 so that p = 0, not NaN) and delta of the rows."""
     lse = tl.load(Lse + row_off) * 1.4426950408889634
@@ -109,18 +149,8 @@ def _fwd_kernel(Q, K, V, Out, Lse, Counts, Indices,
     offs_m, offs_d, q_off, kv_base, count, idx_ptr = _query_block(
         Counts, Indices, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_cb, stride_ch,
         stride_ib, stride_ih, stride_im, H, G, LAYOUT_HEAD_DIV, BLOCK, D)
-    offs_n = tl.arange(0, BLOCK)
-    q = tl.load(Q + q_off)
-
-    m_i = tl.full([BLOCK], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK], tl.float32)
-    acc = tl.zeros([BLOCK, D], tl.float32)
-    for i in range(count):
-        offs_k = tl.load(idx_ptr + i) * BLOCK + offs_n
-        kv_off = kv_base + offs_k[:, None] * stride_kn + offs_d[None, :]
-        s = _scores(q, tl.load(K + kv_off), offs_m, offs_k, scale_log2, q_start, k_start, CAUSAL, PRECISION)
-        m_i, l_i, acc = _softmax_step(m_i, l_i, acc, s, tl.load(V + kv_off), PRECISION)
-    out, lse = _softmax_result(m_i, l_i, acc)
+    out, lse = _attend_blocks(tl.load(Q + q_off), K, V, kv_base, idx_ptr, count, offs_m, stride_kn, scale_log2,
+                              q_start, k_start, BLOCK, BLOCK, D, CAUSAL, PRECISION)
     tl.store(Out + q_off, out.to(Out.dtype.element_ty))
     tl.store(Lse + tl.program_id(1) * N_Q + offs_m, lse)
 
@@ -134,22 +164,9 @@ def _dq_kernel(Q, K, V, DO, DQ, Lse, Delta, Counts, Indices,
     offs_m, offs_d, q_off, kv_base, count, idx_ptr = _query_block(
         Counts, Indices, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_cb, stride_ch,
         stride_ib, stride_ih, stride_im, H, G, LAYOUT_HEAD_DIV, BLOCK, D)
-    offs_n = tl.arange(0, BLOCK)
-    q = tl.load(Q + q_off)
-    do = tl.load(DO + q_off)
     lse, delta = _row_stats(Lse, Delta, tl.program_id(1) * N_Q + offs_m)
-
-    dq = tl.zeros([BLOCK, D], tl.float32)
-    for i in range(count):
-        offs_k = tl.load(idx_ptr + i) * BLOCK + offs_n
-        kv_off = kv_base + offs_k[:, None] * stride_kn + offs_d[None, :]
-        k = tl.load(K + kv_off)
-        v = tl.load(V + kv_off)
-        s = _scores(q, k, offs_m, offs_k, scale_log2, q_start, k_start, CAUSAL, PRECISION)
-        p = tl.exp2(s - lse[:, None])
-        dp = _dot(do, tl.trans(v), PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq += _dot(ds.to(k.dtype), k, PRECISION)
+    dq = _dq_blocks(tl.load(Q + q_off), tl.load(DO + q_off), lse, delta, K, V, kv_base, idx_ptr, count, offs_m,
+                    stride_kn, scale_log2, q_start, k_start, BLOCK, BLOCK, D, CAUSAL, PRECISION)
     tl.store(DQ + q_off, (dq * sm_scale).to(DQ.dtype.element_ty))
 
 

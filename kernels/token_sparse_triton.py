@@ -52,8 +52,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .block_sparse_triton import (HEAD_DIMS, LOG2E, _common, _dot, _layout_args, _row_stats, _scores, _softmax_result,
-                                  _softmax_step)
+from .block_sparse_triton import (HEAD_DIMS, LOG2E, _attend_blocks, _common, _dot, _dq_blocks, _layout_args, _row_stats,
+                                  _scores)
 from .layout import BlockLayout
 
 __all__ = ["HEAD_DIMS", "forward", "backward", "reverse_index"]
@@ -115,19 +115,8 @@ def _fwd_kernel(Q, K, V, Out, Lse, Counts, Indices,
     pos, valid, q_off, row_off, kv_base, count, idx_ptr = _token_rows(
         Counts, Indices, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_cb, stride_ch,
         stride_ib, stride_ih, stride_im, H_KV, LAYOUT_HEAD_DIV, N_Q, G, BLOCK_H, D)
-    offs_n = tl.arange(0, BLOCK)
-    offs_d = tl.arange(0, D)
-    q = tl.load(Q + q_off)
-
-    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_H], tl.float32)
-    acc = tl.zeros([BLOCK_H, D], tl.float32)
-    for i in range(count):
-        offs_k = tl.load(idx_ptr + i) * BLOCK + offs_n
-        kv_off = kv_base + offs_k[:, None] * stride_kn + offs_d[None, :]
-        s = _scores(q, tl.load(K + kv_off), pos, offs_k, scale_log2, q_start, k_start, CAUSAL, PRECISION)
-        m_i, l_i, acc = _softmax_step(m_i, l_i, acc, s, tl.load(V + kv_off), PRECISION)
-    out, lse = _softmax_result(m_i, l_i, acc)
+    out, lse = _attend_blocks(tl.load(Q + q_off), K, V, kv_base, idx_ptr, count, pos, stride_kn, scale_log2,
+                              q_start, k_start, BLOCK_H, BLOCK, D, CAUSAL, PRECISION)
     tl.store(Out + q_off, out.to(Out.dtype.element_ty), mask=valid[:, None])
     tl.store(Lse + row_off, lse, mask=valid)
 
@@ -142,22 +131,9 @@ def _dq_kernel(Q, K, V, DO, DQ, Lse, Delta, Counts, Indices,
     pos, valid, q_off, row_off, kv_base, count, idx_ptr = _token_rows(
         Counts, Indices, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_cb, stride_ch,
         stride_ib, stride_ih, stride_im, H_KV, LAYOUT_HEAD_DIV, N_Q, G, BLOCK_H, D)
-    offs_n = tl.arange(0, BLOCK)
-    offs_d = tl.arange(0, D)
-    q = tl.load(Q + q_off)
-    do = tl.load(DO + q_off)
     lse, delta = _row_stats(Lse, Delta, row_off)
-
-    dq = tl.zeros([BLOCK_H, D], tl.float32)
-    for i in range(count):
-        offs_k = tl.load(idx_ptr + i) * BLOCK + offs_n
-        kv_off = kv_base + offs_k[:, None] * stride_kn + offs_d[None, :]
-        k = tl.load(K + kv_off)
-        v = tl.load(V + kv_off)
-        s = _scores(q, k, pos, offs_k, scale_log2, q_start, k_start, CAUSAL, PRECISION)
-        p = tl.exp2(s - lse[:, None])
-        ds = p * (_dot(do, tl.trans(v), PRECISION) - delta[:, None])
-        dq += _dot(ds.to(k.dtype), k, PRECISION)
+    dq = _dq_blocks(tl.load(Q + q_off), tl.load(DO + q_off), lse, delta, K, V, kv_base, idx_ptr, count, pos,
+                    stride_kn, scale_log2, q_start, k_start, BLOCK_H, BLOCK, D, CAUSAL, PRECISION)
     tl.store(DQ + q_off, (dq * sm_scale).to(DQ.dtype.element_ty), mask=valid[:, None])
 
 

@@ -51,14 +51,6 @@ def _log_once(reason: str) -> None:
         log.info(reason)
 
 
-def natural_order(x: torch.Tensor, P: int, mode: str) -> torch.Tensor:
-    """[B, H, P*n, D] rank-major (rank s's shard at [s n, (s+1) n)) -> the same
-    tokens in sequence order. Differentiable (a permutation of chunks)."""
-    slots = [c for r in range(P) for c in chunk_ids(r, P, mode)]  # global chunk held at each rank-major slot
-    perm = sorted(range(len(slots)), key=slots.__getitem__)
-    return x.unflatten(2, (len(slots), -1))[:, :, perm].flatten(2, 3)
-
-
 def _global_fraction(attended: torch.Tensor, pairs: int, group) -> float:
     """Attended (token, block) pairs summed over ranks / causal pairs of the whole sequence
     (attended_fraction's definition). One small all-reduce, one host sync."""
@@ -72,7 +64,7 @@ def _sparse_gathered(q, k, v, *, group, mode, block_size, impl, select_opts):
     all-gathered k, v [B, Hkv, N, D] -> (o [B, Hq, n, D], attended (token, block) pairs)."""
     _log_once("infllm_v2_cp_attention: sparse mode all-gathers K/V (selected-block fetch not implemented yet)")
     P, r = dist.get_world_size(group), dist.get_rank(group)
-    k_all, v_all = (natural_order(t, P, mode) for t in GatherKV.apply(k, v, group))
+    k_all, v_all = GatherKV.apply(k, v, group, mode)  # in sequence order
     ids = chunk_ids(r, P, mode)
     c = q.shape[2] // len(ids)
     outs, attended = [], q.new_zeros((), dtype=torch.float64)
