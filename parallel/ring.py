@@ -73,7 +73,7 @@ def ring_plan(layout: BlockLayout, cp_rank: int, cp: int, mode: str, block_size:
     return plan
 
 
-def _shift(send: torch.Tensor, group, tag: int):
+def _shift(send: torch.Tensor, group, tag: int, what: str):
     """Post send -> next rank and recv <- previous rank; returns (recv buffer, works).
     Even ranks send first, odd ranks receive first, so a backend whose p2p
     blocks until matched (NCCL without batching) cannot deadlock the ring."""
@@ -81,7 +81,10 @@ def _shift(send: torch.Tensor, group, tag: int):
     nxt, prv = dist.get_global_rank(group, (r + 1) % P), dist.get_global_rank(group, (r - 1) % P)
     recv = torch.empty_like(send)
     post = [lambda: comm.isend(send, nxt, group=group, tag=tag), lambda: comm.irecv(recv, prv, group=group, tag=tag)]
-    works = [op() for op in (post if r % 2 == 0 else post[::-1])]
+    try:
+        works = [op() for op in (post if r % 2 == 0 else post[::-1])]
+    except RuntimeError as exc:  # gloo refuses to post once a peer's socket closed
+        raise _ring_broken(group, what, exc) from exc
     return recv, works
 
 
@@ -91,10 +94,17 @@ def _wait(pending, group, what: str):
         for w in works:
             w.wait(timeout=P2P_TIMEOUT)
     except RuntimeError as exc:
-        r, P = dist.get_rank(group), dist.get_world_size(group)
-        raise RuntimeError(f"ring_attention: rank {r} of {P} timed out after {P2P_TIMEOUT} exchanging {what} with "
-                           f"ranks {(r - 1) % P} and {(r + 1) % P} (a rank left the ring or p2p hung)") from exc
+        raise _ring_broken(group, what, exc) from exc
     return recv
+
+
+def _ring_broken(group, what: str, exc: RuntimeError) -> RuntimeError:
+    """One message for both ways a ring breaks: a peer that never answers
+    (timeout) and a peer whose process died (closed connection)."""
+    r, P = dist.get_rank(group), dist.get_world_size(group)
+    cause = f"timed out after {P2P_TIMEOUT}" if "timed out" in str(exc).lower() else "lost the connection"
+    return RuntimeError(f"ring_attention: rank {r} of {P} {cause} exchanging {what} with ranks {(r - 1) % P} and "
+                        f"{(r + 1) % P} (a rank left the ring or p2p hung; the rank's own log says why)")
 
 
 def _merge(out: torch.Tensor, lse: torch.Tensor, out_t: torch.Tensor, lse_t: torch.Tensor) -> None:
@@ -115,7 +125,7 @@ class _RingAttention(torch.autograd.Function):
         kv = torch.stack([k, v])
         for step in range(P):
             # Next K/V is in flight while this one is used (double buffer: kv and the recv buffer).
-            pending = _shift(kv, group, _KV_TAG) if step < P - 1 else None
+            pending = _shift(kv, group, _KV_TAG, "K/V") if step < P - 1 else None
             for t in plan[(r - step) % P]:
                 out_t, lse_t = block_sparse_attention(q[:, :, t.q], kv[0][:, :, t.k], kv[1][:, :, t.k], t.layout,
                                                       q_start=t.q_start, k_start=t.k_start, return_lse=True, **opts)
@@ -146,7 +156,7 @@ class _RingAttention(torch.autograd.Function):
         kv = torch.stack([k, v])
         in_flight = None  # dK/dV accumulator of the visiting block, coming from the previous rank
         for step in range(P):
-            pending = _shift(kv, group, _KV_TAG) if step < P - 1 else None
+            pending = _shift(kv, group, _KV_TAG, "K/V") if step < P - 1 else None
             dkv = torch.zeros(kv.shape, dtype=torch.float32, device=q.device)
             for t in ctx.plan[(r - step) % P]:
                 dq_t, dk_t, dv_t = _tile_grads(q[:, :, t.q], kv[0][:, :, t.k], kv[1][:, :, t.k], t, opts,
@@ -159,7 +169,7 @@ class _RingAttention(torch.autograd.Function):
             if pending is not None:
                 kv = _wait(pending, group, "K/V")
             if P > 1:
-                in_flight = _shift(dkv, group, _DKV_TAG)
+                in_flight = _shift(dkv, group, _DKV_TAG, "dK/dV")
         if in_flight is not None:
             dkv = _wait(in_flight, group, "dK/dV")
         return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None

@@ -4,6 +4,7 @@ from datetime import timedelta
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from ltrain.kernels import BlockLayout, block_sparse_attention, s2_layout
@@ -61,12 +62,19 @@ def _ring_vs_single_process(rank, world_size):
         ring_attention(*(t[:, :, :BS] for t in local), layout_fn=dense_layout, group=None, block_size=BS)
     except ValueError as exc:
         bad.append(str(exc))
-    if rank == 0:  # rank 1 never joins: the ring must fail with a message, not hang
+    # Rank 0 runs a ring nobody else joins: it must fail with a message, not
+    # hang. The others stay alive until it has (through the store, not gloo
+    # p2p), so rank 0 sees a silent peer rather than a closed socket.
+    store = dist.distributed_c10d._get_default_store()
+    if rank == 0:
         ring.P2P_TIMEOUT = timedelta(seconds=2)
         try:
             ring_attention(*local, layout_fn=dense_layout, group=None, block_size=BS)
         except RuntimeError as exc:
             bad.append(str(exc))
+        store.set("lonely_ring_done", "1")
+    else:
+        store.wait(["lonely_ring_done"], timedelta(seconds=60))
     return results, bad
 
 
@@ -84,7 +92,7 @@ def _check(world_size):
         assert bad[0] == (f"ring_attention (zigzag, cp={world_size}): sequence length N = {BS * world_size} must "
                           f"be divisible by 2 x cp x block_size = {2 * world_size * BS}")
         assert bad[1:] == ([f"ring_attention: rank 0 of {world_size} timed out after 0:00:02 exchanging K/V with "
-                            f"ranks {world_size - 1} and 1 (a rank left the ring or p2p hung)"] if rank == 0 else [])
+                            f"ranks {world_size - 1} and 1 (a rank left the ring or p2p hung; the rank's own log says why)"] if rank == 0 else [])
 
 
 def test_ring_two_ranks():
