@@ -137,6 +137,15 @@ class BlockLayout:
         """Fraction of all (query block, key block) pairs that are active."""
         return self.counts.sum().item() / (self.counts.numel() * self.num_k_blocks)
 
+    def causal_density(self) -> float:
+        """Fraction of the causal (query block, key block) pairs (j <= i, q and k
+        aligned at block 0) that are active: the attended-block fraction a
+        kind reports, where density() counts all pairs. One host sync."""
+        m = self.num_q_blocks
+        causal = torch.ones(m, self.num_k_blocks, dtype=torch.bool, device=self.device).tril()
+        bl, hl, _ = self.counts.shape
+        return (self.block_mask() & causal).sum().item() / (bl * hl * int(causal.sum()))
+
     def is_empty(self) -> bool:
         """True iff no block is active (one host sync); ring attention skips such tiles."""
         return not bool(self.counts.any())

@@ -46,4 +46,10 @@ def dense_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnConte
 
 @register("dense", "D")
 def build(layer_idx: int, model_cfg, attn_cfg) -> GQAttention:
-    return GQAttention(model_cfg, dense_core)
+    def core(q, k, v, ctx: AttnContext) -> torch.Tensor:
+        # Reported like the sparse kinds, so a mixed model's summary compares like with like.
+        ctx.stats[f"attn/layer{layer_idx}/mode"] = "dense"
+        ctx.stats[f"attn/layer{layer_idx}/block_fraction"] = 1.0
+        return dense_core(q, k, v, ctx)
+
+    return GQAttention(model_cfg, core)

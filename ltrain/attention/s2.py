@@ -16,6 +16,7 @@ validation logs a warning naming the keys, and kernels.s2.s2_layout warns
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from ltrain.attention.context import AttnContext
 from ltrain.attention.gqa import GQAttention
@@ -31,12 +32,16 @@ class S2Core:
     """core(q [B, Hq, N, D], k, v [B, Hkv, N, D], ctx) -> [B, Hq, N, D].
 
     The layout depends only on (N, device), so it is built once per pair and
-    kept: a training run sees one or two sequence lengths."""
+    kept: a training run sees one or two sequence lengths. Each call records
+    the layer's attended fraction of causal block pairs (whole sequence) in
+    ctx.stats, computed once per layout."""
 
-    def __init__(self, n_heads: int, s2_cfg):
+    def __init__(self, layer_idx: int, n_heads: int, s2_cfg):
+        self.layer_idx = layer_idx
         self.n_heads = n_heads
         self.cfg = s2_cfg
         self._layouts: dict[tuple[int, torch.device], BlockLayout] = {}
+        self._fractions: dict[int, float] = {}
 
     def layout(self, seq_len: int, device: torch.device) -> BlockLayout:
         key = (seq_len, device)
@@ -62,7 +67,15 @@ class S2Core:
             layout = layout.heads(head_start, q.shape[1])
         return block_sparse_attention(q, k, v, layout, block_size=self.cfg.block_size, causal=True)
 
+    def record_stats(self, seq_len: int, device: torch.device, ctx: AttnContext) -> None:
+        if seq_len not in self._fractions:
+            self._fractions[seq_len] = self.layout(seq_len, device).causal_density()
+        ctx.stats[f"attn/layer{self.layer_idx}/mode"] = "sparse"
+        ctx.stats[f"attn/layer{self.layer_idx}/block_fraction"] = self._fractions[seq_len]
+
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+        cp = 1 if ctx.cp_group is None else dist.get_world_size(ctx.cp_group)
+        self.record_stats(q.shape[2] * cp, q.device, ctx)
         if ctx.cp_group is None:
             return self.full_sequence(q, k, v)
         if ctx.cp_impl == "ulysses":
@@ -74,4 +87,4 @@ class S2Core:
 
 @register("s2", "S")
 def build(layer_idx: int, model_cfg, attn_cfg) -> GQAttention:
-    return GQAttention(model_cfg, S2Core(model_cfg.n_heads, attn_cfg.s2))
+    return GQAttention(model_cfg, S2Core(layer_idx, model_cfg.n_heads, attn_cfg.s2))

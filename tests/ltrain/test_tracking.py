@@ -148,7 +148,7 @@ def test_training_run_resumes_the_same_wandb_run(tmp_path):
 
     repo = Path(__file__).resolve().parents[2]
     env = {**os.environ, "LTRAIN_RUN_ID": "wb", "PYTHONUNBUFFERED": "1"}
-    common = ["tracking=wandb", f"trainer.out_dir={tmp_path}", "trainer.log_every=5", "trainer.ckpt_every=10",
+    common = ["tracking=wandb", "attention=dense", f"trainer.out_dir={tmp_path}", "trainer.log_every=5", "trainer.ckpt_every=10",
               "trainer.progress=false", "model.n_layers=2", "data.micro_batch_size=2", "data.seq_len=128"]
     for steps in (20, 30):
         proc = subprocess.run([sys.executable, "-m", "ltrain.train", f"trainer.max_steps={steps}", *common],

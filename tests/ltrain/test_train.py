@@ -26,17 +26,26 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 def test_default_run_learns_and_writes_its_outputs(tmp_path):
-    """The README's first command: the embedded default config, loss must fall."""
-    proc, run_dir = run_cli(["trainer.log_every=10"], tmp_path)
+    """The README's first command: the embedded default config (every kind in one
+    model, sparse paths active), loss must fall, the summary names each layer."""
+    proc, run_dir = run_cli([], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = read_metrics(run_dir)
-    assert rows[-1]["step"] == 300
+    assert rows[-1]["step"] == 200
     first, last = rows[0]["loss"], rows[-1]["loss"]
     assert last < 0.5 * first, f"loss did not fall enough: {first} -> {last}"
     assert all(r["tokens_per_s"] > 0 and r["grad_norm"] == r["grad_norm"] for r in rows)  # no NaN
+    assert rows[-1]["attn/layer1/mode"] == "sparse"  # InfLLM-V2 past its dense_len
+    assert 0 < rows[-1]["attn/layer0/block_fraction"] < 1  # S2's stripes leave pairs out
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert saved["model"]["name"] == "tiny" and saved["trainer"]["run_name"] == "test"
-    assert "step 300" in proc.stdout + proc.stderr
+    assert saved["attention"]["pattern"] == "SILD"
+    out = proc.stdout + proc.stderr
+    assert "step 200" in out
+    summary = out[out.index("done: 200 steps"):]
+    for line in ("layer 0: s2 (sparse), attended fraction", "layer 1: infllm_v2 (sparse), attended fraction",
+                 "layer 2: linear", "layer 3: dense, attended fraction 1.000", f"run dir: {run_dir}"):
+        assert line in summary, summary
 
 
 def test_config_error_is_one_line_before_any_process_group(tmp_path):
@@ -51,7 +60,7 @@ def test_config_error_is_one_line_before_any_process_group(tmp_path):
 @pytest.mark.slow
 def test_torchrun_two_data_parallel_ranks(tmp_path):
     proc, run_dir = run_cli(
-        ["parallel.dp=2", "trainer.max_steps=20", "trainer.log_every=5"], tmp_path,
+        ["attention=dense", "parallel.dp=2", "trainer.max_steps=20", "trainer.log_every=5"], tmp_path,
         launcher=(sys.executable, "-m", "torch.distributed.run", "--standalone",
                   "--nproc_per_node=2", "-m", "ltrain.train"),
     )
