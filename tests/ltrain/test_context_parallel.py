@@ -1,6 +1,7 @@
 """Training with context parallelism matches cp=1: the same losses for 20 steps
-(real DeepSpeed, real gloo ranks, torchrun), within 1e-4, and within 1e-5 for
-the model that mixes every kind on its one zigzag split."""
+(real DeepSpeed, real gloo ranks, torchrun) within 1e-5, except where a
+discrete choice or a sensitive batch is measured to need more (each such
+tolerance says why), and a checkpoint resumes at another cp size."""
 
 import json
 import os
@@ -11,14 +12,15 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-COMMON = ["trainer.max_steps=20", "trainer.log_every=1", "trainer.ckpt_every=0", "trainer.progress=false",
+COMMON = ["trainer.max_steps=20", "trainer.log_every=1", "trainer.progress=false",
           "data.micro_batch_size=2", "data.seq_len=256", "optim.warmup_steps=5"]
 
 
-def metrics(tmp_path: Path, nproc: int, overrides: list[str]) -> list[dict]:
-    out = tmp_path / f"n{nproc}-{len(overrides)}"
+def metrics(tmp_path: Path, nproc: int, overrides: list[str], name: str = "") -> list[dict]:
+    out = tmp_path / (name or f"n{nproc}-{len(overrides)}")
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    proc = subprocess.run([*launcher, "-m", "ltrain.train", f"trainer.out_dir={out}", *COMMON, *overrides],
+    saves = [] if any(o.startswith("trainer.ckpt_every=") for o in overrides) else ["trainer.ckpt_every=0"]
+    proc = subprocess.run([*launcher, "-m", "ltrain.train", f"trainer.out_dir={out}", *COMMON, *saves, *overrides],
                           cwd=REPO, env={**os.environ, "LTRAIN_RUN_ID": "cp", "OMP_NUM_THREADS": "1"},
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -28,8 +30,8 @@ def metrics(tmp_path: Path, nproc: int, overrides: list[str]) -> list[dict]:
     return rows
 
 
-def losses(tmp_path: Path, nproc: int, overrides: list[str]) -> list[float]:
-    return [r["loss"] for r in metrics(tmp_path, nproc, overrides)]
+def losses(tmp_path: Path, nproc: int, overrides: list[str], name: str = "") -> list[float]:
+    return [r["loss"] for r in metrics(tmp_path, nproc, overrides, name)]
 
 
 def assert_close(a, b, tol=1e-4, what="loss", steps=20):
@@ -56,11 +58,23 @@ def test_mixed_kinds_cp2_matches_cp1(tmp_path, extra):
     assert_close([r["loss"] for r in got], [r["loss"] for r in ref], tol=1e-5)
 
 
-def test_mixed_preset_cp2_tracks_cp1(tmp_path):
-    ref = losses(tmp_path, 1, ["attention=mixed"])
-    got = losses(tmp_path, 2, ["attention=mixed", "parallel.cp=2"])
+def test_mixed_preset_cp2_tracks_cp1_and_resumes_across_cp_sizes(tmp_path):
+    """SILD at cp=2 against cp=1, and each run's step-10 checkpoint resumed at the
+    other cp size: the resumed steps 11-20 follow the run they continue at that cp."""
+    ckpt = ["attention=mixed", "trainer.ckpt_every=10"]
+    ref = losses(tmp_path, 1, ckpt, name="cp1")
+    got = losses(tmp_path, 2, [*ckpt, "parallel.cp=2"], name="cp2")
     assert_close(got[:6], ref[:6], tol=1e-5, steps=6)
     assert_close(got, ref, tol=3e-3)
+    step10 = "cp/checkpoints/step_00000010"
+    to_cp2 = losses(tmp_path, 2, [*ckpt, "parallel.cp=2", f"trainer.resume={tmp_path / 'cp1' / step10}"],
+                    name="cp1-to-cp2")
+    to_cp1 = losses(tmp_path, 1, [*ckpt, f"trainer.resume={tmp_path / 'cp2' / step10}"], name="cp2-to-cp1")
+    # The first resumed step starts from the same weights, optimizer state and batch as the run it
+    # continues; only the cp size differs, so it agrees as the first steps above do.
+    for resumed, cont in ((to_cp2, ref[10:]), (to_cp1, got[10:])):
+        assert_close(resumed[:1], cont[:1], tol=1e-5, steps=1)
+        assert_close(resumed, cont, tol=3e-3, steps=10)
 
 
 @pytest.mark.parametrize("attention, extra", [
@@ -73,7 +87,7 @@ def test_cp2_matches_cp1(tmp_path, attention, extra):
     got = metrics(tmp_path, 2, [f"attention={attention}", "parallel.cp=2", *extra])
     # hybrid on the zigzag split: every step within 1e-6 except step 12, 1.4e-4 (that batch's loss is the
     # most sensitive; the steps after are back at ~3e-5 and the learned decays agree to 1e-7 throughout).
-    assert_close([r["loss"] for r in got], [r["loss"] for r in ref], tol=2e-4 if attention == "hybrid" else 1e-4)
+    assert_close([r["loss"] for r in got], [r["loss"] for r in ref], tol=2e-4 if attention == "hybrid" else 1e-5)
     # The losses alone barely feel the decay in 20 steps; the learned decays themselves must agree.
     decays = sorted(k for k in ref[0] if k.endswith("/decay_mean") or k.endswith("/decay_min"))
     assert len(decays) == (6 if attention == "hybrid" else 0), ref[0].keys()
@@ -90,4 +104,5 @@ def test_cp2_matches_cp1(tmp_path, attention, extra):
 def test_cp2_dp2_matches_cp1(tmp_path, attention, extra):
     """4 ranks = cp 2 x dp 2 against 1 rank with the dp ranks' batches concatenated."""
     ref = losses(tmp_path, 1, [f"attention={attention}", "data.micro_batch_size=4", *extra])
-    assert_close(losses(tmp_path, 4, [f"attention={attention}", "parallel.cp=2", *extra]), ref)
+    got = losses(tmp_path, 4, [f"attention={attention}", "parallel.cp=2", *extra])
+    assert_close(got, ref, tol=2e-4 if attention == "hybrid" else 1e-5)
