@@ -97,13 +97,6 @@ def irecv(tensor, src, group=None, tag=0):
     return dist.irecv(tensor, src, group=group, tag=tag)
 
 
-def batch_isend_irecv(ops: list[dist.P2POp]):
-    """Records each op as send or recv, then batches them (ring exchanges)."""
-    for op in ops:
-        record("send" if op.op in (dist.isend, dist.send) else "recv", op.tensor)
-    return dist.batch_isend_irecv(ops)
-
-
 def check_same_shape(group, **tensors: torch.Tensor) -> None:
     """Raise ValueError on every rank if a named tensor's shape differs across `group`.
 

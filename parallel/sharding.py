@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from . import comm
+
 MODES = ("zigzag", "contiguous")
 
 
@@ -36,8 +38,10 @@ def shard_sequence(x: torch.Tensor, cp_rank: int, cp: int, *, mode: str = "zigza
 def gather_sequence(x: torch.Tensor, group: dist.ProcessGroup, *, mode: str = "zigzag", dim: int = 1) -> torch.Tensor:
     """Inverse of shard_sequence over `group`: every rank gets the full [..., N, ...] (no grad)."""
     cp = dist.get_world_size(group)
-    pieces = [torch.empty_like(x) for _ in range(cp)]
-    dist.all_gather(pieces, x.contiguous(), group=group)
+    x = x.contiguous()
+    out = x.new_empty(cp * x.shape[0], *x.shape[1:])
+    comm.all_gather_into_tensor(out, x, group=group)  # metered, like every collective in parallel/
+    pieces = out.chunk(cp, dim=0)
     if mode == "contiguous":
         return torch.cat(pieces, dim=dim)
     halves = [p.chunk(2, dim=dim) for p in pieces]

@@ -11,16 +11,14 @@ import torch.distributed as dist
 
 @dataclass
 class AttnContext:
-    """positions: [B, N] global token positions of the local tokens (they differ
-    from arange(N) under context parallelism); cos, sin: [B, 1, N, D/2] rotary
-    tables for those positions; cp_group: the context-parallel group or None;
+    """cos, sin: [B, 1, N, D/2] rotary tables for the local tokens' global
+    positions (they differ from arange(N) under context parallelism); cp_group: the context-parallel group or None;
     cp_mode: how the sequence was split over cp_group (parallel.sharding; the
     model splits zigzag, one split for every kind);
     cp_impl: "ring" or "ulysses" for softmax layers;
     hybrid: the model has linear layers, so its dense layers use LASP-2H;
     stats: per-layer numbers a kind reports to the tracker (mode, density)."""
 
-    positions: torch.Tensor
     cos: torch.Tensor
     sin: torch.Tensor
     cp_group: Optional[dist.ProcessGroup] = None

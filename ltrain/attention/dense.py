@@ -20,7 +20,8 @@ from ltrain.parallel.ulysses import ulysses_attention
 
 
 def sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_start: int = 0) -> torch.Tensor:
-    """softmax(q k^T / sqrt(D) + causal) v; q: [B, Hq, N, D], k, v: [B, Hkv, N, D]."""
+    """softmax(q k^T / sqrt(D) + causal) v; q: [B, Hq, N, D], k, v: [B, Hkv, N, D].
+    head_start (Ulysses' attn_fn signature) is not needed: every head has the same causal pattern."""
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
 
 

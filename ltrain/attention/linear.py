@@ -4,9 +4,11 @@ Follows the TransNormerLLM / lightning-attention line:
     q' = silu(q), k' = silu(k)                (feature map, no softmax)
     S_t = lambda_h S_{t-1} + k'_t v_t^T,  o_t = q'_t^T S_t
     out = W_o RMSNorm_head(o)                 (a norm replaces the softmax denominator)
-with lambda_h = exp(-(8 h / H) * (1 - l / L)) for head h = 1..H of layer l of L
-(TransNormerLLM's decay schedule: steep decay on low layers and heads, none
-on the last layer). Linear layers take no rotary embedding: the decay carries
+with lambda_h = exp(-(8 h / H) * (1 - l / L)) for head h = 1..H of layer
+l = 0..L-1 (TransNormerLLM's decay schedule: steep decay on low layers and
+heads). Counting layers from 0 leaves the last layer a mild decay,
+exp(-8 h / (H L)) (0.61 .. 0.14 over the heads of a 4-layer model), where
+counting from 1 would give it none. Linear layers take no rotary embedding: the decay carries
 position. K/V heads are shared across a GQA group by repetition, since the
 state S is kept per query head.
 

@@ -75,7 +75,7 @@ class Transformer(nn.Module):
             positions, head_dim, base=self.cfg.rope_base, scaling=self.cfg.rope_scaling,
             factor=self.cfg.rope_factor,
         )
-        ctx = AttnContext(positions=positions, cos=cos, sin=sin, cp_group=cp_group,
+        ctx = AttnContext(cos=cos, sin=sin, cp_group=cp_group,
                           cp_mode=self.cp_mode, cp_impl=cp_impl, hybrid="linear" in self.kinds)
         x = self.embed(input_ids)
         for layer in self.layers:

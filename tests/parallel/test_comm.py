@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from ltrain.parallel import comm
 from tests.multiproc import run_ranks
@@ -25,9 +24,7 @@ def _all_wrappers(rank, world_size):
         comm.all_to_all_single(a2a, torch.full((P,), rank, dtype=torch.int64))
         assert a2a.tolist() == list(range(P))
         recv = torch.empty(5)
-        ops = [dist.P2POp(dist.isend, torch.full((5,), float(rank)), (rank + 1) % P),
-               dist.P2POp(dist.irecv, recv, (rank - 1) % P)]
-        for req in comm.batch_isend_irecv(ops):
+        for req in (comm.isend(torch.full((5,), float(rank)), (rank + 1) % P), comm.irecv(recv, (rank - 1) % P)):
             req.wait()
         assert recv.tolist() == [float((rank - 1) % P)] * 5
         if rank == 0:

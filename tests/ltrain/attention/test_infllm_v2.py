@@ -29,7 +29,7 @@ def cfgs(**overrides):
 def context(b, n, head_dim, cp_group=None):
     positions = torch.arange(n).expand(b, n)
     cos, sin = rope_tables(positions, head_dim)
-    return AttnContext(positions=positions, cos=cos, sin=sin, cp_group=cp_group)
+    return AttnContext(cos=cos, sin=sin, cp_group=cp_group)
 
 
 def layers(n, **overrides):

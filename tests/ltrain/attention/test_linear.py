@@ -10,8 +10,7 @@ CFG = ModelConfig(vocab_size=64, dim=32, n_layers=4, n_heads=4, n_kv_heads=2)
 
 
 def ctx_for(n):
-    pos = torch.arange(n)[None]
-    return AttnContext(positions=pos, cos=torch.ones(1), sin=torch.zeros(1))
+    return AttnContext(cos=torch.ones(1), sin=torch.zeros(1))
 
 
 def test_decay_schedule_is_transnormer():

@@ -35,7 +35,7 @@ def tiny_s2_cfg(**s2):
 def context(b, n, head_dim, cp_group=None):
     positions = torch.arange(n).expand(b, n)
     cos, sin = rope_tables(positions, head_dim)
-    return AttnContext(positions=positions, cos=cos, sin=sin, cp_group=cp_group)
+    return AttnContext(cos=cos, sin=sin, cp_group=cp_group)
 
 
 def test_pattern_SD_alternates_s2_and_dense_layers():
