@@ -13,6 +13,7 @@ together miss distant context) is logged as a one-line warning instead.
 from __future__ import annotations
 
 import datetime
+import difflib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from omegaconf import OmegaConf
 from ltrain.attention.infllm_v2 import validate_infllm_v2
 from ltrain.attention.registry import resolve_layer_kinds
 from ltrain.data.config import DataConfig, DataConfigError, validate_data_config
-from ltrain.data.memmap import read_meta
+from ltrain.data.memmap import max_token_id, read_meta
 from ltrain.data.tokenizer import BYTE_VOCAB_SIZE
 from ltrain.kernels.s2 import s2_pattern_coverage
 
@@ -56,7 +57,7 @@ class ModelConfig:
 
 @dataclass
 class S2Config:
-    """S2-Attention; defaults are the paper's / Phi-3-small's (REFERENCES.md)."""
+    """S2-Attention; defaults are the paper's / Phi-3-small's (docs/algorithms.md#s2-parameters-and-defaults)."""
 
     block_size: int = 64
     local_blocks: int = 16
@@ -68,7 +69,7 @@ class S2Config:
 
 @dataclass
 class InfLLMV2Config:
-    """InfLLM-V2; defaults are MiniCPM4's public sparse_config (REFERENCES.md)."""
+    """InfLLM-V2; defaults are MiniCPM4's public sparse_config (docs/algorithms.md#infllm-v2-parameters-and-defaults)."""
 
     kernel_size: int = 32
     kernel_stride: int = 16
@@ -135,7 +136,7 @@ class TrainerConfig:
     run_name: str = "${ltrain_run_id:}"
     device: str = "auto"  # auto | cpu | cuda
     progress: bool = True
-    ckpt_dir: str = "${trainer.out_dir}/${trainer.run_name}/checkpoints"
+    ckpt_dir: str = ""  # "": <run dir>/checkpoints, the run dir being Hydra's (hydra.run.dir)
     ckpt_every: int = 100  # 0: only at the end
     keep_last: int = 2
     resume: str = "auto"  # auto (newest complete checkpoint in ckpt_dir, if any) | none | PATH
@@ -196,7 +197,7 @@ def _fail(key: str, value, allowed: str) -> None:
 def run_id() -> str:
     """One run name shared by every rank, so all ranks write one output dir.
 
-    `${now:}` would resolve per rank (FIELD_NOTES); the launcher's job or
+    `${now:}` would resolve per rank (docs/field_notes.md#hydra-with-torchrun); the launcher's job or
     rendezvous id, or the torchrun agent's pid on one node, is common to all.
     """
     if os.environ.get("LTRAIN_RUN_ID"):
@@ -260,9 +261,14 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
         validate_data_config(cfg.data)
     except DataConfigError as exc:
         raise ConfigError(str(exc)) from None
-    vocab = read_meta(cfg.data.path)["vocab_size"] if cfg.data.kind == "memmap" else BYTE_VOCAB_SIZE
+    meta = read_meta(cfg.data.path) if cfg.data.kind == "memmap" else None
+    vocab = meta["vocab_size"] if meta else BYTE_VOCAB_SIZE
     if vocab > m.vocab_size:
         _fail("model.vocab_size", m.vocab_size, f"the data's tokenizer has {vocab} tokens; set model.vocab_size >= {vocab}")
+    if meta and max_token_id(cfg.data.path, meta) >= m.vocab_size:  # the embedding would raise IndexError mid-step
+        _fail("model.vocab_size", m.vocab_size, f"data.path={cfg.data.path} holds token id "
+              f"{max_token_id(cfg.data.path, meta)}; set model.vocab_size >= {max_token_id(cfg.data.path, meta) + 1}")
+    _validate_environment(cfg)
 
     p = cfg.parallel
     world = world_size_from_env() if world_size is None else world_size
@@ -273,6 +279,28 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
         _fail("parallel.dp", p.dp, f"world size {world} / parallel.cp {p.cp} gives {dp}; set {dp} or -1")
     if p.cp > 1:
         _validate_cp(cfg, kinds)
+
+
+def _validate_environment(cfg: TrainConfig) -> None:
+    """What the machine must provide, checked on every rank before any process group:
+    the device asked for, and a wandb key for an online run."""
+    if cfg.trainer.device == "cuda":
+        from ltrain.parallel.topology import check_device  # imported only here: megatron is slow to import
+
+        try:
+            check_device("cuda", int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))))
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    if cfg.tracking.backend == "wandb" and cfg.tracking.mode == "online":
+        from ltrain.tracking import check_wandb_api_key  # ltrain.tracking imports this module
+
+        check_wandb_api_key()
+
+
+def resolve_run_paths(cfg: TrainConfig, run_dir: str) -> None:
+    """trainer.ckpt_dir="" means <run dir>/checkpoints: checkpoints follow hydra.run.dir."""
+    if not cfg.trainer.ckpt_dir:
+        cfg.trainer.ckpt_dir = os.path.join(run_dir, "checkpoints")
 
 
 def _validate_s2(cfg: TrainConfig) -> None:
@@ -357,21 +385,75 @@ REMOVED_KEYS = {
 }
 
 
+def _schema() -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(TrainConfig), resolve=False)
+
+
+def _dotted(node: dict, path: str = "") -> list[str]:
+    out = []
+    for key, val in node.items():
+        out.append(f"{path}{key}")
+        if isinstance(val, dict):
+            out += _dotted(val, f"{path}{key}.")
+    return out
+
+
+def unknown_key(name: str, allowed) -> ConfigError:
+    """The one line for a key the schema lacks: the closest known key, or what is allowed there."""
+    if name in REMOVED_KEYS:
+        return ConfigError(f"{name} is not a setting: {REMOVED_KEYS[name]}; remove the override")
+    close = difflib.get_close_matches(name, _dotted(_schema()), n=1, cutoff=0.6)
+    hint = f"closest: {close[0]}" if close else "allowed here: " + ", ".join(map(str, allowed))
+    return ConfigError(f"{name} is not a setting ({hint}), fix or remove the override")
+
+
 def check_known_keys(dcfg) -> None:
     """ConfigError for a key the schema lacks (a `+key=...` override would
     otherwise be dropped silently when the config becomes TrainConfig)."""
-    schema = OmegaConf.to_container(OmegaConf.structured(TrainConfig), resolve=False)
+    schema = _schema()
 
     def walk(node: dict, ref: dict, path: str) -> None:
         for key, val in node.items():
             name = f"{path}{key}"
             if key not in ref:
-                why = REMOVED_KEYS.get(name, "no such setting; allowed here: " + ", ".join(map(str, ref)))
-                raise ConfigError(f"{name} is not a setting: {why}; remove the override")
+                raise unknown_key(name, ref)
             if isinstance(val, dict) and isinstance(ref[key], dict):
                 walk(val, ref[key], name + ".")
 
     walk({k: v for k, v in OmegaConf.to_container(dcfg, resolve=False).items() if k != "hydra"}, schema, "")
+
+
+def config_groups() -> set[str]:
+    """The group names of the conf/ tree (model, attention, ..., experiment)."""
+    from importlib.resources import files
+
+    return {p.name for p in files("ltrain.conf").iterdir() if p.is_dir() and not p.name.startswith("__")}
+
+
+def check_override_keys(args: list[str]) -> None:
+    """ConfigError for a command-line override of a key the schema lacks, with or
+    without `+`, before Hydra composes (Hydra's own message for `foo=1` says to
+    write `+foo=1`, which would then be dropped). Group choices (`model=small`),
+    hydra.* and anything Hydra's parser rejects are left to Hydra."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        overrides = OverridesParser.create().parse_overrides(
+            [a for a in args if not a.startswith("-") and ("=" in a or a.startswith("~"))])
+    except HydraException:
+        return
+    schema, groups = _schema(), config_groups()
+    for o in overrides:
+        key = o.key_or_group
+        root = key.split("/")[0].split(".")[0]
+        if o.package is not None or root == "hydra" or (root in groups and "." not in key):
+            continue  # Hydra's own settings and group choices (model=small, hydra/launcher=...)
+        node = schema
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                raise unknown_key(key, node if isinstance(node, dict) else [])
+            node = node[part]
 
 
 def register_configs() -> None:

@@ -2,6 +2,8 @@
 
 Only rank 0 tracks; every other rank gets the `none` tracker. Every tracker has
 `run_id` (the wandb run id, None otherwise), `log(metrics, step)` and `finish()`.
+A run that resumes at step S (`start_step`) first drops the lines of
+metrics.jsonl after S, so the steps it replays appear once.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from urllib.parse import urlsplit
 
 from tqdm import tqdm
 
+from ltrain.checkpoint import write_atomic
 from ltrain.config import ConfigError
 
 
@@ -36,8 +39,10 @@ class NoneTracker:
 class ConsoleTracker(NoneTracker):
     """One line per log step on the console and one JSON object per line in metrics.jsonl."""
 
-    def __init__(self, run_dir: str):
+    def __init__(self, run_dir: str, start_step: int | None = None):
         self.path = os.path.join(run_dir, "metrics.jsonl")
+        if start_step is not None:
+            truncate_metrics(self.path, start_step)
         self._file = open(self.path, "a", buffering=1)
 
     def log(self, metrics: dict, step: int) -> None:
@@ -57,14 +62,15 @@ class WandbTracker(ConsoleTracker):
     which only accepts increasing steps.
     """
 
-    def __init__(self, tracking_cfg, run_dir: str, config: dict | None, run_id: str | None):
+    def __init__(self, tracking_cfg, run_dir: str, config: dict | None, run_id: str | None,
+                 start_step: int | None = None):
         if tracking_cfg.mode == "online":
             check_wandb_api_key()
         # Before importing wandb: keeps offline wandb from printing its banners.
         os.environ.setdefault("WANDB_SILENT", "true")
         import wandb
 
-        super().__init__(run_dir)
+        super().__init__(run_dir, start_step)
         self._run = wandb.init(
             project=tracking_cfg.project,
             entity=tracking_cfg.entity,
@@ -134,21 +140,37 @@ def _read_int(path: str, default: int) -> int:
 
 
 def _write_int(path: str, value: int) -> None:
-    # Write then rename, so a crash mid-write never leaves a half-written step.
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(str(value))
-    os.replace(tmp, path)
+    write_atomic(path, str(value))  # a crash mid-write never leaves a half-written step
+
+
+def truncate_metrics(path: str, last_step: int) -> None:
+    """Keep the lines of metrics.jsonl up to `last_step` (and drop a line cut off by a kill),
+    so a run resumed from the checkpoint at `last_step` logs each later step once."""
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        return
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= last_step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            pass  # a line half-written when the run was killed
+    if len(kept) != len(lines):
+        write_atomic(path, "".join(line + "\n" for line in kept))
 
 
 def build_tracker(tracking_cfg, *, rank: int, run_dir: str, config: dict | None = None,
-                  run_id: str | None = None) -> NoneTracker:
+                  run_id: str | None = None, start_step: int | None = None) -> NoneTracker:
     """The tracker for tracking.backend on rank 0; the none tracker everywhere else.
 
-    config is the composed config, logged by wandb; run_id continues an earlier wandb run.
+    config is the composed config, logged by wandb; run_id continues an earlier wandb run;
+    start_step is the step the run resumes after (0 for a fresh start), None keeps every line.
     """
     if rank != 0 or tracking_cfg.backend == "none":
         return NoneTracker()
     if tracking_cfg.backend == "wandb":
-        return WandbTracker(tracking_cfg, run_dir, config, run_id)
-    return ConsoleTracker(run_dir)
+        return WandbTracker(tracking_cfg, run_dir, config, run_id, start_step)
+    return ConsoleTracker(run_dir, start_step)

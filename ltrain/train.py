@@ -27,8 +27,9 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from ltrain import checkpoint  # noqa: E402
-from ltrain.config import ConfigError, TrainConfig, check_known_keys, register_configs, validate  # noqa: E402
+from ltrain import checkpoint, preempt, runlock  # noqa: E402
+from ltrain.config import (ConfigError, TrainConfig, check_known_keys, check_override_keys,  # noqa: E402
+                           register_configs, resolve_run_paths, validate)
 from ltrain.parallel.comm import CommMeter  # noqa: E402
 from ltrain.parallel.sharding import shard_sequence  # noqa: E402
 
@@ -91,7 +92,7 @@ def run_summary(kinds: list[str], stats: dict, losses: list[float], tokens: int,
              f"{tokens / max(seconds, 1e-9):,.0f} tokens/s over the run" if losses else "done: no steps run"]
     for i, kind in enumerate(kinds):
         mode, frac = stats.get(f"attn/layer{i}/mode"), stats.get(f"attn/layer{i}/block_fraction")
-        lines.append(f"  layer {i}: {kind}" + (f" ({mode})" if mode else "")
+        lines.append(f"  layer {i}: {kind}" + (f" ({mode})" if mode and mode != kind else "")
                      + (f", attended fraction {frac:.3f}" if frac is not None else ""))
     lines.append(f"  run dir: {run_dir}")
     return "\n".join(lines)
@@ -109,6 +110,7 @@ def train(cfg: TrainConfig, run_dir: str) -> list[float]:
 
     checkpoint.check_writable(cfg.trainer.ckpt_dir)
     topo = init_topology(cfg.parallel.cp, cfg.parallel.backend, cfg.trainer.device)
+    locks = runlock.acquire_on_rank0([run_dir, cfg.trainer.ckpt_dir])  # one writer per run dir
     os.makedirs(run_dir, exist_ok=True)
     setup_logging(topo.rank, run_dir)
     if topo.rank == 0:
@@ -132,7 +134,7 @@ def train(cfg: TrainConfig, run_dir: str) -> list[float]:
     start = resumed.step if resumed else 0
     tracker = build_tracker(cfg.tracking, rank=topo.rank, run_dir=run_dir,
                             config=OmegaConf.to_container(OmegaConf.structured(cfg)),
-                            run_id=resumed.tracker_run_id if resumed else None)
+                            run_id=resumed.tracker_run_id if resumed else None, start_step=start)
 
     tokens_per_step = cfg.data.micro_batch_size * cfg.data.seq_len * cfg.trainer.grad_accum * topo.dp
     bar = tqdm(total=cfg.trainer.max_steps, initial=start, disable=topo.rank != 0 or not cfg.trainer.progress,
@@ -141,6 +143,7 @@ def train(cfg: TrainConfig, run_dir: str) -> list[float]:
     run_start = window_start = time.perf_counter()
     window_tokens = 0
     tokens = resumed.tokens if resumed else 0
+    stop = None
     for step in range(start + 1, cfg.trainer.max_steps + 1):
         step_start = time.perf_counter()
         stats = torch.zeros(2, dtype=torch.float64)  # [loss sum, token count] over micro steps
@@ -152,9 +155,14 @@ def train(cfg: TrainConfig, run_dir: str) -> list[float]:
                 engine.backward(loss)
                 if engine.is_gradient_accumulation_boundary():
                     pre_clip_norm = grad_norm_before_step(model)
+                    step_lr = engine.get_lr()[0]  # the lr this step uses; step() advances the schedule
                 engine.step()
                 stats += torch.tensor([loss_sum.item(), count.item()], dtype=torch.float64)
+        # Stop requests (ltrain.preempt) ride along, so every rank decides alike at this step;
+        # dp x cp is the whole world (tensor and pipeline parallel sizes are 1).
+        stats = torch.cat([stats, torch.tensor(preempt.flags(), dtype=torch.float64)])
         dist.all_reduce(stats, group=topo.dp_cp_group)
+        stop = preempt.decide(stats[2:].tolist())
         mean_loss = (stats[0] / stats[1]).item()
         losses.append(mean_loss)
         step_time = time.perf_counter() - step_start
@@ -168,7 +176,7 @@ def train(cfg: TrainConfig, run_dir: str) -> list[float]:
             grad_norm = pre_clip_norm if grad_norm is None else grad_norm
             tracker.log({
                 "loss": mean_loss,
-                "lr": engine.get_lr()[0],
+                "lr": step_lr,
                 "grad_norm": float("nan") if grad_norm is None else float(grad_norm),
                 "tokens_per_s": window_tokens / elapsed,
                 "step_time_s": step_time,
@@ -179,11 +187,16 @@ def train(cfg: TrainConfig, run_dir: str) -> list[float]:
             }, step=step)
             window_start, window_tokens = time.perf_counter(), 0
         every = cfg.trainer.ckpt_every
-        if (every and step % every == 0) or step == cfg.trainer.max_steps:
+        if (every and step % every == 0) or step == cfg.trainer.max_steps or (stop and stop.save):
             checkpoint.save(engine, cfg.trainer.ckpt_dir, step=step, tokens=tokens, loader=loader,
                             tracker_run_id=tracker.run_id, keep_last=cfg.trainer.keep_last,
                             extra={"seq_len": cfg.data.seq_len, "dp": topo.dp, "cp": topo.cp,
                                    "zero_stage": cfg.parallel.zero_stage})
+        if stop:
+            log.info("stopped at step %d on %s: %s", step, stop.reason,
+                     "checkpoint saved, the same command continues from it (trainer.resume=auto)" if stop.save
+                     else "not saved, trainer.resume=auto continues from the newest complete checkpoint")
+            break
     bar.close()
     if topo.rank == 0:
         log.info("%s", run_summary(model.kinds, attention_stats(model.attn_stats), losses,
@@ -191,6 +204,10 @@ def train(cfg: TrainConfig, run_dir: str) -> list[float]:
                                    run_dir))
     tracker.finish()
     destroy_topology()
+    for lock in locks:
+        lock.release()
+    if stop and stop.requeue and step < cfg.trainer.max_steps and topo.rank == 0:
+        preempt.requeue()  # after the lock is released: the requeued job takes it
     return losses
 
 
@@ -200,6 +217,7 @@ def hydra_main(dcfg: DictConfig) -> None:
         check_known_keys(dcfg)
         cfg: TrainConfig = OmegaConf.to_object(dcfg)
         validate(cfg)
+        resolve_run_paths(cfg, HydraConfig.get().runtime.output_dir)
         train(cfg, HydraConfig.get().runtime.output_dir)
     except ConfigError as exc:
         print(f"ltrain: config error: {exc}", file=sys.stderr)
@@ -207,11 +225,25 @@ def hydra_main(dcfg: DictConfig) -> None:
     except checkpoint.CheckpointError as exc:
         print(f"ltrain: checkpoint error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except runlock.RunLockError as exc:
+        print(f"ltrain: run error: {exc}", file=sys.stderr)
+        sys.exit(2)
 
 
 def main() -> None:
     register_configs()
-    hydra_main()
+    preempt.install()  # first: a SIGUSR1 during start-up would otherwise kill the rank
+    try:
+        check_override_keys(sys.argv[1:])  # before Hydra, whose message for `foo=1` suggests `+foo=1`
+        hydra_main()
+    except ConfigError as exc:
+        print(f"ltrain: config error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        # A save cut short has no manifest yet, so it is never loaded: the last complete one is.
+        print("ltrain: interrupt error: stopped by Ctrl-C, rerun the same command to resume from the newest "
+              "complete checkpoint", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -56,8 +56,22 @@ def _env_from_slurm() -> None:
     if "MASTER_ADDR" not in os.environ:
         raise RuntimeError(
             "running under srun without torchrun: export MASTER_ADDR (the first node of "
-            "$SLURM_JOB_NODELIST) and MASTER_PORT, or use launch/slurm.sh"
+            "$SLURM_JOB_NODELIST) and MASTER_PORT, or submit launch/slurm.sbatch"
         )
+
+
+def check_device(device: str, local_rank: int = 0) -> None:
+    """ValueError (one line, naming trainer.device) when `device` cannot be used by this rank."""
+    if device != "cuda":
+        return
+    if not torch.cuda.is_available():
+        raise ValueError("trainer.device='cuda' is invalid: torch sees no CUDA device on this machine "
+                         f"({torch.__version__}, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); "
+                         "use trainer.device=cpu or auto")
+    if local_rank >= torch.cuda.device_count():
+        raise ValueError(f"trainer.device='cuda' is invalid: local rank {local_rank} has no GPU of its own "
+                         f"({torch.cuda.device_count()} visible); start at most {torch.cuda.device_count()} "
+                         "processes per node")
 
 
 def init_topology(cp: int = 1, backend: str = "auto", device: str = "auto", timeout_s: int = 600) -> Topology:
@@ -68,6 +82,7 @@ def init_topology(cp: int = 1, backend: str = "auto", device: str = "auto", time
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    check_device(device, local_rank)
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if backend == "auto":
         backend = "nccl" if use_cuda else "gloo"

@@ -47,7 +47,21 @@ def read_meta(path: str | None) -> dict:
                 f"data.path={path}: {name} has {f.stat().st_size} bytes but {META} says {count} x {itemsize}; "
                 "truncated or stale, re-run ltrain-prepare --force"
             )
+    if "max_id" in meta and meta["max_id"] >= meta["vocab_size"]:
+        raise DataConfigError(
+            f"data.path={path}: {META} says vocab_size {meta['vocab_size']} but {TOKENS} holds id {meta['max_id']}; "
+            "the meta.json was edited or is from another tokenizer, re-run ltrain-prepare --force"
+        )
     return meta
+
+
+def max_token_id(path: str, meta: dict) -> int:
+    """The largest id in tokens.bin: recorded by ltrain-prepare, or found by one pass for
+    a directory prepared before it was recorded."""
+    if "max_id" in meta:
+        return int(meta["max_id"])
+    tokens = np.memmap(Path(path) / TOKENS, dtype=meta["dtype"], mode="r", shape=(meta["num_tokens"],))
+    return int(tokens.max()) if len(tokens) else -1
 
 
 class MemmapSource:

@@ -11,8 +11,11 @@ is byte-identical for any --workers.
 Files that are not UTF-8 text (undecodable, or containing NUL bytes) and
 empty files are skipped and counted; a file that cannot be read at all is an
 error naming it, because the user asked for it and it would silently go
-missing. Output goes to *.tmp files renamed into place, meta.json last: a
-directory with a meta.json is complete. Re-running with the same sources
+missing. Output is written into a temporary directory next to OUT_DIR and
+moved into place only when complete (a new OUT_DIR is one rename; in an
+existing one meta.json goes last, so a directory with a meta.json is
+complete): a failed run leaves an existing corpus as it was and no
+temporary files. Re-running with the same sources
 (paths, sizes, mtimes) and tokenizer reports it is up to date and exits 0;
 --force rebuilds.
 """
@@ -25,6 +28,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -138,6 +142,10 @@ def prepare(
         tok = load_tokenizer(tokenizer)
     except ValueError as e:
         raise PrepareError(str(e)) from None
+    except Exception as e:  # noqa: BLE001 - the tokenizers library raises plain Exception for a bad file
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PrepareError(f"--tokenizer {tokenizer} is not a valid tokenizer.json ({first}), "
+                           "pass a file saved by the tokenizers library or 'byte'") from None
     files = collect_files(sources, out, exts, exclude)
     if not files:
         raise PrepareError("no source files given")
@@ -150,10 +158,35 @@ def prepare(
         if meta is not None and meta["source_hash"] == digest:
             return PrepareResult(meta, up_to_date=True)
 
-    out.mkdir(parents=True, exist_ok=True)
-    (out / META).unlink(missing_ok=True)  # from here on the directory is incomplete
+    tmp = _make_tmp_dir(out)
+    try:
+        meta, skipped = _write_corpus(tmp, files, tok, tokenizer, workers, digest)
+        _move_into_place(tmp, out)
+    except OSError as e:
+        raise PrepareError(f"cannot write {out}: {e.strerror or e} ({e.filename or out}), "
+                           "choose a writable output directory") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful move
+    return PrepareResult(meta, skipped=skipped)
+
+
+def _make_tmp_dir(out: Path) -> Path:
+    """An empty directory next to OUT_DIR (same filesystem, so the final renames are atomic)."""
+    tmp = out.parent / f".{out.name}.ltrain-prepare-{os.getpid()}"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # a killed earlier run with the same pid
+        tmp.mkdir()
+    except OSError as e:
+        raise PrepareError(f"cannot write {out}: {e.strerror or e} ({e.filename or out.parent}), "
+                           "choose a writable output directory") from None
+    return tmp
+
+
+def _write_corpus(tmp: Path, files: list[Path], tok, tokenizer: str, workers: int, digest: str) -> tuple[dict, list]:
+    """tokens.bin, docs.idx, meta.json of `files` in `tmp`."""
     dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
-    offsets, skipped = [0], []
+    offsets, skipped, max_id = [0], [], -1
     jobs = [(f, dtype) for f in files]
     # spawn, not fork: a parent that loaded a Rust tokenizer must not be forked.
     pool = multiprocessing.get_context("spawn").Pool(workers, _init_worker, (tokenizer,)) if workers > 1 else None
@@ -161,7 +194,7 @@ def prepare(
         _init_worker(tokenizer)
     try:
         results = pool.imap(_encode_file, jobs, chunksize=8) if pool else map(_encode_file, jobs)
-        with open(out / (TOKENS + ".tmp"), "wb") as fh:
+        with open(tmp / TOKENS, "wb") as fh:
             for f, (status, value) in zip(files, tqdm(results, total=len(files), unit="file", disable=None)):
                 if status == "error":
                     raise PrepareError(value)
@@ -170,18 +203,20 @@ def prepare(
                     continue
                 value.tofile(fh)
                 offsets.append(offsets[-1] + len(value))
+                max_id = max(max_id, int(value.max()))
     finally:
         if pool is not None:
             pool.terminate()
     if len(offsets) == 1:
         raise PrepareError(f"no text documents among {len(files)} source files ({_skip_summary(skipped)})")
-    np.asarray(offsets, dtype=np.int64).tofile(out / (DOCS + ".tmp"))
+    np.asarray(offsets, dtype=np.int64).tofile(tmp / DOCS)
     meta = {
         "version": META_VERSION,
         "tokenizer": tok.name,
         "tokenizer_identity": tok.identity(),
         "vocab_size": tok.vocab_size,
         "eos_id": tok.eos_id,
+        "max_id": max_id,  # what the model's embedding must cover (checked by ltrain.config)
         "dtype": np.dtype(dtype).name,
         "num_tokens": offsets[-1],
         "num_docs": len(offsets) - 1,
@@ -189,10 +224,22 @@ def prepare(
         "num_skipped": len(skipped),
         "source_hash": digest,
     }
-    (out / (META + ".tmp")).write_text(json.dumps(meta, indent=2) + "\n")
+    (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
+    return meta, skipped
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """A new OUT_DIR: one rename. An existing one (it may hold other files): replace the
+    data files one by one, meta.json removed first and written last, so a reader never
+    sees a meta.json that does not describe the files next to it."""
+    if not out.exists():
+        os.rename(tmp, out)
+        return
+    (out / META).unlink(missing_ok=True)
     for name in (TOKENS, DOCS, META):
-        os.replace(out / (name + ".tmp"), out / name)
-    return PrepareResult(meta, skipped=skipped)
+        os.replace(tmp / name, out / name)
+    for name in (TOKENS, DOCS, META):  # left by a version that wrote *.tmp files inside OUT_DIR
+        (out / (name + ".tmp")).unlink(missing_ok=True)
 
 
 def _skip_summary(skipped: list[tuple[str, str]]) -> str:
@@ -227,6 +274,9 @@ def main(argv: list[str] | None = None) -> int:
                          exclude=tuple(args.exclude), force=args.force)
     except PrepareError as e:
         print(f"ltrain-prepare: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"ltrain-prepare: error: interrupted, {out} is as it was before; run the command again", file=sys.stderr)
         return 2
     m = result.meta
     if result.up_to_date:

@@ -1,6 +1,7 @@
 """Checkpoints: atomic visibility, damage detection, and bit-exact continuation
 after SIGKILL with the real DeepSpeed engine (ZeRO 1 and 3, 1 and 2 ranks)."""
 
+import hashlib
 import json
 import os
 import signal
@@ -18,7 +19,7 @@ from tests.multiproc import run_ranks
 REPO = Path(__file__).resolve().parents[2]
 SINGLE = (sys.executable, "-m", "ltrain.train")
 TWO_RANKS = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "ltrain.train")
-BASE = ["trainer.max_steps=40", "trainer.log_every=1", "trainer.ckpt_every=10", "trainer.progress=false",
+BASE = ["attention=dense", "trainer.max_steps=40", "trainer.log_every=1", "trainer.ckpt_every=10", "trainer.progress=false",
         "model.n_layers=2", "data.micro_batch_size=4", "data.seq_len=128"]
 
 
@@ -27,7 +28,8 @@ def fake_ckpt(root: Path, step: int, complete: bool = True) -> Path:
     path.mkdir(parents=True)
     (path / "model.pt").write_bytes(b"x" * 100)
     if complete:
-        (path / MANIFEST).write_text(json.dumps({"step": step, "files": {"model.pt": 100}}))
+        digest = hashlib.sha256(b"x" * 100).hexdigest()
+        (path / MANIFEST).write_text(json.dumps({"step": step, "files": {"model.pt": {"size": 100, "sha256": digest}}}))
     return path
 
 
@@ -49,6 +51,19 @@ def test_auto_tries_newest_first_and_prune_keeps_last(tmp_path):
         "step_00000030", "step_00000025", "step_00000020", "step_00000010"]
     _prune(str(tmp_path), keep_last=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000020", "step_00000030"]
+
+
+def test_prune_keeps_the_checkpoint_just_saved_over_a_newer_damaged_one(tmp_path):
+    """Resumed from step 10 because step 30 is damaged, saved step 20 with keep_last=1:
+    step 30 is newer by number, but step 20 (just saved, hashed) is the good one."""
+    for step in (10, 20, 30):
+        fake_ckpt(tmp_path, step)
+    (tmp_path / "step_00000030" / "model.pt").write_bytes(b"y" * 100)  # same size, other bytes
+    _prune(str(tmp_path), keep_last=1, protect=str(tmp_path / "step_00000020"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000020", "step_00000030"]
+    with pytest.raises(CheckpointError, match="model.pt has the right size but not its recorded sha256"):
+        verify(tmp_path / "step_00000030")
+    assert verify(tmp_path / "step_00000020")["step"] == 20
 
 
 def run(launcher, out: Path, extra=(), env_extra=None):

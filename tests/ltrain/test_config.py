@@ -44,9 +44,13 @@ def test_every_preset_composes_and_validates(override, tmp_path):
     validate(cfg, world_size=1)
 
 
-def test_default_is_tiny_dense_synthetic():
+def test_default_is_the_tiny_mixed_model_with_its_sparse_paths_active():
     cfg = load()
-    assert (cfg.model.name, cfg.attention.pattern, cfg.data.kind) == ("tiny", "D", "synthetic")
+    assert (cfg.model.name, cfg.attention.pattern, cfg.data.kind) == ("tiny", "SILD", "synthetic")
+    # InfLLM-V2 runs sparse, S2 has stripes beyond its local band, at the default length.
+    assert cfg.data.seq_len > cfg.attention.infllm_v2.dense_len
+    s2 = cfg.attention.s2
+    assert cfg.data.seq_len // s2.block_size >= s2.local_blocks + 2 * s2.vert_stride
 
 
 @pytest.mark.parametrize(
@@ -143,7 +147,7 @@ def test_wrong_type_is_rejected_at_compose_time():
 @pytest.mark.parametrize("override, match", [
     ("+attention.infllm_v2.granularity=64", r"^attention.infllm_v2.granularity is not a setting: selection is per "
                                             r"query token.*not causal"),
-    ("+trainer.max_step=10", r"^trainer.max_step is not a setting: no such setting; allowed here: max_steps"),
+    ("+trainer.max_step=10", r"^trainer.max_step is not a setting \(closest: trainer.max_steps\), fix or remove"),
 ])
 def test_an_added_key_the_schema_lacks_is_an_error_not_dropped(override, match):
     """`+key=...` passes Hydra's struct check; TrainConfig would drop it silently."""

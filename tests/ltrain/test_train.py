@@ -40,6 +40,12 @@ def test_default_run_learns_and_writes_its_outputs(tmp_path):
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert saved["model"]["name"] == "tiny" and saved["trainer"]["run_name"] == "test"
     assert saved["attention"]["pattern"] == "SILD"
+    from ltrain.engine import lr_lambda  # the lr logged at step s is the one step s trained with
+    o = saved["optim"]
+    for r in rows:
+        factor = lr_lambda(r["step"] - 1, warmup_steps=o["warmup_steps"], max_steps=saved["trainer"]["max_steps"],
+                           schedule=o["schedule"], min_lr_ratio=o["min_lr_ratio"])
+        assert r["lr"] == pytest.approx(o["lr"] * factor, rel=1e-6), r
     out = proc.stdout + proc.stderr
     assert "step 200" in out
     summary = out[out.index("done: 200 steps"):]
