@@ -1,4 +1,4 @@
-"""InfLLM-V2 dense-sparse switchable attention (MiniCPM4; REFERENCES.md).
+"""InfLLM-V2 dense-sparse switchable attention (MiniCPM4; docs/algorithms.md#infllm-v2).
 
     N <= dense_len:  dense causal attention (the `dense` kind's SDPA call, bit for bit)
     N >  dense_len:  infllm_v2_select -> token layout (per batch, KV group, query token)

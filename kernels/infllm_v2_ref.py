@@ -1,4 +1,4 @@
-"""PyTorch references for InfLLM-V2 block selection (REFERENCES.md, "InfLLM-V2").
+"""PyTorch references for InfLLM-V2 block selection (docs/algorithms.md#infllm-v2).
 
 With G = Hq / Hkv query heads per KV group, query i at global position
 t_i = q_start + i, and compressed keys (mean pooling, full windows only)

@@ -1,6 +1,6 @@
 """Block-sparsity layout: which key blocks each query block attends to.
 
-A layout is data, not code (ARCHITECTURE.md): S2 builds one once from its
+A layout is data, not code (docs/architecture.md#contracts): S2 builds one once from its
 parameters, InfLLM-V2 builds one per step from top-k scores, and a single
 block-sparse kernel serves both.
 

@@ -1,4 +1,4 @@
-"""ARCHITECTURE.md's import rules, checked on the source: kernels/ needs only torch
+"""The import rules of docs/architecture.md#what-each-layer-may-import, checked on the source: kernels/ needs only torch
 and triton (it runs on GPU boxes without the rest), parallel/ never reaches into ltrain/
 beyond ltrain.kernels."""
 

@@ -1,6 +1,6 @@
 """`s2`: S2-Attention (sparsely-sharded heads), causal block-sparse softmax
 attention whose static layout mixes a local band with per-head vertical
-stripes (kernels.s2; REFERENCES.md "S2-Attention"):
+stripes (kernels.s2; docs/algorithms.md#s2-attention):
 
     o_i = sum_{j visible to head h} softmax_j(q_i . k_j / sqrt(D)) v_j,
     key block J visible to query block I iff J <= I and

@@ -1,4 +1,4 @@
-"""Triton kernels run in the interpreter when there is no GPU (ARCHITECTURE.md).
+"""Triton kernels run in the interpreter when there is no GPU (docs/architecture.md#testing-without-a-gpu).
 
 Set before any test module imports a kernel: triton.jit picks interpreter or
 compiler when the kernel is decorated."""

@@ -175,7 +175,7 @@ def test_matches_naive_loop():
 
 def half_precision_errors(dtype, fn):
     """(error of fn in dtype, error of plain SDPA in dtype), each against fp32
-    SDPA, per output; the criterion of REFERENCES.md."""
+    SDPA, per output; the criterion of docs/algorithms.md#half-precision-test-criterion."""
     layout = random_layout(1, 4, 4, 4, density=0.6, seed=13)
     q, k, v, do, _ = make_qkv(1, 4, 2, 64, 64, 32)
     mask = dense_mask(layout, 1, 4, 64, 64)

@@ -19,7 +19,7 @@ def qk(B=2, Hq=4, Hkv=2, Nq=256, Nk=256, D=32, seed=0):
 
 
 def test_pool_geometry_is_the_papers_max_pool():
-    """kernel 5, stride 4, padding 1 at the public 32 / 16 / 64 (REFERENCES.md)."""
+    """kernel 5, stride 4, padding 1 at the public 32 / 16 / 64 (docs/algorithms.md#pooling-onto-blocks)."""
     S, P = pool_geometry(32, 16, 64)
     assert (S + P, S, P) == (5, 4, 1)
 

@@ -162,7 +162,7 @@ def test_backward_is_deterministic():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_within_sdpa_error(dtype):
-    """Yardstick (REFERENCES.md): masked SDPA run in `dtype` (torch's own half-precision
+    """Yardstick (docs/algorithms.md#half-precision-test-criterion): masked SDPA run in `dtype` (torch's own half-precision
     attention); both errors are max abs against the fp64 oracle."""
     layout = token_layout(1, 1, 48, 3, 16, width=2, seed=10)
     q, k, v, do, _ = make_qkv(1, 4, 1, 48, 48, 32, seed=10)

@@ -1,5 +1,5 @@
-"""Model-level causality probe for every attention kind (ARCHITECTURE.md:
-"Causality is a contract of every kind ... sparse selection included").
+"""Model-level causality probe for every attention kind (docs/architecture.md#contracts:
+causality holds for every kind, sparse selection included).
 
 The tiny model (conf/model/tiny.yaml) is built with each conf/attention CPU
 preset, plus one mix of every kind, at lengths where every sparse path really
