@@ -108,6 +108,7 @@ def train(cfg: TrainConfig, run_dir: str) -> list[float]:
     from ltrain.parallel.topology import destroy_topology, init_topology
     from ltrain.tracking import build_tracker
 
+    resolve_run_paths(cfg, run_dir)
     checkpoint.check_writable(cfg.trainer.ckpt_dir)
     topo = init_topology(cfg.parallel.cp, cfg.parallel.backend, cfg.trainer.device)
     locks = runlock.acquire_on_rank0([run_dir, cfg.trainer.ckpt_dir])  # one writer per run dir
@@ -217,7 +218,6 @@ def hydra_main(dcfg: DictConfig) -> None:
         check_known_keys(dcfg)
         cfg: TrainConfig = OmegaConf.to_object(dcfg)
         validate(cfg)
-        resolve_run_paths(cfg, HydraConfig.get().runtime.output_dir)
         train(cfg, HydraConfig.get().runtime.output_dir)
     except ConfigError as exc:
         print(f"ltrain: config error: {exc}", file=sys.stderr)

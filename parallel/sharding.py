@@ -38,9 +38,10 @@ def shard_sequence(x: torch.Tensor, cp_rank: int, cp: int, *, mode: str = "zigza
 def gather_sequence(x: torch.Tensor, group: dist.ProcessGroup, *, mode: str = "zigzag", dim: int = 1) -> torch.Tensor:
     """Inverse of shard_sequence over `group`: every rank gets the full [..., N, ...] (no grad)."""
     cp = dist.get_world_size(group)
-    x = x.contiguous()
+    x = x.detach().contiguous()
     out = x.new_empty(cp * x.shape[0], *x.shape[1:])
-    comm.all_gather_into_tensor(out, x, group=group)  # metered, like every collective in parallel/
+    with torch.no_grad():  # gloo fills `out` through views made without grad; grad mode would refuse the write
+        comm.all_gather_into_tensor(out, x, group=group)  # metered, like every collective in parallel/
     pieces = out.chunk(cp, dim=0)
     if mode == "contiguous":
         return torch.cat(pieces, dim=dim)
