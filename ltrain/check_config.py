@@ -17,7 +17,8 @@ import sys
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ltrain.config import ConfigError, check_known_keys, register_configs, validate
+from ltrain.config import check_known_keys, register_configs, validate
+from ltrain.errors import ConfigError
 
 
 def _one_line(exc: BaseException) -> str:

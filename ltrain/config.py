@@ -24,16 +24,14 @@ from omegaconf import OmegaConf
 
 from ltrain.attention.infllm_v2 import validate_infllm_v2
 from ltrain.attention.registry import resolve_layer_kinds
-from ltrain.data.config import DataConfig, DataConfigError, validate_data_config
+from ltrain.data.config import DataConfig, DataConfigError
 from ltrain.data.memmap import max_token_id, read_meta
 from ltrain.data.tokenizer import BYTE_VOCAB_SIZE
+from ltrain.data.validate import validate_data_config
+from ltrain.errors import ConfigError
 from ltrain.kernels.s2 import s2_pattern_coverage
 
 log = logging.getLogger("ltrain.config")
-
-
-class ConfigError(ValueError):
-    """A setting that cannot work; the message is the one line shown to the user."""
 
 
 @dataclass

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 from tqdm import tqdm
 
 from ltrain.checkpoint import write_atomic
-from ltrain.config import ConfigError
+from ltrain.errors import ConfigError
 
 
 class TrackingError(ConfigError):

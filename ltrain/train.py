@@ -28,8 +28,9 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from ltrain import checkpoint, preempt, runlock  # noqa: E402
-from ltrain.config import (ConfigError, TrainConfig, check_known_keys, check_override_keys,  # noqa: E402
-                           register_configs, resolve_run_paths, validate)
+from ltrain.config import (TrainConfig, check_known_keys, check_override_keys, register_configs,  # noqa: E402
+                           resolve_run_paths, validate)
+from ltrain.errors import ConfigError  # noqa: E402
 from ltrain.parallel.comm import CommMeter  # noqa: E402
 from ltrain.parallel.sharding import shard_sequence  # noqa: E402
 

@@ -33,3 +33,91 @@ def test_parallel_imports_no_ltrain_beyond_kernels(path):
     bad = {m for m in imported_modules(path)
            if m.split(".")[0] == "ltrain" and not m.startswith("ltrain.kernels")}
     assert not bad, f"parallel/{path.name} imports {sorted(bad)}"
+
+
+def package_of(path: Path) -> str:
+    """The import-graph node of a source file: ltrain.<module> for ltrain/<module>.py,
+    ltrain.<package> for a file inside ltrain/<package>/, ltrain.kernels / ltrain.parallel."""
+    rel = path.relative_to(REPO)
+    if rel.parts[0] in ("kernels", "parallel"):
+        return f"ltrain.{rel.parts[0]}"
+    return "ltrain." + (rel.parts[1] if len(rel.parts) > 2 else rel.stem)
+
+
+SOURCES = [*(REPO / "ltrain").rglob("*.py"), *(REPO / "kernels").glob("*.py"), *(REPO / "parallel").glob("*.py")]
+
+
+def module_of(path: Path) -> str:
+    rel = path.relative_to(REPO).with_suffix("")
+    parts = ["ltrain", *rel.parts] if rel.parts[0] in ("kernels", "parallel") else list(rel.parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def absolute_imports(path: Path) -> set[str]:
+    """Modules a file imports, relative imports resolved, names of `from X import name` included
+    (a name may be a submodule: `from ltrain.data import memmap`)."""
+    package = module_of(path) if path.name == "__init__.py" else module_of(path).rpartition(".")[0]
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join([*package.split(".")[: len(package.split(".")) - node.level + 1], *filter(None, [base])])
+            names.add(base)
+            names.update(f"{base}.{alias.name}" for alias in node.names)
+    return names
+
+
+def import_graph(level: str) -> dict[str, set[str]]:
+    """level "package": nodes ltrain.<first part>; "module": every module of the repository."""
+    modules = {module_of(p) for p in SOURCES}
+    graph: dict[str, set[str]] = {}
+    for path in SOURCES:
+        node = package_of(path) if level == "package" else module_of(path)
+        for name in absolute_imports(path):
+            if name.split(".")[0] != "ltrain":
+                continue
+            target = ".".join(name.split(".")[:2]) if level == "package" else name
+            if level == "module" and target not in modules:
+                continue  # a class or function imported by name
+            if target not in (node, "ltrain"):
+                graph.setdefault(node, set()).add(target)
+        graph.setdefault(node, set())
+    return graph
+
+
+@pytest.mark.parametrize("level", ["package", "module"])
+def test_no_import_cycles(level):
+    """Cycles (models <-> attention between packages, data.config <-> data.memmap between
+    modules) make a module impossible to read, test or import alone; lazy imports inside
+    functions count. A package's __init__ importing its own modules is not a cycle."""
+    graph = import_graph(level)
+    if level == "module":
+        graph = {n: {t for t in ts if not t.startswith(n + ".")} for n, ts in graph.items()}
+    cycles, state = [], {}
+
+    def visit(node, stack):
+        state[node] = "open"
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                cycles.append(stack[stack.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt, stack + [nxt])
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
+
+
+def test_the_graph_sees_the_layers():
+    """The cycle check above can fail: it sees the edges the layering relies on."""
+    graph = import_graph("package")
+    assert "ltrain.attention" in graph["ltrain.models"] and "ltrain.nn" in graph["ltrain.attention"]
+    assert "ltrain.kernels" in graph["ltrain.parallel"]
+    modules = import_graph("module")
+    assert "ltrain.data.config" in modules["ltrain.data.memmap"]
+    assert "ltrain.parallel.comm" in modules["ltrain.parallel.sharding"]  # `from . import comm`

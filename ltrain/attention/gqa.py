@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ltrain.attention.context import AttnContext
-from ltrain.models.rope import apply_rotary
+from ltrain.nn.rope import apply_rotary
 
 # core(q [B, Hq, N, D], k [B, Hkv, N, D], v [B, Hkv, N, D], ctx) -> [B, Hq, N, D]
 Core = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttnContext], torch.Tensor]

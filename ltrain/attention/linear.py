@@ -28,7 +28,7 @@ from ltrain.attention.context import AttnContext
 from ltrain.attention.gqa import Projections
 from ltrain.attention.registry import register
 from ltrain.kernels.lightning import lightning_attention
-from ltrain.models.layers import RMSNorm
+from ltrain.nn.layers import RMSNorm
 from ltrain.parallel.lasp2 import lasp2_linear_attention
 
 

@@ -1,8 +1,7 @@
-"""Data configuration (the `data` group of the Hydra tree) and its validation.
-
-Validation runs when the config is composed, before any process group
-exists, so it must not touch torch.distributed; every failure is one line
-that names the key, the bad value and what is allowed.
+"""Data configuration (the `data` group of the Hydra tree): the schema and its
+error type. The checks are in ltrain/data/validate.py (generic) and in each
+source's module (synthetic.py, memmap.py), so this module imports nothing of
+ltrain and every data module can import it.
 """
 
 from __future__ import annotations
@@ -41,46 +40,8 @@ class DataConfig:
     recall_value_len: int = 4
 
 
-def _positive_int(cfg: DataConfig, key: str) -> None:
+def positive_int(cfg: DataConfig, key: str) -> None:
+    """DataConfigError unless data.<key> is a positive integer."""
     value = getattr(cfg, key)
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise DataConfigError(f"data.{key}={value!r} must be a positive integer")
-
-
-def validate_data_config(cfg: DataConfig) -> None:
-    """Raise DataConfigError for a setting that would fail later (see module doc)."""
-    if cfg.kind not in KINDS:
-        raise DataConfigError(f"data.kind={cfg.kind!r} is not one of {', '.join(KINDS)}")
-    for key in ("seq_len", "micro_batch_size"):
-        _positive_int(cfg, key)
-    if cfg.kind == "synthetic":
-        _validate_synthetic(cfg)
-    else:
-        # Imported here: memmap.py imports this module for DataConfigError.
-        from ltrain.data.memmap import open_memmap
-
-        open_memmap(cfg)  # checks path, meta.json, tokens.bin size and pack=False lengths
-
-
-def _validate_synthetic(cfg: DataConfig) -> None:
-    if cfg.task not in TASKS:
-        raise DataConfigError(f"data.task={cfg.task!r} is not one of {', '.join(TASKS)}")
-    for key in ("passkey_digits", "recall_key_len", "recall_value_len"):
-        _positive_int(cfg, key)
-    if not 0.0 <= cfg.depth_min <= cfg.depth_max <= 1.0:
-        raise DataConfigError(
-            f"data.depth_min={cfg.depth_min!r}, data.depth_max={cfg.depth_max!r}: "
-            "need 0 <= depth_min <= depth_max <= 1"
-        )
-    if isinstance(cfg.recall_pairs, bool) or not isinstance(cfg.recall_pairs, int) or cfg.recall_pairs < 0:
-        raise DataConfigError(f"data.recall_pairs={cfg.recall_pairs!r} must be an integer >= 0 (0 = as many as fit)")
-    if cfg.task != "passkey" and cfg.recall_pairs > 26**cfg.recall_key_len:
-        raise DataConfigError(
-            f"data.recall_pairs={cfg.recall_pairs} exceeds the {26**cfg.recall_key_len} distinct keys "
-            f"of data.recall_key_len={cfg.recall_key_len}; raise recall_key_len"
-        )
-    from ltrain.data.synthetic import min_seq_len
-
-    need = min_seq_len(cfg)
-    if cfg.seq_len < need:
-        raise DataConfigError(f"data.seq_len={cfg.seq_len} is too short for data.task={cfg.task} (needs >= {need})")

@@ -17,10 +17,11 @@ import logging
 import numpy as np
 import torch
 
-from ltrain.data.config import DataConfig, validate_data_config
+from ltrain.data.config import DataConfig
 from ltrain.data.memmap import open_memmap
 from ltrain.data.sampler import Sampler
 from ltrain.data.synthetic import SyntheticSource
+from ltrain.data.validate import validate_data_config
 
 log = logging.getLogger("ltrain.data")
 

@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ltrain.data.config import DataConfig
+from ltrain.data.config import TASKS, DataConfig, DataConfigError, positive_int
 from ltrain.data.tokenizer import BYTE_VOCAB_SIZE
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
@@ -144,3 +144,26 @@ def passkey_accuracy(logits_fn, *, seq_len: int, n: int, depth: float, seed: int
 def recall_accuracy(logits_fn, *, seq_len: int, n: int, seed: int, pairs: int = 0) -> float:
     """Greedy associative-recall accuracy over `n` probes."""
     return probe_accuracy(logits_fn, [make_recall((seed, i), seq_len, pairs) for i in range(n)])
+
+
+def validate_synthetic(cfg: DataConfig) -> None:
+    """DataConfigError naming the key for a synthetic-task setting that cannot work."""
+    if cfg.task not in TASKS:
+        raise DataConfigError(f"data.task={cfg.task!r} is not one of {', '.join(TASKS)}")
+    for key in ("passkey_digits", "recall_key_len", "recall_value_len"):
+        positive_int(cfg, key)
+    if not 0.0 <= cfg.depth_min <= cfg.depth_max <= 1.0:
+        raise DataConfigError(
+            f"data.depth_min={cfg.depth_min!r}, data.depth_max={cfg.depth_max!r}: "
+            "need 0 <= depth_min <= depth_max <= 1"
+        )
+    if isinstance(cfg.recall_pairs, bool) or not isinstance(cfg.recall_pairs, int) or cfg.recall_pairs < 0:
+        raise DataConfigError(f"data.recall_pairs={cfg.recall_pairs!r} must be an integer >= 0 (0 = as many as fit)")
+    if cfg.task != "passkey" and cfg.recall_pairs > 26**cfg.recall_key_len:
+        raise DataConfigError(
+            f"data.recall_pairs={cfg.recall_pairs} exceeds the {26**cfg.recall_key_len} distinct keys "
+            f"of data.recall_key_len={cfg.recall_key_len}; raise recall_key_len"
+        )
+    need = min_seq_len(cfg)
+    if cfg.seq_len < need:
+        raise DataConfigError(f"data.seq_len={cfg.seq_len} is too short for data.task={cfg.task} (needs >= {need})")

@@ -15,8 +15,8 @@ from torch.utils.checkpoint import checkpoint
 
 from ltrain.attention.context import AttnContext
 from ltrain.attention.registry import build_attention, resolve_layer_kinds
-from ltrain.models.layers import RMSNorm, SwiGLU, swiglu_hidden
-from ltrain.models.rope import rope_tables
+from ltrain.nn.layers import RMSNorm, SwiGLU, swiglu_hidden
+from ltrain.nn.rope import rope_tables
 
 
 class Block(nn.Module):

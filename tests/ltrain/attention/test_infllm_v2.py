@@ -15,7 +15,7 @@ from ltrain.attention.context import AttnContext
 from ltrain.attention.infllm_v2 import validate_infllm_v2
 from ltrain.attention.registry import build_attention, known_kinds
 from ltrain.config import AttentionConfig, InfLLMV2Config, ModelConfig
-from ltrain.models.rope import rope_tables
+from ltrain.nn.rope import rope_tables
 
 REPO = Path(__file__).resolve().parents[3]
 PRESET = OmegaConf.load(REPO / "conf/attention/infllm_v2.yaml").infllm_v2

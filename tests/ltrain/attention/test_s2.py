@@ -18,7 +18,7 @@ from ltrain.attention.registry import build_attention
 from ltrain.attention.s2 import S2Core
 from ltrain.config import AttentionConfig, ModelConfig
 from ltrain.kernels.s2 import s2_layout
-from ltrain.models.rope import rope_tables
+from ltrain.nn.rope import rope_tables
 from ltrain.models.transformer import Transformer
 
 REPO = Path(__file__).resolve().parents[3]

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from ltrain.data.config import DataConfig, DataConfigError, validate_data_config
+from ltrain.data.config import DataConfig, DataConfigError
+from ltrain.data.validate import validate_data_config
 from ltrain.data.loader import DataStateError, build_loader
 from ltrain.data.memmap import open_memmap
 from ltrain.data.prepare import prepare

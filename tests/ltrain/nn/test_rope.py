@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from ltrain.models.rope import apply_rotary, rope_tables
+from ltrain.nn.rope import apply_rotary, rope_tables
 
 
 def naive_rotate(x, pos, base):

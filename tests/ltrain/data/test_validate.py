@@ -1,7 +1,8 @@
 import pytest
 from omegaconf import OmegaConf
 
-from ltrain.data.config import DataConfig, DataConfigError, validate_data_config
+from ltrain.data.config import DataConfig, DataConfigError
+from ltrain.data.validate import validate_data_config
 
 
 def test_defaults_validate_and_work_as_structured_config():
