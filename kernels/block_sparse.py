@@ -18,11 +18,11 @@ import warnings
 import torch
 
 from . import block_sparse_ref, block_sparse_triton, token_sparse_ref, token_sparse_triton
+from .impl import use_triton
 from .layout import BlockLayout
 
 BLOCK_SIZES = (16, 32, 64, 128)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-IMPLS = ("auto", "triton", "torch")
 _warned_head_dims: set[int] = set()
 
 
@@ -69,8 +69,7 @@ def _check(q, k, v, layout, block_size, impl):
         raise ValueError(f"dtype {q.dtype} not supported; use one of {DTYPES}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    use_triton(q, impl)  # validates impl
     if block_size not in BLOCK_SIZES:
         raise ValueError(f"block_size must be one of {BLOCK_SIZES}, got {block_size}")
     for name, n in (("Nq", Nq), ("Nk", Nk)):
@@ -99,7 +98,7 @@ def _select_impl(q, layout, impl):
     D = q.shape[-1]
     per_token = layout.num_q_blocks == q.shape[2]
     ref, kernel = (token_sparse_ref, token_sparse_triton) if per_token else (block_sparse_ref, block_sparse_triton)
-    if impl == "torch" or (impl == "auto" and not q.is_cuda):
+    if not use_triton(q, impl):
         return ref
     if D not in block_sparse_triton.HEAD_DIMS:
         if impl == "triton":

@@ -48,6 +48,7 @@ from typing import NamedTuple
 import torch
 
 from .layout import BlockLayout
+from .lse import merge_lse
 
 # K (or V) elements per kernel call: bounds the working set to a few x 32 MiB.
 GROUP_ELEMENTS = 1 << 23
@@ -305,12 +306,8 @@ def _add(x: torch.Tensor, rows, y: torch.Tensor):
 
 
 def _merge(out, lse, rows, o, l):
-    """Fold a part's (o, lse) into the running (out, lse) of `rows`:
-    lse = logaddexp(lse_a, lse_b), out = sum_x exp(lse_x - lse) o_x."""
-    old = _take(lse, rows)
-    new = torch.logaddexp(old, l)
-    safe = new.masked_fill(new == float("-inf"), 0.0)  # both empty: weights 0, not NaN
-    merged = _take(out, rows) * torch.exp(old - safe)[..., None] + o * torch.exp(l - safe)[..., None]
+    """Fold a part's (o, lse) into the running (out, lse) of `rows` (kernels.lse.merge_lse)."""
+    merged, new = merge_lse(_take(out, rows), _take(lse, rows), o, l)
     if isinstance(rows, slice):
         out[rows], lse[rows] = merged, new
     else:

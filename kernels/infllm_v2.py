@@ -27,10 +27,8 @@ import torch.nn.functional as F
 from . import infllm_v2_ref
 from .infllm_v2_ref import CHUNK_ELEMENTS, COARSE, LSE_MODES
 from .block_sparse import BLOCK_SIZES, block_sparse_attention
+from .impl import use_triton
 from .layout import BlockLayout
-
-IMPLS = ("auto", "triton", "torch")
-
 
 def check_infllm_v2_params(*, kernel_size: int, kernel_stride: int, block_size: int, topk: int, init_blocks: int,
                            window_size: int, dense_len: int = 0, lse: str = "exact", prefix: str = "") -> None:
@@ -89,8 +87,7 @@ def _check(q, k, *, kernel_size, block_size, q_start, impl):
     if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3] or q.shape[1] % k.shape[1]:
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)}: batch and head dim must match and q heads "
                          "must be a multiple of k heads")
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    use_triton(q, impl)  # validates impl
     if q.shape[2] % block_size or k.shape[2] % block_size:
         raise ValueError(f"sequence lengths (q {q.shape[2]}, k {k.shape[2]}) must be multiples of "
                          f"block_size={block_size}: pad the sequence")
@@ -118,7 +115,7 @@ def infllm_v2_select(q: torch.Tensor, k: torch.Tensor, *, kernel_size: int, kern
     check_infllm_v2_params(kernel_size=kernel_size, kernel_stride=kernel_stride, block_size=block_size, topk=topk,
                            init_blocks=init_blocks, window_size=window_size, lse=lse)
     _check(q, k, kernel_size=kernel_size, block_size=block_size, q_start=q_start, impl=impl)
-    if impl == "triton" or (impl == "auto" and q.is_cuda):
+    if use_triton(q, impl):
         from . import infllm_v2_triton  # triton is optional on CPU boxes
         block_scores, lse_fn = infllm_v2_triton.block_scores_triton, infllm_v2_triton.lse_triton
     else:

@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from .impl import use_triton
 from .lightning_ref import lightning_ref_bwd, lightning_ref_fwd
-
-IMPLS = ("auto", "triton", "torch")
-
 
 def check_lightning_inputs(q, k, v, decay=None, initial_state=None, chunk_size=64) -> torch.Tensor | None:
     """Validate shapes, chunk size and decay; return log(decay) as fp32 [H] (or None).
@@ -54,15 +52,9 @@ def check_lightning_inputs(q, k, v, decay=None, initial_state=None, chunk_size=6
     return decay.float().log().to(q.device)
 
 
-def _use_triton(q, impl):
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    return impl == "triton" or (impl == "auto" and q.is_cuda)
-
-
 def lightning_fwd(q, k, v, log_decay, initial_state, chunk_size=64, impl="auto"):
     """Forward pass, no autograd. Returns o [B, H, N, Dv] and final state [B, H, Dk, Dv] (fp32)."""
-    if _use_triton(q, impl):
+    if use_triton(q, impl):
         from .lightning_triton import lightning_triton_fwd
 
         return lightning_triton_fwd(q, k, v, log_decay, initial_state, chunk_size)
@@ -75,7 +67,7 @@ def lightning_bwd(q, k, v, log_decay, initial_state, do, d_final, chunk_size=64,
 
     do: [B, H, N, Dv]; d_final: gradient of the final state [B, H, Dk, Dv] or None.
     """
-    if _use_triton(q, impl):
+    if use_triton(q, impl):
         from .lightning_triton import lightning_triton_bwd
 
         return lightning_triton_bwd(q, k, v, log_decay, initial_state, do, d_final, chunk_size, decay_grad)

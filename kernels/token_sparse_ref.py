@@ -28,7 +28,8 @@ from __future__ import annotations
 import torch
 
 from . import block_sparse_ref
-from .block_sparse_ref import GROUP_ELEMENTS, _merge
+from .block_sparse_ref import GROUP_ELEMENTS
+from .lse import merge_lse
 from .layout import BlockLayout
 
 
@@ -134,8 +135,7 @@ def forward(q, k, v, layout: BlockLayout, *, block_size: int, causal: bool, sm_s
     o1, l1 = block_sparse_ref.forward(qf, kf, vf, common, **opts)
     part = _Rest(qf, kf, rest, block_size=block_size, causal=causal, q_start=q_start, k_start=k_start)
     o2, l2 = _rest_forward(qf, kf, vf, part, block_size=block_size, sm_scale=sm_scale)
-    out, lse = _rows(o1, G), _rows(l1, G)
-    _merge(out, lse, slice(None), o2, l2)
+    out, lse = merge_lse(_rows(o1, G), _rows(l1, G), o2, l2)
     return _unrows(out, B, Nq).to(q.dtype), _unrows(lse, B, Nq)
 
 

@@ -37,7 +37,7 @@ from ltrain.kernels.infllm_v2 import causal_pairs, check_infllm_v2_params
 from . import comm
 from .lasp2h import GatherKV, lasp2h_attention
 from .ring import chunk_ids, ring_attention
-from .sharding import MODES
+from .sharding import check_sharded_qkv, check_split
 from .ulysses import ulysses_attention
 
 log = logging.getLogger("ltrain.parallel")
@@ -106,19 +106,12 @@ def infllm_v2_cp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     check_infllm_v2_params(kernel_size=kernel_size, kernel_stride=kernel_stride, block_size=block_size, topk=topk,
                            init_blocks=init_blocks, window_size=window_size, dense_len=dense_len, lse=lse)
     group = group if group is not None else dist.group.WORLD
-    if mode not in MODES:
-        raise ValueError(f"mode={mode!r}: allowed {', '.join(MODES)}")
+    check_sharded_qkv(q, k, v, mode)
     if cp_impl not in CP_IMPLS:
         raise ValueError(f"cp_impl={cp_impl!r}: allowed {', '.join(CP_IMPLS)}")
-    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape or q.shape[2] != k.shape[2]:
-        raise ValueError(f"q must be [B, Hq, n, D] and k, v [B, Hkv, n, D], got {tuple(q.shape)}, "
-                         f"{tuple(k.shape)}, {tuple(v.shape)}")
     P = dist.get_world_size(group)
-    chunks = 2 * P if mode == "zigzag" else P
     N, Hkv = q.shape[2] * P, k.shape[1]
-    if N % (chunks * block_size):
-        raise ValueError(f"infllm_v2_cp_attention ({mode}, cp={P}): sequence length N = {N} must be divisible by "
-                         f"{'2 x ' if mode == 'zigzag' else ''}cp x block_size = {chunks * block_size}")
+    check_split(N, P, mode, block_size, who="infllm_v2_cp_attention")
     params = dict(kernel_size=kernel_size, kernel_stride=kernel_stride, topk=topk, init_blocks=init_blocks,
                   window_size=window_size, lse=lse)
 

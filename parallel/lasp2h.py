@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from . import comm
 from .lasp2 import check_mode
 from .ring import chunk_ids
+from .sharding import check_sharded_qkv
 
 
 def _attend(q, k, v, q_start, sm_scale):
@@ -158,16 +159,8 @@ def lasp2h_attention(q, k, v, *, group=None, q_start=None, sm_scale=None, check_
     global positions <= that of query i) V.
     """
     group = group if group is not None else dist.group.WORLD
-    check_mode(mode)
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError("q, k, v must be [B, H, C, D]")
-    if k.shape != v.shape:
-        raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
-    B, Hq, C, D = q.shape
-    if k.shape[0] != B or k.shape[2] != C or k.shape[3] != D:
-        raise ValueError(f"k must be [B, Hkv, C, D] = [{B}, Hkv, {C}, {D}], got {tuple(k.shape)}")
-    if Hq % k.shape[1]:
-        raise ValueError(f"q's heads ({Hq}) must be a multiple of k's heads ({k.shape[1]})")
+    check_sharded_qkv(q, k, v, mode)
+    C = q.shape[2]
     check_mode(mode, C)
     if mode == "zigzag" and q_start is not None:
         raise ValueError(f"q_start applies to mode='contiguous' only (zigzag positions follow from the rank), "

@@ -24,9 +24,10 @@ import torch
 import torch.distributed as dist
 
 from ltrain.kernels import BlockLayout, block_sparse_attention
+from ltrain.kernels.lse import merge_lse
 
 from . import comm
-from .sharding import check_sharded_qkv
+from .sharding import check_sharded_qkv, check_split
 
 # A ring step that waits longer than this on its neighbour has lost a rank (or
 # gloo p2p hung, as reported elsewhere): fail with a message, not a silent hang.
@@ -107,15 +108,6 @@ def _ring_broken(group, what: str, exc: RuntimeError) -> RuntimeError:
                         f"{(r + 1) % P} (a rank left the ring or p2p hung; the rank's own log says why)")
 
 
-def _merge(out: torch.Tensor, lse: torch.Tensor, out_t: torch.Tensor, lse_t: torch.Tensor) -> None:
-    """In place, fp32: lse <- logaddexp(lse, lse_t), out <- exp(lse_old - lse) out + exp(lse_t - lse) out_t.
-    Rows still without a visible key keep lse = -inf and out = 0 (no NaN)."""
-    new = torch.logaddexp(lse, lse_t)
-    safe = new.masked_fill(new == float("-inf"), 0.0)
-    out.mul_(torch.exp(lse - safe).unsqueeze(-1)).add_(torch.exp(lse_t - safe).unsqueeze(-1) * out_t.float())
-    lse.copy_(new)
-
-
 class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, plan, group, opts):
@@ -129,7 +121,7 @@ class _RingAttention(torch.autograd.Function):
             for t in plan[(r - step) % P]:
                 out_t, lse_t = block_sparse_attention(q[:, :, t.q], kv[0][:, :, t.k], kv[1][:, :, t.k], t.layout,
                                                       q_start=t.q_start, k_start=t.k_start, return_lse=True, **opts)
-                _merge(out[:, :, t.q], lse[:, :, t.q], out_t, lse_t)
+                out[:, :, t.q], lse[:, :, t.q] = merge_lse(out[:, :, t.q], lse[:, :, t.q], out_t.float(), lse_t)
             if pending is not None:
                 kv = _wait(pending, group, "K/V")
         out = out.to(q.dtype)
@@ -208,14 +200,9 @@ def ring_attention(q, k, v, *, layout_fn: Callable[[int], BlockLayout], group, b
     """
     group = group if group is not None else dist.group.WORLD
     check_sharded_qkv(q, k, v, mode)
-    if q.shape[2] != k.shape[2]:
-        raise ValueError(f"q and k/v must hold the same tokens, got n = {q.shape[2]} and {k.shape[2]}")
     P = dist.get_world_size(group)
-    chunks = 2 * P if mode == "zigzag" else P
     N = q.shape[2] * P
-    if N % (chunks * block_size):
-        raise ValueError(f"ring_attention ({mode}, cp={P}): sequence length N = {N} must be divisible by "
-                         f"{'2 x ' if mode == 'zigzag' else ''}cp x block_size = {chunks * block_size}")
+    check_split(N, P, mode, block_size, who="ring_attention")
     M = N // block_size
     layout = layout_fn(M)
     if layout.num_q_blocks != M or layout.num_k_blocks != M:

@@ -17,18 +17,21 @@ from . import comm
 MODES = ("zigzag", "contiguous")
 
 
-def _check(n: int, cp: int, mode: str) -> int:
+def check_split(n: int, cp: int, mode: str, block_size: int = 1, who: str = "shard_sequence") -> int:
+    """The one rule of every split: N tokens cut into cp (contiguous) or 2 cp (zigzag)
+    chunks of whole blocks. Returns the number of chunks; ValueError naming `who` otherwise."""
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}: allowed {', '.join(MODES)}")
     chunks = 2 * cp if mode == "zigzag" else cp
-    if n % chunks:
-        raise ValueError(f"sequence length {n} does not split into {chunks} equal chunks ({mode}, cp={cp})")
+    if n % (chunks * block_size):
+        raise ValueError(f"{who} ({mode}, cp={cp}): sequence length N = {n} must be divisible by "
+                         f"{'2 x ' if mode == 'zigzag' else ''}cp x block_size = {chunks * block_size}")
     return chunks
 
 
 def shard_sequence(x: torch.Tensor, cp_rank: int, cp: int, *, mode: str = "zigzag", dim: int = 1) -> torch.Tensor:
     """x: [..., N, ...] (sequence on `dim`) -> this rank's [..., N/cp, ...]."""
-    chunks = _check(x.shape[dim], cp, mode)
+    chunks = check_split(x.shape[dim], cp, mode)
     parts = x.chunk(chunks, dim=dim)
     if mode == "contiguous":
         return parts[cp_rank]
@@ -54,6 +57,7 @@ def check_sharded_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: s
     """The argument checks every sequence-parallel attention shares: ValueError naming what is wrong."""
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}: allowed {', '.join(MODES)}")
-    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
-        raise ValueError(f"q must be [B, Hq, n, D] and k, v [B, Hkv, n, D], got {tuple(q.shape)}, "
-                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if (q.dim() != 4 or k.dim() != 4 or k.shape != v.shape or (q.shape[0], q.shape[2], q.shape[3])
+            != (k.shape[0], k.shape[2], k.shape[3]) or q.shape[1] % k.shape[1]):
+        raise ValueError(f"q must be [B, Hq, n, D] and k, v [B, Hkv, n, D] with Hkv dividing Hq, got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")

@@ -52,26 +52,21 @@ def _heads_to_seq(x: torch.Tensor, group, mode: str) -> torch.Tensor:
     return recv.transpose(0, 1).reshape(B, P * h, n, D)
 
 
-class _SeqToHeads(torch.autograd.Function):
+_INVERSE = {_seq_to_heads: _heads_to_seq, _heads_to_seq: _seq_to_heads}
+
+
+class _AllToAll(torch.autograd.Function):
+    """One of the two re-layouts; its gradient is the other one (each is a permutation
+    of the elements across ranks, so its adjoint is its inverse)."""
+
     @staticmethod
-    def forward(ctx, x, group, mode):
-        ctx.group, ctx.mode = group, mode
-        return _seq_to_heads(x, group, mode)
+    def forward(ctx, x, fn, group, mode):
+        ctx.fn, ctx.group, ctx.mode = fn, group, mode
+        return fn(x, group, mode)
 
     @staticmethod
     def backward(ctx, dy):
-        return _heads_to_seq(dy, ctx.group, ctx.mode), None, None
-
-
-class _HeadsToSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group, mode):
-        ctx.group, ctx.mode = group, mode
-        return _heads_to_seq(x, group, mode)
-
-    @staticmethod
-    def backward(ctx, dy):
-        return _seq_to_heads(dy, ctx.group, ctx.mode), None, None
+        return _INVERSE[ctx.fn](dy, ctx.group, ctx.mode), None, None, None
 
 
 def ulysses_attention(q, k, v, *, attn_fn: Callable[..., torch.Tensor], group, mode: str = "zigzag"):
@@ -103,6 +98,6 @@ def ulysses_attention(q, k, v, *, attn_fn: Callable[..., torch.Tensor], group, m
         k, v = (x.repeat_interleave(P // Hkv, dim=1) for x in (k, v))
     if mode == "zigzag" and n % 2:
         raise ValueError(f"ulysses_attention: a zigzag shard holds two equal chunks, got n = {n} tokens")
-    q_h, k_h, v_h = (_SeqToHeads.apply(x, group, mode) for x in (q, k, v))
+    q_h, k_h, v_h = (_AllToAll.apply(x, _seq_to_heads, group, mode) for x in (q, k, v))
     o_h = attn_fn(q_h, k_h, v_h, head_start=dist.get_rank(group) * (Hq // P))
-    return _HeadsToSeq.apply(o_h, group, mode)
+    return _AllToAll.apply(o_h, _heads_to_seq, group, mode)

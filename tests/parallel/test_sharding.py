@@ -20,7 +20,7 @@ def test_zigzag_balances_causal_work_within_10_percent():
 
 
 def test_uneven_split_names_the_length():
-    with pytest.raises(ValueError, match="sequence length 10 does not split into 4 equal chunks"):
+    with pytest.raises(ValueError, match=r"shard_sequence \(zigzag, cp=2\): sequence length N = 10 must be divisible by 2 x cp x block_size = 4"):
         shard_sequence(torch.zeros(1, 10), 0, 2)
 
 

@@ -1,0 +1,23 @@
+"""Merging attention over disjoint key sets through their log-sum-exps.
+
+For one query row, attention over keys A and B separately gives (o_A, lse_A)
+and (o_B, lse_B); attention over A + B is
+
+    lse = logaddexp(lse_A, lse_B),  o = exp(lse_A - lse) o_A + exp(lse_B - lse) o_B
+
+(the online-softmax identity). The block-sparse CPU path merges its bands and
+gathered parts with it, ring attention its per-step tiles.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def merge_lse(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
+              lse_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """out_*: [..., D], lse_*: [...] (fp32) -> (out, lse) of attention over both key sets.
+    Rows with no visible key on either side keep lse = -inf and get out = 0, not NaN."""
+    lse = torch.logaddexp(lse_a, lse_b)
+    safe = lse.masked_fill(lse == float("-inf"), 0.0)
+    return out_a * torch.exp(lse_a - safe).unsqueeze(-1) + out_b * torch.exp(lse_b - safe).unsqueeze(-1), lse
