@@ -29,6 +29,7 @@ from ltrain.data.memmap import max_token_id, read_meta
 from ltrain.data.tokenizer import BYTE_VOCAB_SIZE
 from ltrain.data.validate import validate_data_config
 from ltrain.errors import ConfigError
+from ltrain.kernels.block_sparse import BLOCK_SIZES
 from ltrain.kernels.s2 import s2_pattern_coverage
 
 log = logging.getLogger("ltrain.config")
@@ -303,8 +304,8 @@ def resolve_run_paths(cfg: TrainConfig, run_dir: str) -> None:
 
 def _validate_s2(cfg: TrainConfig) -> None:
     s2 = cfg.attention.s2
-    if s2.block_size not in (16, 32, 64, 128):
-        _fail("attention.s2.block_size", s2.block_size, "allowed values are 16, 32, 64, 128")
+    if s2.block_size not in BLOCK_SIZES:
+        _fail("attention.s2.block_size", s2.block_size, f"allowed values are {', '.join(map(str, BLOCK_SIZES))}")
     for key in ("local_blocks", "vert_stride"):
         if getattr(s2, key) < 1:
             _fail(f"attention.s2.{key}", getattr(s2, key), "must be a positive integer")
