@@ -11,12 +11,11 @@ import torch
 import torch.nn.functional as F
 
 from ltrain.attention.context import AttnContext
+from ltrain.attention.context_parallel import softmax_attention
 from ltrain.attention.gqa import GQAttention
 from ltrain.attention.registry import register
 from ltrain.kernels.layout import BlockLayout
 from ltrain.parallel.lasp2h import lasp2h_attention
-from ltrain.parallel.ring import ring_attention
-from ltrain.parallel.ulysses import ulysses_attention
 
 
 def sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_start: int = 0) -> torch.Tensor:
@@ -34,15 +33,10 @@ def ring_block_size(chunk_len: int) -> int:
 
 
 def dense_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
-    if ctx.cp_group is None:
-        return sdpa_causal(q, k, v)
-    if ctx.hybrid:
+    if ctx.cp_group is not None and ctx.hybrid:
         return lasp2h_attention(q, k, v, group=ctx.cp_group, mode=ctx.cp_mode)
-    if ctx.cp_impl == "ulysses":
-        return ulysses_attention(q, k, v, attn_fn=sdpa_causal, group=ctx.cp_group, mode=ctx.cp_mode)
-    bs = ring_block_size(q.shape[2] // 2)
-    return ring_attention(q, k, v, layout_fn=lambda m: BlockLayout.causal(m, m), group=ctx.cp_group,
-                          block_size=bs, mode=ctx.cp_mode)
+    return softmax_attention(q, k, v, ctx, full_sequence=sdpa_causal, layout_fn=lambda m: BlockLayout.causal(m, m),
+                             block_size=ring_block_size(q.shape[2] // 2))
 
 
 @register("dense", "D")

@@ -19,13 +19,12 @@ import torch
 import torch.distributed as dist
 
 from ltrain.attention.context import AttnContext
+from ltrain.attention.context_parallel import softmax_attention
 from ltrain.attention.gqa import GQAttention
 from ltrain.attention.registry import register
 from ltrain.kernels.block_sparse import block_sparse_attention
 from ltrain.kernels.layout import BlockLayout
 from ltrain.kernels.s2 import s2_layout
-from ltrain.parallel.ring import ring_attention
-from ltrain.parallel.ulysses import ulysses_attention
 
 
 class S2Core:
@@ -76,13 +75,9 @@ class S2Core:
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
         cp = 1 if ctx.cp_group is None else dist.get_world_size(ctx.cp_group)
         self.record_stats(q.shape[2] * cp, q.device, ctx)
-        if ctx.cp_group is None:
-            return self.full_sequence(q, k, v)
-        if ctx.cp_impl == "ulysses":
-            return ulysses_attention(q, k, v, attn_fn=self.full_sequence, group=ctx.cp_group, mode=ctx.cp_mode)
         bs = self.cfg.block_size
-        return ring_attention(q, k, v, layout_fn=lambda m: self.layout(m * bs, q.device), group=ctx.cp_group,
-                              block_size=bs, mode=ctx.cp_mode)
+        return softmax_attention(q, k, v, ctx, full_sequence=self.full_sequence,
+                                 layout_fn=lambda m: self.layout(m * bs, q.device), block_size=bs)
 
 
 @register("s2", "S")
