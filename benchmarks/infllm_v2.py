@@ -41,7 +41,7 @@ from omegaconf import OmegaConf
 
 from ltrain.kernels import BlockLayout, block_sparse_attention, infllm_v2_attention, infllm_v2_select
 from ltrain.kernels.infllm_v2 import causal_pairs
-from ltrain.kernels.token_sparse_ref import split
+from ltrain.kernels.token_sparse_cpu import split
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"

@@ -3,10 +3,10 @@ implementations (Triton kernel, PyTorch reference) with the same forward and
 backward contract, for both kinds of layout:
 
     block layout (rows = query blocks, Nq / block_size of them): S2, dense, ring tiles;
-                 kernels block_sparse_triton / block_sparse_ref.
+                 kernels block_sparse_triton / block_sparse_cpu.
     token layout (rows = query tokens, Nq of them, shared by a KV group's G
                  query heads): InfLLM-V2's per-token top-k, which keeps
-                 selection causal; kernels token_sparse_triton / token_sparse_ref.
+                 selection causal; kernels token_sparse_triton / token_sparse_cpu.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import warnings
 
 import torch
 
-from . import block_sparse_ref, block_sparse_triton, token_sparse_ref, token_sparse_triton
+from . import block_sparse_cpu, block_sparse_triton, token_sparse_cpu, token_sparse_triton
 from .impl import use_triton
 from .layout import BlockLayout
 
@@ -97,7 +97,7 @@ def _check(q, k, v, layout, block_size, impl):
 def _select_impl(q, layout, impl):
     D = q.shape[-1]
     per_token = layout.num_q_blocks == q.shape[2]
-    ref, kernel = (token_sparse_ref, token_sparse_triton) if per_token else (block_sparse_ref, block_sparse_triton)
+    ref, kernel = (token_sparse_cpu, token_sparse_triton) if per_token else (block_sparse_cpu, block_sparse_triton)
     if not use_triton(q, impl):
         return ref
     if D not in block_sparse_triton.HEAD_DIMS:

@@ -1,7 +1,7 @@
 """Triton block-sparse flash attention (FlashAttention-2 recurrence), forward
 and backward, visiting only the active blocks of a BlockLayout.
 
-Same contract as block_sparse_ref (see there for the equations). Three kernels:
+Same contract as block_sparse_ref (the oracle; equations in block_sparse_cpu). Three kernels:
 
 - forward, one program per (query block, batch x query head): loops over the
   layout's key blocks with the online softmax

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ltrain.kernels import BlockLayout, block_sparse_attention
-from tests.kernels.test_block_sparse_ref import NAMES, assert_close, make_qkv, run
+from tests.kernels.test_block_sparse_cpu import NAMES, assert_close, make_qkv, run
 
 
 def inputs(B=1, Hq=4, Hkv=2, N=64, D=32, dtype=torch.float32):

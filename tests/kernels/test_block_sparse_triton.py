@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ltrain.kernels import BlockLayout, block_sparse_attention
-from tests.kernels.test_block_sparse_ref import NAMES, assert_close, half_precision_errors, make_qkv, random_layout, run
+from tests.kernels.test_block_sparse_cpu import NAMES, assert_close, half_precision_errors, make_qkv, random_layout, run
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

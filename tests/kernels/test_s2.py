@@ -5,7 +5,7 @@ import torch
 
 from ltrain.kernels import block_sparse_attention, s2_layout
 from ltrain.kernels.s2 import s2_block_mask, s2_coverage, s2_pattern_coverage, s2_uncovered
-from tests.kernels.test_block_sparse_ref import NAMES, assert_close, dense_mask, make_qkv, run, sdpa_reference
+from tests.kernels.test_block_sparse_cpu import NAMES, assert_close, dense_mask, make_qkv, run, sdpa_reference
 
 # H=4, 8 blocks, local_blocks=2, vert_stride=4, head_sliding_offset=1 (vLLM):
 # head_sliding_step = 1, head h keeps the blocks j with (j + h + 1) % 4 == 0.

@@ -9,7 +9,7 @@ import torch
 
 from ltrain.kernels import BlockLayout
 from ltrain.kernels import token_sparse_triton as tst
-from tests.kernels.test_block_sparse_ref import NAMES, assert_close, make_qkv, run, sdpa_reference
+from tests.kernels.test_block_sparse_cpu import NAMES, assert_close, make_qkv, run, sdpa_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -12,7 +12,7 @@ for every token of a query block, and trained queries of one block pick
 similar blocks), so the selection of each token is split into
 
     common: the blocks that EVERY token of its query block selected, a
-            block-granular layout solved by block_sparse_ref (bands of the
+            block-granular layout solved by block_sparse_cpu (bands of the
             local window, gathered picks: fast fused kernels);
     rest:   the token's other blocks, gathered per token ([G, R * bs] scores
             per token and KV group, only for tokens that have any).
@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import torch
 
-from . import block_sparse_ref
-from .block_sparse_ref import GROUP_ELEMENTS
+from . import block_sparse_cpu
+from .block_sparse_cpu import GROUP_ELEMENTS
 from .lse import merge_lse
 from .layout import BlockLayout
 
@@ -132,7 +132,7 @@ def forward(q, k, v, layout: BlockLayout, *, block_size: int, causal: bool, sm_s
     opts = dict(block_size=block_size, causal=causal, sm_scale=sm_scale, q_start=q_start, k_start=k_start)
     common, rest = split_cached(layout, block_size)
     qf, kf, vf = q.float(), k.float(), v.float()  # the reference computes in fp32; its parts stay fp32 until the end
-    o1, l1 = block_sparse_ref.forward(qf, kf, vf, common, **opts)
+    o1, l1 = block_sparse_cpu.forward(qf, kf, vf, common, **opts)
     part = _Rest(qf, kf, rest, block_size=block_size, causal=causal, q_start=q_start, k_start=k_start)
     o2, l2 = _rest_forward(qf, kf, vf, part, block_size=block_size, sm_scale=sm_scale)
     out, lse = merge_lse(_rows(o1, G), _rows(l1, G), o2, l2)
@@ -150,7 +150,7 @@ def backward(do, q, k, v, lse, delta, layout: BlockLayout, *, block_size: int, c
     opts = dict(block_size=block_size, causal=causal, sm_scale=sm_scale, q_start=q_start, k_start=k_start)
     common, rest = split_cached(layout, block_size)
     qf, kf, vf = q.float(), k.float(), v.float()
-    dq, dk, dv = (t.contiguous() for t in block_sparse_ref.backward(do.float(), qf, kf, vf, lse, delta, common, **opts))
+    dq, dk, dv = (t.contiguous() for t in block_sparse_cpu.backward(do.float(), qf, kf, vf, lse, delta, common, **opts))
     part = _Rest(qf, kf, rest, block_size=block_size, causal=causal, q_start=q_start, k_start=k_start)
     qr, dor = _rows(qf, G), _rows(do.float(), G)
     lser, deltar = _rows(lse.masked_fill(lse == float("-inf"), 0.0), G), _rows(delta, G)

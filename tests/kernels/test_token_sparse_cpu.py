@@ -1,4 +1,4 @@
-"""The CPU path for token layouts (kernels/token_sparse_ref.py, reached through
+"""The CPU path for token layouts (kernels/token_sparse_cpu.py, reached through
 block_sparse_attention with impl="torch") against SDPA with the explicit
 token-level mask of the selection, forward and gradients."""
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from ltrain.kernels import BlockLayout, block_sparse_attention
-from ltrain.kernels.token_sparse_ref import split
-from tests.kernels.test_block_sparse_ref import NAMES, assert_close, dense_mask, make_qkv, run, sdpa_reference
+from ltrain.kernels.token_sparse_cpu import split
+from tests.kernels.test_block_sparse_cpu import NAMES, assert_close, dense_mask, make_qkv, run, sdpa_reference
 
 
 def token_layout(Bl, Hl, Nq, Mk, K, block_size, *, shared=0.7, drop=0.2, seed=0):
