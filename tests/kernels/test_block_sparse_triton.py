@@ -1,4 +1,4 @@
-"""Triton kernel (forward, lse, dq, dk, dv) against the PyTorch reference.
+"""Triton kernel (forward, lse, dq, dk, dv) against the oracle (kernels/block_sparse_ref.py).
 Without a GPU it runs in the Triton interpreter (tests/kernels/conftest.py
 sets TRITON_INTERPRET=1), so shapes stay small."""
 
