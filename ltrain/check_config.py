@@ -17,7 +17,7 @@ import sys
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ltrain.config import check_known_keys, register_configs, validate
+from ltrain.config import check_known_keys, check_override_keys, register_configs, validate
 from ltrain.errors import ConfigError
 
 
@@ -38,6 +38,7 @@ def check(overrides: list[str], world_size: int) -> None:
     from hydra.errors import HydraException
 
     register_configs()
+    check_override_keys(overrides)  # as ltrain-train does: an unknown key is our one line, not Hydra's
     try:
         with initialize_config_module("ltrain.conf", version_base="1.3"):
             dcfg = compose("train", overrides=overrides)

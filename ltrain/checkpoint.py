@@ -125,6 +125,12 @@ def _list_files(path: str) -> list[str]:
                   for root, _, names in os.walk(path) for name in names if name != MANIFEST)
 
 
+def _file_pool(n_files: int) -> ThreadPoolExecutor:
+    """Threads for hashing a rank's share of a checkpoint's files: hashlib releases the GIL
+    on large buffers, so they hash in parallel (sha256 ~1.1 GiB/s per core)."""
+    return ThreadPoolExecutor(max(1, min(n_files, os.cpu_count() or 1, 8)))
+
+
 def hash_files(path: str) -> Optional[dict]:
     """{file: {"size", "sha256"}} of a just-saved checkpoint, on rank 0 (None elsewhere).
 
@@ -135,8 +141,7 @@ def hash_files(path: str) -> Optional[dict]:
     names = [_list_files(path) if rank == 0 else None]
     dist.broadcast_object_list(names, src=0)  # one listing, even if ranks' views of the directory lag
     share = names[0][rank::world]
-    # hashlib releases the GIL on large buffers: a rank's files hash in parallel (sha256 ~1.1 GiB/s per core).
-    with ThreadPoolExecutor(max(1, min(len(share), os.cpu_count() or 1, 8))) as pool:
+    with _file_pool(len(share)) as pool:
         digests = pool.map(lambda rel: sha256_file(os.path.join(path, rel)), share)
         mine = {rel: {"size": os.path.getsize(os.path.join(path, rel)), "sha256": d} for rel, d in zip(share, digests)}
     parts = [None] * world if rank == 0 else None
@@ -222,7 +227,7 @@ def verify(path: str, part: tuple[int, int] = (0, 1)) -> dict:
     first bad file. `part=(i, n)` checks only every n-th file from the i-th (ranks share the reads)."""
     manifest = read_manifest(path)
     share = sorted(manifest["files"])[part[0]::part[1]]
-    with ThreadPoolExecutor(max(1, min(len(share), os.cpu_count() or 1, 8))) as pool:
+    with _file_pool(len(share)) as pool:
         problems = pool.map(lambda rel: _check_file(path, rel, manifest["files"][rel]), share)
         problem = next((p for p in problems if p), None)
     if problem:

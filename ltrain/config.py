@@ -264,9 +264,10 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
     vocab = meta["vocab_size"] if meta else BYTE_VOCAB_SIZE
     if vocab > m.vocab_size:
         _fail("model.vocab_size", m.vocab_size, f"the data's tokenizer has {vocab} tokens; set model.vocab_size >= {vocab}")
-    if meta and max_token_id(cfg.data.path, meta) >= m.vocab_size:  # the embedding would raise IndexError mid-step
-        _fail("model.vocab_size", m.vocab_size, f"data.path={cfg.data.path} holds token id "
-              f"{max_token_id(cfg.data.path, meta)}; set model.vocab_size >= {max_token_id(cfg.data.path, meta) + 1}")
+    top = max_token_id(cfg.data.path, meta) if meta else -1  # a pass over tokens.bin for older corpora: once
+    if top >= m.vocab_size:  # the embedding would raise IndexError mid-step
+        _fail("model.vocab_size", m.vocab_size, f"data.path={cfg.data.path} holds token id {top}; "
+              f"set model.vocab_size >= {top + 1}")
     _validate_environment(cfg)
 
     p = cfg.parallel
