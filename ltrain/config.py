@@ -6,34 +6,30 @@ key). `validate` adds the checks that need more than a type: ranges, known
 attention kinds, divisibility over context-parallel ranks, data files. It runs
 right after composition, before any process group starts, and raises
 ConfigError with one line naming the key, the bad value and what is allowed.
-A setting that runs but silently loses something (an S2 layout whose heads
-together miss distant context) is logged as a one-line warning instead.
+A setting that runs but silently loses something (a sparse layout whose heads
+together miss distant context) is logged as a one-line warning instead. The
+attention kinds bring their own sections and checks (ltrain.attention.registry);
+this module names none of them.
 """
 
 from __future__ import annotations
 
 import datetime
 import difflib
-import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 from typing import List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from ltrain.attention.infllm_v2 import validate_infllm_v2
+from ltrain.attention.registry import kinds as attention_kinds
 from ltrain.attention.registry import resolve_layer_kinds
 from ltrain.data.config import DataConfig, DataConfigError
 from ltrain.data.memmap import max_token_id, read_meta
 from ltrain.data.tokenizer import BYTE_VOCAB_SIZE
 from ltrain.data.validate import validate_data_config
-from ltrain.errors import ConfigError
-from ltrain.kernels.block_sparse import BLOCK_SIZES
-from ltrain.kernels.s2 import s2_pattern_coverage
-
-log = logging.getLogger("ltrain.config")
-
+from ltrain.errors import ConfigError, config_error
 
 @dataclass
 class ModelConfig:
@@ -54,52 +50,24 @@ class ModelConfig:
     init_std: float = 0.02
 
 
-@dataclass
-class S2Config:
-    """S2-Attention; defaults are the paper's / Phi-3-small's (docs/algorithms.md#s2-parameters-and-defaults)."""
-
-    block_size: int = 64
-    local_blocks: int = 16
-    vert_stride: int = 8
-    homo_head: bool = False
-    head_sliding_offset: int = 1  # 1: vLLM / Phi-3-small; 0: DKernel's default
-    num_dense_heads: int = 0
-
-
-@dataclass
-class InfLLMV2Config:
-    """InfLLM-V2; defaults are MiniCPM4's public sparse_config (docs/algorithms.md#infllm-v2-parameters-and-defaults)."""
-
-    kernel_size: int = 32
-    kernel_stride: int = 16
-    block_size: int = 64
-    topk: int = 64
-    init_blocks: int = 1
-    window_size: int = 2048
-    dense_len: int = 8192
-    # Normaliser of the selection scores: "exact" per-head lse, or "coarse" (estimated
-    # from 4x coarser compressed keys, as MiniCPM4's public code does); kernels/infllm_v2_ref.py.
-    lse: str = "exact"
+def _attention_config() -> type:
+    """The `attention` section: the layer pattern, then one section per registered kind
+    that has settings (attention.<kind name>), each the kind's own
+    dataclass (ltrain.attention.registry)."""
+    sections = [(name, kind.config, field(default_factory=kind.config))
+                for name, kind in attention_kinds().items() if kind.config is not None]
+    cls = make_dataclass("AttentionConfig", [
+        # One letter per layer, repeated to n_layers (the kinds' letters), unless
+        # `layers` lists every layer's kind by name.
+        ("pattern", str, field(default="D")),
+        ("layers", Optional[List[str]], field(default=None)),
+        *sections,
+    ])
+    cls.__module__ = __name__  # picklable as ltrain.config.AttentionConfig
+    return cls
 
 
-@dataclass
-class LinearConfig:
-    """Lightning (linear) attention layers."""
-
-    decay: bool = True  # per-head decay lambda_h (TransNormerLLM); False: plain causal linear attention
-    learn_decay: bool = False  # train lambda_h (initialised from the schedule); needs decay
-    chunk_size: int = 64
-
-
-@dataclass
-class AttentionConfig:
-    # One letter per layer, repeated to n_layers (see ltrain.attention.registry
-    # for the letters), unless `layers` lists every layer's kind by name.
-    pattern: str = "D"
-    layers: Optional[List[str]] = None
-    s2: S2Config = field(default_factory=S2Config)
-    infllm_v2: InfLLMV2Config = field(default_factory=InfLLMV2Config)
-    linear: LinearConfig = field(default_factory=LinearConfig)
+AttentionConfig = _attention_config()
 
 
 @dataclass
@@ -190,7 +158,7 @@ def _get(cfg, dotted: str):
 
 
 def _fail(key: str, value, allowed: str) -> None:
-    raise ConfigError(f"{key}={value!r} is invalid: {allowed}")
+    raise config_error(key, value, allowed)
 
 
 def run_id() -> str:
@@ -240,17 +208,8 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
 
     try:
         kinds = set(resolve_layer_kinds(cfg.attention.pattern, cfg.attention.layers, m.n_layers))
-        if "infllm_v2" in kinds:
-            validate_infllm_v2(cfg.attention.infllm_v2)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    if "s2" in kinds:
-        _validate_s2(cfg)
-    chunk = cfg.attention.linear.chunk_size
-    if "linear" in kinds and (chunk < 16 or chunk & (chunk - 1)):
-        _fail("attention.linear.chunk_size", chunk, "must be a power of two >= 16")
-    if "linear" in kinds and cfg.attention.linear.learn_decay and not cfg.attention.linear.decay:
-        _fail("attention.linear.learn_decay", True, "needs attention.linear.decay=true (there is no decay to learn)")
 
     resume = cfg.trainer.resume
     if resume not in ("auto", "none") and not os.path.isdir(resume):
@@ -277,8 +236,12 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
     dp = world // p.cp
     if p.dp not in (-1, dp):
         _fail("parallel.dp", p.dp, f"world size {world} / parallel.cp {p.cp} gives {dp}; set {dp} or -1")
+    registered = attention_kinds()
+    for name in sorted(kinds):  # each kind checks its own section (and what it needs of model, data, cp)
+        if registered[name].validate is not None:
+            registered[name].validate(cfg, kinds)
     if p.cp > 1:
-        _validate_cp(cfg, kinds)
+        _validate_cp_split(cfg, [registered[name] for name in sorted(kinds)])
 
 
 def _validate_environment(cfg: TrainConfig) -> None:
@@ -303,86 +266,21 @@ def resolve_run_paths(cfg: TrainConfig, run_dir: str) -> None:
         cfg.trainer.ckpt_dir = os.path.join(run_dir, "checkpoints")
 
 
-def _validate_s2(cfg: TrainConfig) -> None:
-    s2 = cfg.attention.s2
-    if s2.block_size not in BLOCK_SIZES:
-        _fail("attention.s2.block_size", s2.block_size, f"allowed values are {', '.join(map(str, BLOCK_SIZES))}")
-    for key in ("local_blocks", "vert_stride"):
-        if getattr(s2, key) < 1:
-            _fail(f"attention.s2.{key}", getattr(s2, key), "must be a positive integer")
-    if s2.head_sliding_offset < 0:
-        _fail("attention.s2.head_sliding_offset", s2.head_sliding_offset, "must be >= 0")
-    if not 0 <= s2.num_dense_heads <= cfg.model.n_heads:
-        _fail("attention.s2.num_dense_heads", s2.num_dense_heads, f"must be in [0, model.n_heads={cfg.model.n_heads}]")
-    if cfg.data.seq_len % s2.block_size:
-        _fail("data.seq_len", cfg.data.seq_len, f"must be a multiple of attention.s2.block_size={s2.block_size}")
-    _warn_s2_coverage(cfg)
-
-
-def _warn_s2_coverage(cfg: TrainConfig) -> None:
-    """Log one warning line when the S2 layout drops context: some causal block
-    pair beyond the local band that no head attends (kernels.s2: covered iff
-    the distinct head patterns, n_heads or 1 with homo_head, reach vert_stride,
-    or a head is dense). A warning, not an error: `attention=s2-paper` on the
-    default tiny model (4 heads, stride 8) is such a combination, and at the
-    default data.seq_len everything is still within the local band."""
-    s2, n_heads, bs = cfg.attention.s2, cfg.model.n_heads, cfg.attention.s2.block_size
-    params = dict(vert_stride=s2.vert_stride, homo_head=s2.homo_head, head_sliding_offset=s2.head_sliding_offset,
-                  num_dense_heads=s2.num_dense_heads)
-    # Whether some length drops context does not depend on the local band (the
-    # vertical rule ignores the query block), so test the mask of a one-block
-    # band over 1 + vert_stride blocks: small whatever local_blocks is.
-    probe = s2_pattern_coverage(n_heads, 1 + s2.vert_stride, local_blocks=1, **params)
-    if probe.covered:
-        return
-    first = (s2.local_blocks + probe.example[1] + 1) * bs  # shortest sequence with an uncovered pair
-    data_blocks = cfg.data.seq_len // bs
-    fraction = 0.0  # a data.seq_len within the local band drops nothing yet
-    if data_blocks > s2.local_blocks:
-        fraction = s2_pattern_coverage(n_heads, data_blocks, local_blocks=s2.local_blocks, **params).fraction
-    patterns = 1 if s2.homo_head else n_heads
-    homo = "attention.s2.homo_head=true (one shared pattern), " if s2.homo_head else ""
-    if not s2.homo_head:
-        fix_heads = f"model.n_heads >= {s2.vert_stride}"
-    elif n_heads >= s2.vert_stride:
-        fix_heads = "attention.s2.homo_head=false"
-    else:
-        fix_heads = f"model.n_heads >= {s2.vert_stride} with attention.s2.homo_head=false"
-    log.warning(
-        f"attention.s2.vert_stride={s2.vert_stride} with model.n_heads={n_heads}, {homo}"
-        f"attention.s2.num_dense_heads=0 drops context: {patterns} distinct head pattern(s) < vert_stride, so "
-        f"beyond the local band (attention.s2.local_blocks={s2.local_blocks}) no head attends some key blocks "
-        f"in sequences of {first} tokens or more ({fraction:.1%} of causal block pairs at data.seq_len="
-        f"{cfg.data.seq_len}); fix: {fix_heads}, attention.s2.vert_stride <= {patterns}, "
-        "or attention.s2.num_dense_heads >= 1"
-    )
-
-
-def _validate_cp(cfg: TrainConfig, kinds: set[str]) -> None:
+def _validate_cp_split(cfg: TrainConfig, layer_kinds: list) -> None:
     """Context parallelism: every model splits zigzag into 2 x cp chunks (one split
-    for every layer: ring / Ulysses for softmax kinds, LASP-2 for linear layers,
-    LASP-2H for the dense layers of hybrid models); the chunks hold whole
-    attention blocks of every softmax kind the pattern has."""
-    p, n, m = cfg.parallel, cfg.data.seq_len, cfg.model
-    block = max([16] + [cfg.attention.s2.block_size for k in kinds if k == "s2"]
-                + [cfg.attention.infllm_v2.block_size for k in kinds if k == "infllm_v2"])
-    if n % (2 * p.cp * block):
-        _fail("data.seq_len", n, f"must be divisible by 2 x parallel.cp x block_size = 2 x {p.cp} x {block} "
-              f"= {2 * p.cp * block} (zigzag split into whole attention blocks)")
-    ulysses_kinds = kinds & {"s2", "infllm_v2"} | (kinds & {"dense"} if "linear" not in kinds else set())
-    if p.cp_impl == "ulysses" and ulysses_kinds:  # hybrid dense layers use LASP-2H, linear ones LASP-2
-        if m.n_heads % p.cp:
-            _fail("parallel.cp", p.cp, f"Ulysses needs model.n_heads={m.n_heads} divisible by parallel.cp")
-        if m.n_kv_heads % p.cp and p.cp % m.n_kv_heads:
-            _fail("parallel.cp", p.cp, f"Ulysses needs model.n_kv_heads={m.n_kv_heads} divisible by "
-                  "parallel.cp, or parallel.cp divisible by it (KV heads are then replicated)")
+    for every layer, whatever its kind: ring / Ulysses / LASP-2H for softmax kinds,
+    LASP-2 for linear ones); the chunks hold whole attention blocks of every kind
+    the model has (16 tokens at least)."""
+    n, cp = cfg.data.seq_len, cfg.parallel.cp
+    block = max([16] + [kind.block_size(cfg) for kind in layer_kinds if kind.block_size is not None])
+    if n % (2 * cp * block):
+        _fail("data.seq_len", n, f"must be divisible by 2 x parallel.cp x block_size = 2 x {cp} x {block} "
+              f"= {2 * cp * block} (zigzag split into whole attention blocks)")
 
 
-# Keys that existed once and why they are gone: an override of one gets this reason.
-REMOVED_KEYS = {
-    "attention.infllm_v2.granularity": "selection is per query token; block-granular selection let later queries "
-                                       "of a block steer the earlier ones (not causal)",
-}
+# Keys that existed once and why they are gone (each kind lists its own): an override of one gets the reason.
+REMOVED_KEYS = {f"attention.{name}.{key}": why for name, kind in attention_kinds().items()
+                for key, why in kind.removed.items()}
 
 
 def _schema() -> dict:

@@ -31,8 +31,6 @@ from ltrain import checkpoint, preempt, runlock  # noqa: E402
 from ltrain.config import (TrainConfig, check_known_keys, check_override_keys, register_configs,  # noqa: E402
                            resolve_run_paths, validate)
 from ltrain.errors import ConfigError  # noqa: E402
-from ltrain.parallel.comm import CommMeter  # noqa: E402
-from ltrain.parallel.sharding import shard_sequence  # noqa: E402
 
 log = logging.getLogger("ltrain")
 
@@ -70,6 +68,8 @@ def shard_batch(batch: dict, topo, mode: str) -> dict:
 
     -> input_ids, labels, position_ids (global positions, [B, N / cp]) on the device.
     """
+    from ltrain.parallel.sharding import shard_sequence  # after validation, like every collective
+
     ids = batch["input_ids"]
     positions = batch.get("position_ids")
     if positions is None:
@@ -101,11 +101,14 @@ def run_summary(kinds: list[str], stats: dict, losses: list[float], tokens: int,
 
 def train(cfg: TrainConfig, run_dir: str) -> list[float]:
     """Run the loop; returns the per-step mean losses (every rank gets the global value)."""
-    # Heavy imports after validation, so a config error answers fast.
+    # Heavy imports after validation, so a config error answers fast: DeepSpeed, megatron-core,
+    # the model, its kernels and collectives (validation loads only the parameter checks of the
+    # kernels the configured kinds use).
     from ltrain.data.loader import build_loader
     from ltrain.engine import apply_config_lr, build_engine
     from ltrain.loss import lm_loss
     from ltrain.models.transformer import Transformer
+    from ltrain.parallel.comm import CommMeter
     from ltrain.parallel.topology import destroy_topology, init_topology
     from ltrain.tracking import build_tracker
 

@@ -4,8 +4,7 @@ ltrain.kernels)."""
 
 from .comm import CommMeter
 from .lasp2 import lasp2_linear_attention
-from .lasp2h import lasp2h_attention
+from .lasp2h import lasp2h_attention, lasp2h_sparse_attention
 from .ring import ring_attention
 from .sharding import gather_sequence, shard_sequence
 from .ulysses import ulysses_attention
-from .infllm_v2_cp import infllm_v2_cp_attention

@@ -21,10 +21,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ltrain.kernels import block_sparse_attention
+
 from . import comm
 from .lasp2 import check_mode
 from .ring import chunk_ids
-from .sharding import check_sharded_qkv
+from .sharding import check_sharded_qkv, check_split
 
 
 def _attend(q, k, v, q_start, sm_scale):
@@ -177,3 +179,32 @@ def lasp2h_attention(q, k, v, *, group=None, q_start=None, sm_scale=None, check_
             raise ValueError(f"q_start must lie in [0, (P-1) C] = [0, {(P - 1) * C}], got {q_start}")
         q_starts = (q_start,)
     return _LASP2H.apply(q, k, v, group, q_starts, sm_scale, mode)
+
+
+def lasp2h_sparse_attention(q, k, v, *, select, group=None, mode="zigzag", block_size: int, impl: str = "auto"):
+    """LASP-2H's one K/V all-gather with a sparse layout chosen per step from all keys
+    (InfLLM-V2: a query's top-k blocks may lie anywhere before it, so no rank can pick
+    without every key).
+
+    q: [B, Hq, n, D]; k, v: [B, Hkv, n, D] -- this rank's shard (mode as in
+    lasp2h_attention). For each local query chunk at global start q_start,
+    select(q_c [B, Hq, c, D], k_all [B, Hkv, N, D] (detached, sequence order), q_start)
+    returns its BlockLayout (block or token layout, keys from position 0), and
+        o_c = block_sparse_attention(q_c, k_all, v_all, layout, q_start, k_start=0).
+    Returns o: [B, Hq, n, D]. Backward: block_sparse_attention's, then one
+    reduce-scatter of dK/dV (GatherKV). N must divide into chunks of whole blocks.
+    """
+    group = group if group is not None else dist.group.WORLD
+    check_sharded_qkv(q, k, v, mode)
+    P, rank = dist.get_world_size(group), dist.get_rank(group)
+    check_split(q.shape[2] * P, P, mode, block_size, who="lasp2h_sparse_attention")
+    k_all, v_all = GatherKV.apply(k, v, group, mode)
+    ids = chunk_ids(rank, P, mode)
+    c = q.shape[2] // len(ids)
+    outs = []
+    for a, ci in enumerate(ids):
+        q_c = q[:, :, a * c:(a + 1) * c]
+        layout = select(q_c, k_all.detach(), ci * c)
+        outs.append(block_sparse_attention(q_c, k_all, v_all, layout, block_size=block_size, q_start=ci * c,
+                                           k_start=0, impl=impl))
+    return torch.cat(outs, dim=2)

@@ -121,3 +121,22 @@ def test_the_graph_sees_the_layers():
     modules = import_graph("module")
     assert "ltrain.data.config" in modules["ltrain.data.memmap"]
     assert "ltrain.parallel.comm" in modules["ltrain.parallel.sharding"]  # `from . import comm`
+
+
+def test_config_imports_no_model_code():
+    """ltrain.config assembles the schema from the kinds' registered sections and runs
+    their validators, but loading it loads no kernel, collective, model or Triton
+    (the kinds import those where they run them), and it names no kind."""
+    import subprocess
+
+    code = ("import sys, ltrain.config; print(' '.join(m for m in sys.modules if m.split('.')[0] in "
+            "('triton', 'deepspeed', 'megatron') or m.startswith(('ltrain.kernels', 'ltrain.parallel', "
+            "'ltrain.models', 'ltrain.attention.context_parallel'))))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert loaded == [], loaded
+    from ltrain.attention.registry import kinds
+
+    source = (REPO / "ltrain" / "config.py").read_text()
+    for name in kinds():  # its section, or a test of a layer's kind ("linear" is also a rope_scaling value)
+        for mention in (f"attention.{name}", f".{name}.", f'"{name}" in', f'== "{name}"', f".{name})"):
+            assert mention not in source, mention

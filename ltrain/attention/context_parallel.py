@@ -1,38 +1,85 @@
-"""The one context-parallel dispatch of the static-layout softmax kinds (dense, s2).
+"""The one context-parallel dispatch of the softmax kinds (dense, s2, infllm_v2).
 
 A kind supplies its whole-sequence core, `full_sequence(q, k, v, head_start)`
-(what one device runs), and its block layout of the whole sequence,
-`layout_fn(M)` for M blocks of `block_size`; this module decides how the
-sharded sequence reaches them:
+(what one device runs), and its layout, one of:
 
-    no group          full_sequence on the local (= whole) sequence
-    cp_impl=ulysses   all-to-all to whole sequences of Hq/cp heads, full_sequence
-    cp_impl=ring      ring attention over the layout's tiles (zigzag or contiguous)
+    neither            dense causal attention
+    layout_fn(M)       a static BlockLayout of the whole sequence, M blocks of block_size (S2)
+    select(q_c, k_all, q_start)
+                       a layout chosen per step from all keys for the query chunk q_c at
+                       global position q_start (InfLLM-V2's top-k: a query's blocks may lie
+                       anywhere before it)
 
-The dense layers of hybrid models (those with linear layers) take LASP-2H
-instead; InfLLM-V2 chooses its blocks per step from all keys, so it gathers
-K/V itself (parallel/infllm_v2_cp.py).
+and this module decides how the sharded sequence reaches them:
+
+    no group                        full_sequence on the local (= whole) sequence
+    dense, hybrid model             LASP-2H: all-gather K/V (the split its linear layers use)
+    cp_impl=ulysses                 all-to-all to whole sequences of Hq/cp heads, full_sequence;
+                                    a per-step layout needs whole KV groups per rank
+                                    (Hkv % cp == 0: selection sums a group's query heads),
+                                    else it takes the path below (logged once)
+    select                          all-gather K/V, each local query chunk selects over all keys
+                                    (parallel.lasp2h.lasp2h_sparse_attention)
+    otherwise                       ring attention over the layout's tiles (zigzag or contiguous)
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import logging
+from typing import Callable, Optional
 
 import torch
+import torch.distributed as dist
 
 from ltrain.attention.context import AttnContext
 from ltrain.kernels.layout import BlockLayout
+from ltrain.parallel.lasp2h import lasp2h_attention, lasp2h_sparse_attention
 from ltrain.parallel.ring import ring_attention
 from ltrain.parallel.ulysses import ulysses_attention
 
+log = logging.getLogger("ltrain.attention")
+_logged: set[str] = set()
+
+
+def _log_once(reason: str) -> None:
+    if reason not in _logged:
+        _logged.add(reason)
+        log.info(reason)
+
+
+def ring_block_size(chunk_len: int) -> int:
+    """Dense layers' ring tile: the largest power-of-two block (<= 64) that tiles one chunk."""
+    bs = 64
+    while chunk_len % bs:
+        bs //= 2
+    return bs
+
 
 def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContext, *,
-                      full_sequence: Callable[..., torch.Tensor], layout_fn: Callable[[int], BlockLayout],
-                      block_size: int) -> torch.Tensor:
-    """q: [B, Hq, n, D], k, v: [B, Hkv, n, D] (this rank's shard under ctx.cp_group) -> [B, Hq, n, D]."""
-    if ctx.cp_group is None:
+                      full_sequence: Callable[..., torch.Tensor], block_size: Optional[int] = None,
+                      layout_fn: Optional[Callable[[int], BlockLayout]] = None,
+                      select: Optional[Callable[..., BlockLayout]] = None) -> torch.Tensor:
+    """q: [B, Hq, n, D], k, v: [B, Hkv, n, D] (this rank's shard under ctx.cp_group) -> [B, Hq, n, D].
+
+    block_size: the kind's attention block (the ring's tile, the gathered path's block);
+    dense may leave it None."""
+    group = ctx.cp_group
+    if group is None:
         return full_sequence(q, k, v)
+    dense = layout_fn is None and select is None
+    if dense and ctx.hybrid:
+        return lasp2h_attention(q, k, v, group=group, mode=ctx.cp_mode)
+    P = dist.get_world_size(group)
     if ctx.cp_impl == "ulysses":
-        return ulysses_attention(q, k, v, attn_fn=full_sequence, group=ctx.cp_group, mode=ctx.cp_mode)
-    return ring_attention(q, k, v, layout_fn=layout_fn, group=ctx.cp_group, block_size=block_size,
-                          mode=ctx.cp_mode)
+        if select is None or k.shape[1] % P == 0:
+            return ulysses_attention(q, k, v, attn_fn=full_sequence, group=group, mode=ctx.cp_mode)
+        _log_once(f"Ulysses needs whole KV groups per rank for a per-step selection ({k.shape[1]} KV heads, "
+                  f"cp={P}); this layer all-gathers K/V instead")
+    if select is not None:
+        _log_once("a per-step sparse layout under context parallelism all-gathers K/V "
+                  "(fetching only the selected blocks is not implemented yet)")
+        return lasp2h_sparse_attention(q, k, v, select=select, group=group, mode=ctx.cp_mode, block_size=block_size)
+    if dense:
+        block_size = ring_block_size(q.shape[2] // (2 if ctx.cp_mode == "zigzag" else 1))
+        layout_fn = lambda m: BlockLayout.causal(m, m, device=q.device)  # noqa: E731
+    return ring_attention(q, k, v, layout_fn=layout_fn, group=group, block_size=block_size, mode=ctx.cp_mode)

@@ -1,8 +1,8 @@
 """`dense`: causal softmax attention over the whole sequence.
 
-One device: torch SDPA. Context parallel, on the model's zigzag split: LASP-2H
-(all-gather K/V) in hybrid models (those with linear layers), else ring
-attention or Ulysses (`parallel.cp_impl`).
+One device: torch SDPA. Context parallel: the dispatcher's ring attention or
+Ulysses (`parallel.cp_impl`), LASP-2H in hybrid models
+(ltrain/attention/context_parallel.py). No settings of its own.
 """
 
 from __future__ import annotations
@@ -11,11 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from ltrain.attention.context import AttnContext
-from ltrain.attention.context_parallel import softmax_attention
 from ltrain.attention.gqa import GQAttention
-from ltrain.attention.registry import register
-from ltrain.kernels.layout import BlockLayout
-from ltrain.parallel.lasp2h import lasp2h_attention
+from ltrain.attention.registry import check_ulysses_heads, is_hybrid, register
 
 
 def sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_start: int = 0) -> torch.Tensor:
@@ -24,27 +21,20 @@ def sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_start: i
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
 
 
-def ring_block_size(chunk_len: int) -> int:
-    """The largest power-of-two block (<= 64) that tiles one zigzag chunk."""
-    bs = 64
-    while chunk_len % bs:
-        bs //= 2
-    return bs
+def validate(cfg, kinds: set[str]) -> None:
+    if not is_hybrid(sorted(kinds)):  # hybrid models' dense layers take LASP-2H, which splits no heads
+        check_ulysses_heads(cfg)
 
 
-def dense_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
-    if ctx.cp_group is not None and ctx.hybrid:
-        return lasp2h_attention(q, k, v, group=ctx.cp_group, mode=ctx.cp_mode)
-    return softmax_attention(q, k, v, ctx, full_sequence=sdpa_causal, layout_fn=lambda m: BlockLayout.causal(m, m),
-                             block_size=ring_block_size(q.shape[2] // 2))
-
-
-@register("dense", "D")
+@register("dense", "D", validate=validate)
 def build(layer_idx: int, model_cfg, attn_cfg) -> GQAttention:
-    def core(q, k, v, ctx: AttnContext) -> torch.Tensor:
+    def core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+        # Kernels and collectives load when a layer runs, not when the config reads this module.
+        from ltrain.attention.context_parallel import softmax_attention
+
         # Reported like the sparse kinds, so a mixed model's summary compares like with like.
         ctx.stats[f"attn/layer{layer_idx}/mode"] = "dense"
         ctx.stats[f"attn/layer{layer_idx}/block_fraction"] = 1.0
-        return dense_core(q, k, v, ctx)
+        return softmax_attention(q, k, v, ctx, full_sequence=sdpa_causal)
 
     return GQAttention(model_cfg, core)

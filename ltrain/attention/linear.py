@@ -20,6 +20,7 @@ of Mamba), so that every optimiser step keeps lambda_h in (0, 1).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -27,9 +28,26 @@ import torch.nn.functional as F
 from ltrain.attention.context import AttnContext
 from ltrain.attention.gqa import Projections
 from ltrain.attention.registry import register
-from ltrain.kernels.lightning import lightning_attention
+from ltrain.errors import config_error
 from ltrain.nn.layers import RMSNorm
-from ltrain.parallel.lasp2 import lasp2_linear_attention
+
+
+@dataclass
+class LinearConfig:
+    """attention.linear: lightning (linear) attention layers."""
+
+    decay: bool = True  # per-head decay lambda_h (TransNormerLLM); False: plain causal linear attention
+    learn_decay: bool = False  # train lambda_h (initialised from the schedule); needs decay
+    chunk_size: int = 64
+
+
+def validate(cfg, kinds: set[str]) -> None:
+    lin = cfg.attention.linear
+    if lin.chunk_size < 16 or lin.chunk_size & (lin.chunk_size - 1):
+        raise config_error("attention.linear.chunk_size", lin.chunk_size, "must be a power of two >= 16")
+    if lin.learn_decay and not lin.decay:
+        raise config_error("attention.linear.learn_decay", True,
+                           "needs attention.linear.decay=true (there is no decay to learn)")
 
 
 def transnormer_decay(n_heads: int, layer_idx: int, n_layers: int) -> torch.Tensor:
@@ -70,6 +88,10 @@ class LinearAttention(Projections):
         if decay is not None and decay.requires_grad:  # where the learned decays are, for the tracker
             ctx.stats[f"attn/layer{self.layer_idx}/decay_mean"] = decay.detach().mean()
             ctx.stats[f"attn/layer{self.layer_idx}/decay_min"] = decay.detach().min()
+        # Kernels and collectives load when a layer runs, not when the config reads this module.
+        from ltrain.kernels.lightning import lightning_attention
+        from ltrain.parallel.lasp2 import lasp2_linear_attention
+
         if ctx.cp_group is None:
             o = lightning_attention(q, k, v, decay=decay, chunk_size=self.chunk_size)
         else:  # two zigzag chunks per rank, one state all-gather each way
@@ -77,6 +99,6 @@ class LinearAttention(Projections):
         return self.out(self.out_norm(o))
 
 
-@register("linear", "L")
+@register("linear", "L", config=LinearConfig, validate=validate, softmax=False)
 def build(layer_idx: int, model_cfg, attn_cfg) -> LinearAttention:
     return LinearAttention(layer_idx, model_cfg, attn_cfg.linear)

@@ -15,16 +15,99 @@ validation logs a warning naming the keys, and kernels.s2.s2_layout warns
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import torch
 import torch.distributed as dist
 
 from ltrain.attention.context import AttnContext
-from ltrain.attention.context_parallel import softmax_attention
 from ltrain.attention.gqa import GQAttention
-from ltrain.attention.registry import register
-from ltrain.kernels.block_sparse import block_sparse_attention
-from ltrain.kernels.layout import BlockLayout
-from ltrain.kernels.s2 import s2_layout
+from ltrain.attention.registry import check_ulysses_heads, register
+from ltrain.errors import config_error
+
+if TYPE_CHECKING:
+    from ltrain.kernels.layout import BlockLayout
+
+log = logging.getLogger("ltrain.config")  # a config-time finding, logged with the config's others
+
+
+@dataclass
+class S2Config:
+    """attention.s2; defaults are the paper's / Phi-3-small's (docs/algorithms.md#s2-parameters-and-defaults)."""
+
+    block_size: int = 64
+    local_blocks: int = 16
+    vert_stride: int = 8
+    homo_head: bool = False
+    head_sliding_offset: int = 1  # 1: vLLM / Phi-3-small; 0: DKernel's default
+    num_dense_heads: int = 0
+
+
+def validate(cfg, kinds: set[str]) -> None:
+    """cfg: the whole TrainConfig. ConfigError naming the key; a layout that drops
+    context is a warning (_warn_coverage)."""
+    from ltrain.kernels.block_sparse import BLOCK_SIZES  # the kernel is the authority on its tiles
+
+    s2 = cfg.attention.s2
+    if s2.block_size not in BLOCK_SIZES:
+        raise config_error("attention.s2.block_size", s2.block_size,
+                           f"allowed values are {', '.join(map(str, BLOCK_SIZES))}")
+    for key in ("local_blocks", "vert_stride"):
+        if getattr(s2, key) < 1:
+            raise config_error(f"attention.s2.{key}", getattr(s2, key), "must be a positive integer")
+    if s2.head_sliding_offset < 0:
+        raise config_error("attention.s2.head_sliding_offset", s2.head_sliding_offset, "must be >= 0")
+    if not 0 <= s2.num_dense_heads <= cfg.model.n_heads:
+        raise config_error("attention.s2.num_dense_heads", s2.num_dense_heads,
+                           f"must be in [0, model.n_heads={cfg.model.n_heads}]")
+    if cfg.data.seq_len % s2.block_size:
+        raise config_error("data.seq_len", cfg.data.seq_len,
+                           f"must be a multiple of attention.s2.block_size={s2.block_size}")
+    check_ulysses_heads(cfg)
+    _warn_coverage(cfg)
+
+
+def _warn_coverage(cfg) -> None:
+    """Log one warning line when the S2 layout drops context: some causal block
+    pair beyond the local band that no head attends (kernels.s2: covered iff
+    the distinct head patterns, n_heads or 1 with homo_head, reach vert_stride,
+    or a head is dense). A warning, not an error: `attention=s2-paper` on the
+    default tiny model (4 heads, stride 8) is such a combination, and at the
+    default data.seq_len everything is still within the local band."""
+    from ltrain.kernels.s2 import s2_pattern_coverage
+
+    s2, n_heads, bs = cfg.attention.s2, cfg.model.n_heads, cfg.attention.s2.block_size
+    params = dict(vert_stride=s2.vert_stride, homo_head=s2.homo_head, head_sliding_offset=s2.head_sliding_offset,
+                  num_dense_heads=s2.num_dense_heads)
+    # Whether some length drops context does not depend on the local band (the
+    # vertical rule ignores the query block), so test the mask of a one-block
+    # band over 1 + vert_stride blocks: small whatever local_blocks is.
+    probe = s2_pattern_coverage(n_heads, 1 + s2.vert_stride, local_blocks=1, **params)
+    if probe.covered:
+        return
+    first = (s2.local_blocks + probe.example[1] + 1) * bs  # shortest sequence with an uncovered pair
+    data_blocks = cfg.data.seq_len // bs
+    fraction = 0.0  # a data.seq_len within the local band drops nothing yet
+    if data_blocks > s2.local_blocks:
+        fraction = s2_pattern_coverage(n_heads, data_blocks, local_blocks=s2.local_blocks, **params).fraction
+    patterns = 1 if s2.homo_head else n_heads
+    homo = "attention.s2.homo_head=true (one shared pattern), " if s2.homo_head else ""
+    if not s2.homo_head:
+        fix_heads = f"model.n_heads >= {s2.vert_stride}"
+    elif n_heads >= s2.vert_stride:
+        fix_heads = "attention.s2.homo_head=false"
+    else:
+        fix_heads = f"model.n_heads >= {s2.vert_stride} with attention.s2.homo_head=false"
+    log.warning(
+        f"attention.s2.vert_stride={s2.vert_stride} with model.n_heads={n_heads}, {homo}"
+        f"attention.s2.num_dense_heads=0 drops context: {patterns} distinct head pattern(s) < vert_stride, so "
+        f"beyond the local band (attention.s2.local_blocks={s2.local_blocks}) no head attends some key blocks "
+        f"in sequences of {first} tokens or more ({fraction:.1%} of causal block pairs at data.seq_len="
+        f"{cfg.data.seq_len}); fix: {fix_heads}, attention.s2.vert_stride <= {patterns}, "
+        "or attention.s2.num_dense_heads >= 1"
+    )
 
 
 class S2Core:
@@ -43,6 +126,8 @@ class S2Core:
         self._fractions: dict[int, float] = {}
 
     def layout(self, seq_len: int, device: torch.device) -> BlockLayout:
+        from ltrain.kernels.s2 import s2_layout
+
         key = (seq_len, device)
         if key not in self._layouts:
             c = self.cfg
@@ -61,6 +146,8 @@ class S2Core:
 
     def full_sequence(self, q, k, v, head_start: int = 0) -> torch.Tensor:
         """S2 over a whole sequence for query heads [head_start, head_start + Hq)."""
+        from ltrain.kernels.block_sparse import block_sparse_attention
+
         layout = self.layout(q.shape[2], q.device)
         if layout.counts.shape[1] > 1:  # per-head layout: this call's heads only (Ulysses)
             layout = layout.heads(head_start, q.shape[1])
@@ -73,6 +160,8 @@ class S2Core:
         ctx.stats[f"attn/layer{self.layer_idx}/block_fraction"] = self._fractions[seq_len]
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+        from ltrain.attention.context_parallel import softmax_attention
+
         cp = 1 if ctx.cp_group is None else dist.get_world_size(ctx.cp_group)
         self.record_stats(q.shape[2] * cp, q.device, ctx)
         bs = self.cfg.block_size
@@ -80,6 +169,6 @@ class S2Core:
                                  layout_fn=lambda m: self.layout(m * bs, q.device), block_size=bs)
 
 
-@register("s2", "S")
+@register("s2", "S", config=S2Config, validate=validate, block_size=lambda cfg: cfg.attention.s2.block_size)
 def build(layer_idx: int, model_cfg, attn_cfg) -> GQAttention:
     return GQAttention(model_cfg, S2Core(layer_idx, model_cfg.n_heads, attn_cfg.s2))

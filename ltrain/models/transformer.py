@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ltrain.attention.context import AttnContext
-from ltrain.attention.registry import build_attention, resolve_layer_kinds
+from ltrain.attention.registry import build_attention, is_hybrid, resolve_layer_kinds
 from ltrain.nn.layers import RMSNorm, SwiGLU, swiglu_hidden
 from ltrain.nn.rope import rope_tables
 
@@ -76,7 +76,7 @@ class Transformer(nn.Module):
             factor=self.cfg.rope_factor,
         )
         ctx = AttnContext(cos=cos, sin=sin, cp_group=cp_group,
-                          cp_mode=self.cp_mode, cp_impl=cp_impl, hybrid="linear" in self.kinds)
+                          cp_mode=self.cp_mode, cp_impl=cp_impl, hybrid=is_hybrid(self.kinds))
         x = self.embed(input_ids)
         for layer in self.layers:
             if self.cfg.activation_checkpointing and self.training:

@@ -89,3 +89,60 @@ def test_lasp2h_mode_errors():
         lasp2h_attention(q[:, :, :5], q[:, :, :5], q[:, :, :5], group=None, mode="zigzag")
     with pytest.raises(ValueError, match="q_start applies to mode='contiguous' only"):
         lasp2h_attention(q, q, q, group=None, q_start=0, mode="zigzag")
+
+
+# lasp2h_sparse_attention: the per-step sparse layout over gathered K/V, with InfLLM-V2's
+# per-token selection as the layout (each rank's chunks select over all keys at their global start).
+SPARSE = dict(kernel_size=8, kernel_stride=4, block_size=16, topk=4, init_blocks=1, window_size=32)
+SB, SHQ, SHKV, SD, SN = 1, 4, 2, 16, 256
+
+
+def _select(q_c, k_all, q_start):
+    from ltrain.kernels import infllm_v2_select
+
+    return infllm_v2_select(q_c, k_all, q_start=q_start, **SPARSE)
+
+
+def _sparse_vs_single_process(rank, world_size):
+    from ltrain.kernels import block_sparse_attention
+    from ltrain.parallel import gather_sequence, lasp2h_sparse_attention
+
+    g = torch.Generator().manual_seed(5)
+    q, do = (torch.randn(SB, SHQ, SN, SD, generator=g) for _ in range(2))
+    k, v = (torch.randn(SB, SHKV, SN, SD, generator=g) for _ in range(2))
+    full = [t.clone().requires_grad_() for t in (q, k, v)]
+    layout = _select(full[0].detach(), full[1].detach(), 0)
+    o_full = block_sparse_attention(*full, layout, block_size=SPARSE["block_size"])
+    o_full.backward(do)
+    results = {}
+    for mode in MODES:
+        local = [shard_sequence(t, rank, world_size, mode=mode, dim=2).requires_grad_() for t in (q, k, v)]
+        with CommMeter() as fwd:
+            o = lasp2h_sparse_attention(*local, select=_select, group=None, mode=mode,
+                                        block_size=SPARSE["block_size"])
+        with CommMeter() as bwd:
+            o.backward(shard_sequence(do, rank, world_size, mode=mode, dim=2))
+        got = [gather_sequence(t, None, mode=mode, dim=2) for t in (o, *(x.grad for x in local))]
+        results[mode] = ({n: rel_err(a, b) for n, a, b in zip(("o", "dq", "dk", "dv"), got,
+                                                             (o_full, *(x.grad for x in full)))},
+                         fwd.snapshot(), bwd.snapshot())
+    bad = []
+    for mode in ("zigzag", "spiral"):  # 16 tokens per rank: not two whole blocks per zigzag chunk
+        try:
+            lasp2h_sparse_attention(*(t[:, :, :16] for t in (q, k, v)), select=_select, group=None, mode=mode,
+                                    block_size=SPARSE["block_size"])
+        except ValueError as exc:
+            bad.append(str(exc))
+    return results, layout.counts.sum().item() / layout.counts.numel(), bad
+
+
+def test_lasp2h_sparse_two_ranks_equals_one_process():
+    kv_bytes = 2 * SB * SHKV * SN * SD * 4
+    for results, mean_blocks, bad in run_ranks(_sparse_vs_single_process, 2, timeout=240):
+        assert mean_blocks < 0.5 * SN / SPARSE["block_size"]  # the selection really drops blocks
+        for mode, (errors, fwd, bwd) in results.items():
+            assert max(errors.values()) < 1e-5, (mode, errors)
+            assert {k: m for k, m in fwd.items() if m["calls"]} == {"all_gather": {"calls": 1, "bytes": kv_bytes}}
+            assert {k: m for k, m in bwd.items() if m["calls"]} == {"reduce_scatter": {"calls": 1, "bytes": kv_bytes}}
+        assert "must be divisible by 2 x cp x block_size" in bad[0], bad
+        assert bad[1].startswith("mode='spiral'"), bad

@@ -12,9 +12,9 @@ import torch
 from omegaconf import OmegaConf
 
 from ltrain.attention.context import AttnContext
-from ltrain.attention.infllm_v2 import validate_infllm_v2
+from ltrain.attention.infllm_v2 import InfLLMV2Config, validate_section
 from ltrain.attention.registry import build_attention, known_kinds
-from ltrain.config import AttentionConfig, InfLLMV2Config, ModelConfig
+from ltrain.config import AttentionConfig, ModelConfig
 from ltrain.nn.rope import rope_tables
 
 REPO = Path(__file__).resolve().parents[3]
@@ -68,14 +68,14 @@ def test_past_dense_len_same_weights_run_sparse():
 @pytest.mark.parametrize("key,value", [("topk", 2), ("kernel_stride", 16), ("block_size", 18), ("window_size", 8)])
 def test_validate_names_the_key(key, value):
     with pytest.raises(ValueError, match=rf"attention\.infllm_v2\.{key}={value}"):
-        validate_infllm_v2(OmegaConf.create({**PRESET, key: value}))
+        validate_section(OmegaConf.create({**PRESET, key: value}))
     with pytest.raises(ValueError, match=rf"attention\.infllm_v2\.{key}={value}"):
         build_attention("infllm_v2", 0, *cfgs(**{key: value}))
 
 
 def test_paper_preset_is_valid():
-    validate_infllm_v2(InfLLMV2Config())
-    validate_infllm_v2(OmegaConf.load(REPO / "conf/attention/infllm_v2-paper.yaml").infllm_v2)
+    validate_section(InfLLMV2Config())
+    validate_section(OmegaConf.load(REPO / "conf/attention/infllm_v2-paper.yaml").infllm_v2)
 
 
 def test_cli_run_past_dense_len(tmp_path):

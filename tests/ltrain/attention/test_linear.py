@@ -1,8 +1,8 @@
 import torch
 
 from ltrain.attention.context import AttnContext
-from ltrain.attention.linear import LinearAttention, transnormer_decay
-from ltrain.config import AttentionConfig, LinearConfig, ModelConfig
+from ltrain.attention.linear import LinearAttention, LinearConfig, transnormer_decay
+from ltrain.config import AttentionConfig, ModelConfig
 from ltrain.kernels.lightning_ref import lightning_recurrent
 from ltrain.models.transformer import Transformer
 

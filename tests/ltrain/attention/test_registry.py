@@ -19,3 +19,23 @@ def test_explicit_layer_list_must_match_layer_count():
 def test_letter_collision_is_refused():
     with pytest.raises(ValueError, match="letter 'D' is taken by 'dense'"):
         register("other", "D")(lambda *a: None)
+
+
+def test_each_kind_brings_its_section_and_its_validator_runs_only_when_used():
+    from dataclasses import fields
+
+    from ltrain.attention.registry import kinds
+    from ltrain.config import AttentionConfig, ConfigError, TrainConfig, validate
+
+    sections = {f.name: f.type for f in fields(AttentionConfig)}
+    for name, kind in kinds().items():
+        assert (name in sections) == (kind.config is not None), name
+        if kind.config is not None:
+            assert isinstance(getattr(AttentionConfig(), name), kind.config)
+    cfg = TrainConfig()
+    cfg.attention.pattern, cfg.attention.layers = "D", None
+    cfg.attention.s2.block_size = 7  # no s2 layer: not S2's business
+    validate(cfg, world_size=1)
+    cfg.attention.pattern = "SD"
+    with pytest.raises(ConfigError, match=r"attention\.s2\.block_size=7 is invalid"):
+        validate(cfg, world_size=1)
