@@ -9,7 +9,9 @@ ConfigError with one line naming the key, the bad value and what is allowed.
 A setting that runs but silently loses something (a sparse layout whose heads
 together miss distant context) is logged as a one-line warning instead. The
 attention kinds bring their own sections and checks (ltrain.attention.registry);
-this module names none of them.
+this module names none of them. Hydra and OmegaConf are imported only by the
+functions that compose or register, so the dataclasses load on a machine
+without them (a GPU image with only torch and triton).
 """
 
 from __future__ import annotations
@@ -17,11 +19,8 @@ from __future__ import annotations
 import datetime
 import difflib
 import os
-from dataclasses import dataclass, field, make_dataclass
+from dataclasses import asdict, dataclass, field, make_dataclass
 from typing import List, Optional
-
-from hydra.core.config_store import ConfigStore
-from omegaconf import OmegaConf
 
 from ltrain.attention.registry import kinds as attention_kinds
 from ltrain.attention.registry import resolve_layer_kinds
@@ -284,7 +283,7 @@ REMOVED_KEYS = {f"attention.{name}.{key}": why for name, kind in attention_kinds
 
 
 def _schema() -> dict:
-    return OmegaConf.to_container(OmegaConf.structured(TrainConfig), resolve=False)
+    return asdict(TrainConfig())
 
 
 def _dotted(node: dict, path: str = "") -> list[str]:
@@ -317,6 +316,8 @@ def check_known_keys(dcfg) -> None:
                 raise unknown_key(name, ref)
             if isinstance(val, dict) and isinstance(ref[key], dict):
                 walk(val, ref[key], name + ".")
+
+    from omegaconf import OmegaConf
 
     walk({k: v for k, v in OmegaConf.to_container(dcfg, resolve=False).items() if k != "hydra"}, schema, "")
 
@@ -356,6 +357,9 @@ def check_override_keys(args: list[str]) -> None:
 
 def register_configs() -> None:
     """Register the schema (typed merge target for conf/) and the run-id resolver."""
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
     if not OmegaConf.has_resolver("ltrain_run_id"):
         OmegaConf.register_new_resolver("ltrain_run_id", run_id, use_cache=True)
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)

@@ -126,11 +126,12 @@ def test_the_graph_sees_the_layers():
 def test_config_imports_no_model_code():
     """ltrain.config assembles the schema from the kinds' registered sections and runs
     their validators, but loading it loads no kernel, collective, model or Triton
-    (the kinds import those where they run them), and it names no kind."""
+    (the kinds import those where they run them), nor Hydra (a GPU image without it
+    builds models from these dataclasses), and it names no kind."""
     import subprocess
 
     code = ("import sys, ltrain.config; print(' '.join(m for m in sys.modules if m.split('.')[0] in "
-            "('triton', 'deepspeed', 'megatron') or m.startswith(('ltrain.kernels', 'ltrain.parallel', "
+            "('triton', 'deepspeed', 'megatron', 'hydra', 'omegaconf', 'wandb') or m.startswith(('ltrain.kernels', 'ltrain.parallel', "
             "'ltrain.models', 'ltrain.attention.context_parallel'))))")
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert loaded == [], loaded
