@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -36,7 +34,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ltrain.kernels import block_sparse_attention, s2_layout
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.provenance, run as a file
+
+from benchmarks.provenance import finish, markdown_line, provenance  # noqa: E402
+from ltrain.kernels import block_sparse_attention, s2_layout  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -135,23 +136,17 @@ def worker(args) -> dict:
     )
 
 
-def device_name() -> tuple[str, str]:
-    if torch.cuda.is_available():
-        return "gpu", torch.cuda.get_device_name()
-    return "cpu", f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads"
-
-
 def markdown(report: dict) -> str:
     rows = report["results"]
     dense_ms = {(r["seq_len"]): r["fwd_bwd_ms"] for r in rows if r["method"] == "dense"}
     lines = [
         f"# Attention benchmark ({report['device']})",
         "",
-        f"{report['device_name']}; torch {report['torch']}; B={rows[0]['batch']}, H={rows[0]['heads']}, "
+        markdown_line(report),
+        "",
+        f"{report['torch_threads']} torch threads; B={rows[0]['batch']}, H={rows[0]['heads']}, "
         f"Hkv={rows[0]['kv_heads']}, D={rows[0]['head_dim']}, block_size={rows[0]['block_size']}, {rows[0]['dtype']}. "
-        "Peak memory: " + report["memory"] + ". TFLOP/s on active blocks. "
-        f"Machine load (1-min average, {os.cpu_count()} CPUs) before / after the run: "
-        f"{report['load_avg_1m'][1]:.1f} / {report['load_avg_1m'][0]:.1f}.",
+        "Peak memory: " + report["memory"] + ". TFLOP/s on active blocks.",
         "",
         "| method | seq_len | density | fwd ms | fwd+bwd ms | fwd+bwd speed-up vs dense | fwd peak MiB | fwd+bwd peak MiB | fwd TFLOP/s | fwd+bwd TFLOP/s |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -192,11 +187,11 @@ def main(argv=None):
     if args.worker:
         print(json.dumps(worker(args)))
         return
-    device, name = device_name()
+    prov = provenance(argv, __file__)
+    device = "gpu" if torch.cuda.is_available() else "cpu"
     common = ["--batch", args.batch, "--heads", args.heads, "--kv-heads", args.kv_heads, "--head-dim",
               args.head_dim, "--block-size", args.block_size, "--repeats", args.repeats]
     results = []
-    load_before = os.getloadavg()[0]
     for seq_len in args.seq_lens:
         for method in args.methods:
             cmd = [sys.executable, __file__, "--worker", "--method", method, "--seq-len", seq_len, *common]
@@ -210,9 +205,8 @@ def main(argv=None):
                   f"peak {r['fwd_bwd_peak_mib']:7.0f} MiB  {r['fwd_bwd_tflops']:.3f} TFLOP/s", flush=True)
     memory = ("torch.cuda.max_memory_allocated above the live inputs" if device == "gpu" else
               "rise of ru_maxrss over the resident size before the timed calls, one subprocess per row")
-    # Shared machines: the 1-minute load average says how much other work the timings competed with.
-    report = dict(device=device, device_name=name, torch=torch.__version__, memory=memory,
-                  load_avg_1m=[os.getloadavg()[0], load_before], results=results)
+    report = dict(**finish(prov), device=device, torch_threads=torch.get_num_threads(), memory=memory,
+                  results=results)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / f"attention-{device}.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.out_dir / f"attention-{device}.md").write_text(markdown(report))

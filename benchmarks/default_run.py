@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # benchmarks.provenance, run as a file
+
+from benchmarks.provenance import finish, load_avg_1m, markdown_line, provenance  # noqa: E402
+
 RESULTS = REPO / "benchmarks" / "results"
 VENV = REPO / ".venv" / "bin"
 RUNS = {
@@ -35,7 +38,7 @@ RUNS = {
 
 def run(name: str, out: Path) -> dict:
     cmd = [*RUNS[name], f"trainer.out_dir={out}", "trainer.progress=false"]
-    load_before = os.getloadavg()[0]
+    load_before = load_avg_1m()
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "LTRAIN_RUN_ID": name})
     wall = time.perf_counter() - start
@@ -47,26 +50,22 @@ def run(name: str, out: Path) -> dict:
     return dict(run=name, command=" ".join(RUNS[name]).replace(str(VENV) + "/", ".venv/bin/"), wall_s=wall,
                 steps=rows[-1]["step"], first_logged_loss=rows[0]["loss"], last_loss=rows[-1]["loss"],
                 summary=[s.strip() for s in summary[:1 + 5]], load_avg_before=load_before,
-                load_avg_after=os.getloadavg()[0])
+                load_avg_after=load_avg_1m())
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs", default="default,cp2", type=lambda s: s.split(","))
     args = ap.parse_args(argv)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                            text=True).stdout.strip()
-    result = dict(command="python -m benchmarks.default_run " + " ".join(argv if argv is not None else sys.argv[1:]),
-                  commit=commit, machine=f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
-                  rows=[])
+    result = dict(**provenance(argv, __file__), rows=[])
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.runs:
             result["rows"].append(run(name, Path(tmp)))
             print(json.dumps(result["rows"][-1]), flush=True)
+    finish(result)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "default_run-cpu.json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = [f"# The README's default runs ({result['machine']})", "",
-             f"Command: `{result['command']}` at commit {commit}. Wall time includes start-up.", "",
+    lines = ["# The README's default runs", "", markdown_line(result), "", "Wall time includes start-up.", "",
              "| run | command | steps | wall s | loss (first logged -> last) | summary | 1-min load before/after |",
              "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['run']} | `{r['command']}` | {r['steps']} | {r['wall_s']:.0f} | {r['first_logged_loss']:.3f} -> "

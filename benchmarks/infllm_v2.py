@@ -27,10 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -39,9 +36,12 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from ltrain.kernels import BlockLayout, block_sparse_attention, infllm_v2_attention, infllm_v2_select
-from ltrain.kernels.infllm_v2 import causal_pairs
-from ltrain.kernels.token_sparse_cpu import split
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.provenance, run as a file
+
+from benchmarks.provenance import finish, markdown_line, provenance  # noqa: E402
+from ltrain.kernels import BlockLayout, block_sparse_attention, infllm_v2_attention, infllm_v2_select  # noqa: E402
+from ltrain.kernels.infllm_v2 import causal_pairs  # noqa: E402
+from ltrain.kernels.token_sparse_cpu import split  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
@@ -115,38 +115,28 @@ def lse_modes(n, device):
     return out
 
 
-def machine(device):
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
-
-
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--seq-lens", type=int, nargs="+", default=[8192, 16384, 32768])
     ap.add_argument("--lse-len", type=int, default=4096)
     ap.add_argument("--repeats", type=int, default=2)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    prov = provenance(argv, __file__)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                            text=True).stdout.strip()
-    result = dict(command="python " + " ".join(["benchmarks/infllm_v2.py", *sys.argv[1:]]), commit=commit,
-                  device=machine(device), dtype=str(dtype), torch=torch.__version__, params=PRESET,
-                  shape="B 1, Hq 4, Hkv 2, D 32", load_avg_before=list(os.getloadavg()),
-                  lse=lse_modes(args.lse_len, device), speed=[])
+    result = dict(**prov, device=f"{device}, {torch.get_num_threads()} torch threads", dtype=str(dtype),
+                  params=PRESET, shape="B 1, Hq 4, Hkv 2, D 32", lse=lse_modes(args.lse_len, device), speed=[])
     print(json.dumps(result["lse"]), flush=True)
     for n in args.seq_lens:
         result["speed"].append(speed(n, args.repeats, dtype, device))
         print(json.dumps(result["speed"][-1]), flush=True)
-    result["load_avg_after"] = list(os.getloadavg())
+    finish(result)
     tag = "cuda" if device == "cuda" else "cpu"
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"infllm_v2-{tag}.json").write_text(json.dumps(result, indent=2) + "\n")
     e = result["lse"]
     lines = [f"# InfLLM-V2 (per-token selection) vs dense SDPA, forward+backward ({result['device']}, {dtype})", "",
-             f"Command: `{result['command']}` at commit {commit}; 1-min load average "
-             f"{result['load_avg_before'][0]:.1f} before, {result['load_avg_after'][0]:.1f} after. "
+             markdown_line(result), "",
              f"Shape {result['shape']}; parameters {PRESET} (dense_len ignored: sparse forced). Random inputs.", "",
              "| seq_len | dense s | InfLLM-V2 s | of which select s | speedup | attended per token | "
              "per query block (union) | picks served per token |",

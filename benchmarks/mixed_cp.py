@@ -32,9 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -43,7 +40,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
-sys.path.insert(0, str(REPO))  # tests.multiproc, when run as a script
+sys.path.insert(0, str(REPO))  # tests.multiproc and benchmarks.provenance, when run as a script
+
+from benchmarks.provenance import finish, markdown_line, provenance  # noqa: E402
 
 
 def load_config(seq_len: int):
@@ -121,10 +120,6 @@ def _time_rank(rank, world_size, seq_len, mode, steps):
     return sorted(times[1:])[len(times[1:]) // 2]
 
 
-def machine() -> str:
-    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, 1 thread per rank)"
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seq-lens", type=int, nargs="+", default=[2048, 4096])
@@ -133,10 +128,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     from tests.multiproc import run_ranks
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                            text=True).stdout.strip()
-    result = dict(command="python -m benchmarks.mixed_cp " + " ".join(argv if argv is not None else sys.argv[1:]),
-                  commit=commit, machine=machine(), torch=torch.__version__, load_avg_before=list(os.getloadavg()),
+    result = dict(**provenance(argv, __file__), threads="1 per rank",
                   model="tiny, attention=mixed (SILD), B 1, fp32", rows=[])
     for n in args.seq_lens:
         cfg = load_config(n)
@@ -152,13 +144,12 @@ def main(argv=None):
                 result["rows"].append(dict(seq_len=n, cp=cp, split=mode, step_s=max(per_rank), rank_step_s=per_rank,
                                            ranks=ranks, imbalance=max(work) / min(work)))
                 print(json.dumps(result["rows"][-1]), flush=True)
-    result["load_avg_after"] = list(os.getloadavg())
+    finish(result)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "mixed_cp-cpu.json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = [f"# Mixed model (S2, InfLLM-V2, lightning, dense) under cp: zigzag vs contiguous ({result['machine']})",
-             "", f"Command: `{result['command']}` at commit {commit}; 1-min load average "
-             f"{result['load_avg_before'][0]:.1f} before, {result['load_avg_after'][0]:.1f} after. "
-             f"Model {result['model']}. Step = fwd+bwd with the cp collectives, no optimizer. Pairs = attended "
+    lines = ["# Mixed model (S2, InfLLM-V2, lightning, dense) under cp: zigzag vs contiguous", "",
+             markdown_line(result), "",
+             f"Model {result['model']}, one torch thread per rank. Step = fwd+bwd with the cp collectives, no optimizer. Pairs = attended "
              "(query token, key block) pairs per rank (S2 / dense / InfLLM-V2 layer), see the module docstring.",
              "", "| seq_len | cp | split | step s | S2 pairs per rank | dense pairs per rank | "
              "InfLLM-V2 pairs per rank | max/min work |", "|---|---|---|---|---|---|---|---|"]

@@ -46,12 +46,13 @@ from the repo root:
         [--seq-lens 16384,262144] [--world-sizes 2,4]             # linear
         [--attn-seq-lens 4096] [--attn-per-rank 1024] [--cps 1,2,4]  # softmax
 
---merge keeps the existing JSON's rows of the sections not run. The linear
-default (16K, 64K, 256K on 2 and 4 ranks) takes about 2 minutes on 2 shared
-cores; its committed results were made with --seq-lens
-16384,65536,262144,1048576 --steps 3 (about 8 minutes). The softmax default
-(N = 4096, n = 1024) takes about 3 minutes on 2 shared cores (the CPU
-reference kernel needs ~3 minutes per fwd+bwd at N = 16K on one thread).
+--merge keeps the existing JSON's rows of the sections not run, each section
+with the provenance of the run that made it. The linear default (16K, 64K,
+256K on 2 and 4 ranks) takes about 2 minutes on 2 shared cores; the committed
+results are both sections of one run, --seq-lens 16384,65536,262144,1048576
+--world-sizes 2,4 --steps 3 (linear 8-10 minutes, softmax 2-4 minutes on 2
+shared cores; the CPU reference kernel needs ~3 minutes per fwd+bwd at N = 16K
+on one thread).
 """
 
 from __future__ import annotations
@@ -59,8 +60,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -68,6 +67,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from benchmarks.provenance import finish, markdown_line, provenance
 from ltrain.kernels import BlockLayout, block_sparse_attention
 from ltrain.kernels.lightning import lightning_bwd, lightning_fwd
 from ltrain.parallel import (CommMeter, comm, lasp2_linear_attention, ring_attention, shard_sequence,
@@ -81,8 +81,8 @@ def _ring_shift(tensor: torch.Tensor) -> torch.Tensor:
     """Send `tensor` to rank r+1, return what rank r-1 sent."""
     rank, P = dist.get_rank(), dist.get_world_size()
     received = torch.empty_like(tensor)
-    ops = [dist.P2POp(dist.isend, tensor, (rank + 1) % P), dist.P2POp(dist.irecv, received, (rank - 1) % P)]
-    for req in comm.batch_isend_irecv(ops):
+    reqs = [comm.isend(tensor, (rank + 1) % P), comm.irecv(received, (rank - 1) % P)]  # both posted, then waited
+    for req in reqs:
         req.wait()
     return received
 
@@ -380,24 +380,45 @@ def _section_meta(name, args) -> dict:
                 wall_s=None)
 
 
+def _made_by(meta, top) -> str:
+    """This section's command alone, and the run that made its rows: the file's own run (the line at
+    the top) or an older one kept by --merge."""
+    wall = f" ({meta['wall_s']:.0f} s wall)" if meta.get("wall_s") else ""
+    made = meta.get("provenance")
+    if made and made["started_at"] == top["started_at"]:
+        made = f"Made by the run above; load average {made['load_avg_1m_end']:.1f} at the end of this section."
+    elif made:
+        made = "Kept from an earlier run (--merge): " + markdown_line(made)
+    else:
+        made = "Kept from an earlier run (--merge) that recorded no provenance."
+    return f"This section alone: `{meta['command']}`{wall}. {made}"
+
+
 def _mib(nbytes) -> str:
     return f"{nbytes / 2**20:.2f}"
 
 
-def _linear_markdown(rows, meta) -> list[str]:
+def _linear_markdown(rows, meta, top) -> list[str]:
     lines = ["## linear: linear attention, LASP-2 vs state ring vs K/V ring", "",
-             f"{meta['shapes']}; {meta['timing']}.", "", f"Reproduce: `{meta['command']}`", "",
+             f"{meta['shapes']}; {meta['timing']}.", "", _made_by(meta, top), "",
              "| P | tokens | schedule | bytes/rank/step | time/step (s) |", "|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['world_size']} | {r['seq_len']} | {r['schedule']} | {r['bytes_per_step']:,} | "
                      f"{r['step_s']:.3f} |")
+    step = {(r["world_size"], r["seq_len"], r["schedule"]): r["step_s"] for r in rows}
+    for a, b in (("lasp2", "lasp1_ring"), ("lasp2", "ring_kv")):
+        pairs = [(p, n) for p, n, s in step if s == a and (p, n, b) in step]
+        if pairs:
+            faster = [(p, n) for p, n in pairs if step[p, n, a] < step[p, n, b]]
+            lines += ["", f"{a} faster than {b} in {len(faster)} of {len(pairs)} (P, tokens) rows"
+                      + (": " + ", ".join(f"P={p} N={n}" for p, n in faster) if faster else "") + "."]
     return lines
 
 
-def _softmax_markdown(rows, meta) -> list[str]:
+def _softmax_markdown(rows, meta, top) -> list[str]:
     lines = ["## softmax: causal softmax attention, ring (zigzag) vs Ulysses", "",
              f"{meta['shapes']}; {meta['timing']}.", "",
-             f"Reproduce: `{meta['command']}`" + (f" ({meta['wall_s']:.0f} s wall)" if meta.get("wall_s") else ""), "",
+             _made_by(meta, top), "",
              "Memory, per rank, max over ranks (MiB = 2^20 bytes):", "",
              "- **activation** = bytes of the distinct storages autograd saves for backward during the forward "
              "(a `torch.autograd.graph.saved_tensors_hooks` pack hook, deduplicated by storage, parameters "
@@ -433,21 +454,28 @@ def _softmax_markdown(rows, meta) -> list[str]:
                          f"{r['tokens_per_s']:,.0f} | {r['step_s']:.3f} | {_mib(r['activation_bytes'])} | {act_ratio} | "
                          f"{_mib(r['peak_step_bytes'])} | {peak_ratio} | {r['bytes_per_step']:,} | {coll} |")
         lines.append("")
+        if series == "fixed_total":
+            ratios = [(r, r["peak_step_bytes"] / (base[r["seq_len"]]["peak_step_bytes"] / r["world_size"]))
+                      for r in sel if r["world_size"] > 1 and r["seq_len"] in base]
+            if ratios:
+                lines += ["Peak memory per rank over 1/cp of cp=1's (target <= 1.3): " + "; ".join(
+                    f"N={r['seq_len']} cp={r['world_size']} {r['schedule']} {x:.2f} ({'met' if x <= 1.3 else 'missed'})"
+                    for r, x in ratios) + ". Activation memory splits exactly (1.00) by construction: each rank "
+                    "saves its own n/rank tokens' tensors.", ""]
     return lines
 
 
-def _markdown(rows, meta) -> str:
-    lines = [f"# Sequence parallel benchmark ({meta['device']})", "",
-             f"torch {meta['torch']}; load average (1, 5, 15 min) at the end of the run: "
-             f"{', '.join(f'{x:.2f}' for x in meta['load_avg'])} on {meta['cpus']} CPUs "
-             "(a shared machine: times are noisy, memory and bytes are not).", ""]
+def _markdown(result) -> str:
+    rows, meta = result["rows"], result["meta"]
+    lines = [f"# Sequence parallel benchmark ({meta['device']})", "", markdown_line(result), "",
+             "On a shared machine times are noisy; memory and bytes are not.", ""]
     if meta["gpu_note"]:
         lines += [meta["gpu_note"], ""]
     writers = {"linear": _linear_markdown, "softmax": _softmax_markdown}
     for name, writer in writers.items():
         sel = [r for r in rows if r["section"] == name]
         if sel:
-            lines += writer(sel, meta["sections"][name]) + [""]
+            lines += writer(sel, meta["sections"][name], result) + [""]
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -472,7 +500,7 @@ def main(argv=None):
     ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
     parser.add_argument("--sections", default="linear,softmax", help=f"comma list of {sorted(SECTIONS)}")
     parser.add_argument("--seq-lens", type=ints, default=[16384, 65536, 262144],
-                        help="linear: comma list; the committed results add 1048576 (about 8 minutes on 2 cores)")
+                        help="linear: comma list; the committed results add 1048576 (8-10 minutes on 2 cores)")
     parser.add_argument("--world-sizes", type=ints, default=[2, 4], help="linear: ranks")
     parser.add_argument("--steps", type=int, default=2, help="linear: timed steps after one warm-up step")
     parser.add_argument("--cps", type=ints, default=[1, 2, 4], help="softmax: cp degrees (1: single-rank baseline)")
@@ -500,12 +528,14 @@ def main(argv=None):
     if unknown:
         parser.error(f"--attn-schedules: unknown {unknown}; allowed {SOFTMAX_SCHEDULES}")
 
+    prov = provenance(argv, __file__)
     rows, sections = [], {}
     for name in names:
         start = time.perf_counter()
         rows += SECTIONS[name](args)
         sections[name] = _section_meta(name, args)
         sections[name]["wall_s"] = time.perf_counter() - start
+        sections[name]["provenance"] = finish(dict(prov))  # the rows' own run: --merge keeps it with them
     json_path = args.out / f"sequence_parallel-{args.tag}.json"
     if args.merge and json_path.exists():
         old = json.loads(json_path.read_text())
@@ -514,15 +544,15 @@ def main(argv=None):
         sections = {**{k: v for k, v in old_sections.items() if k not in names}, **sections}
     order = list(SECTIONS)
     rows.sort(key=lambda r: order.index(r["section"]))  # stable: each section keeps its own order
-    meta = dict(device=f"{platform.machine()} CPU, gloo, {torch.get_num_threads()} threads in parent, "
+    meta = dict(device=f"CPU, gloo, {torch.get_num_threads()} threads in parent, "
                        "1 thread per rank" if args.device == "cpu" else "CUDA, NCCL, one GPU per rank",
-                torch=torch.__version__, load_avg=list(os.getloadavg()), cpus=os.cpu_count(),
                 gpu_note=GPU_NOTE if args.device == "cpu" else "",
                 sections={k: sections[k] for k in order if k in sections})
+    result = dict(**finish(prov), meta=meta, rows=rows)
     args.out.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
-    (args.out / f"sequence_parallel-{args.tag}.md").write_text(_markdown(rows, meta))
-    print(_markdown(rows, meta))
+    json_path.write_text(json.dumps(result, indent=1) + "\n")
+    (args.out / f"sequence_parallel-{args.tag}.md").write_text(_markdown(result))
+    print(_markdown(result))
 
 
 if __name__ == "__main__":

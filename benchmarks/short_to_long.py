@@ -1,7 +1,7 @@
 """Short-to-long: dense pretraining at a short length, then the same weights past
 InfLLM-V2's dense_len in sparse mode, against the same continuation kept dense.
 
-    python benchmarks/short_to_long.py                          # CPU: 300 + 150 steps, ~15 min
+    python benchmarks/short_to_long.py                          # CPU: 300 + 150 steps, ~5 min on 2 cores
     python benchmarks/short_to_long.py --pretrain-steps 20 --continue-steps 5 --probes 8   # smoke
 
 Three `ltrain-train` runs, as subprocesses, under --out-dir (default outputs/short_to_long):
@@ -15,10 +15,11 @@ Three `ltrain-train` runs, as subprocesses, under --out-dir (default outputs/sho
 Both continuations restore the same weights, optimizer, LR schedule and data position, so
 their first step sees the same batch with the same weights: its loss (computed before the
 update) is the loss just after the switch. Then, in this process, from each final
-checkpoint's weights (mp_rank_00_model_states.pt["module"], model built from the run's
-config.yaml): held-out loss on fixed sequences (data seed --eval-seed, not the training
-stream) and greedy passkey-retrieval accuracy at 512 (ltrain.data.synthetic.passkey_accuracy,
---probes probes at each of --depths). Writes benchmarks/results/short_to_long-<device>.{json,md}.
+checkpoint's weights (ltrain.eval.load_model: the model of the run's config.yaml, its layers
+rebuilt as dense or infllm_v2): held-out loss on fixed sequences (ltrain.eval.heldout_loss,
+data seed --eval-seed, not the training stream) and greedy passkey-retrieval accuracy at 512
+(ltrain.eval.passkey_by_depth, --probes probes at each of --depths). Writes
+benchmarks/results/short_to_long-<tag>.{json,md} with benchmarks.provenance's keys.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -35,13 +35,12 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from ltrain.config import TrainConfig
-from ltrain.data.config import DataConfig
-from ltrain.data.synthetic import SyntheticSource, passkey_accuracy
-from ltrain.models.transformer import Transformer
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.provenance, run as a file
+
+from benchmarks.provenance import finish, markdown_line, provenance  # noqa: E402
+from ltrain.eval import eval_batches, heldout_loss, load_model, passkey_by_depth  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
@@ -80,52 +79,20 @@ def final_checkpoint(out_dir: Path, run: str) -> Path:
     return ckpt_dir / (ckpt_dir / "latest").read_text().strip()
 
 
-def load_model(run_dir: Path, ckpt: Path, attention: str | None = None) -> tuple[Transformer, TrainConfig]:
-    """The checkpoint's weights in a Transformer built from the run's config.yaml;
-    attention='dense' / 'infllm_v2' rebuilds every layer as that kind (same parameters)."""
-    cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(run_dir / "config.yaml"))
-    if attention == "dense":
-        cfg.attention.pattern, cfg.attention.layers = "D", None
-    elif attention == "infllm_v2":
-        cfg.attention.pattern, cfg.attention.layers = "I", None
-        cfg.attention.infllm_v2.update(SPARSE_PRESET)
-    cfg = OmegaConf.to_object(cfg)
-    model = Transformer(cfg.model, cfg.attention)
-    state = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
-    model.load_state_dict(state)  # strict: a dense checkpoint has exactly an infllm_v2 model's parameters
-    return model.eval(), cfg
-
-
-def eval_batches(seq_len: int, n: int, seed: int) -> torch.Tensor:
-    src = SyntheticSource(DataConfig(kind="synthetic", task="passkey", seq_len=seq_len), seed)
-    return torch.stack([torch.from_numpy(src.sample(i)[0]) for i in range(n)])
-
-
-@torch.no_grad()
-def heldout(model: Transformer, tokens: torch.Tensor, batch: int = 8) -> tuple[float, list[str]]:
-    """Mean next-token loss over tokens [n, seq_len+1]; and the layers' modes (infllm_v2)."""
-    total, count, modes = 0.0, 0, []
-    for i in range(0, len(tokens), batch):
-        t = tokens[i : i + batch]
-        logits = model(t[:, :-1])
-        total += F.cross_entropy(logits.flatten(0, 1), t[:, 1:].flatten(), reduction="sum").item()
-        count += t[:, 1:].numel()
-        modes = [v for k, v in sorted(model.attn_stats.items()) if k.endswith("/mode")]
-    return total / count, modes
-
-
-@torch.no_grad()
-def passkey(model: Transformer, seq_len: int, n: int, depths: list[float], seed: int) -> dict[str, float]:
-    out = {f"{d:g}": passkey_accuracy(model, seq_len=seq_len, n=n, depth=d, seed=seed) for d in depths}
-    out["mean"] = sum(out.values()) / len(depths)
-    return out
+def as_kind(kind: str) -> dict:
+    """load_model overrides that rebuild every layer as `kind` (same parameters): "dense", or
+    "infllm_v2" with the CPU preset of conf/attention/infllm_v2.yaml."""
+    attention = {"pattern": {"dense": "D", "infllm_v2": "I"}[kind], "layers": None}
+    if kind == "infllm_v2":
+        attention["infllm_v2"] = SPARSE_PRESET
+    return {"attention": attention}
 
 
 def mean(xs):
     return sum(xs) / len(xs)
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--pretrain-steps", type=int, default=300)
     ap.add_argument("--continue-steps", type=int, default=150)
@@ -141,7 +108,8 @@ def main():
     ap.add_argument("--sequential", action="store_true", help="run the two continuations one after the other")
     ap.add_argument("--skip-train", action="store_true", help="evaluate the runs already in --out-dir")
     ap.add_argument("--tag", default="cpu", help="results file suffix")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    prov = provenance(argv, __file__)
     torch.set_num_threads(args.threads)
     out, n_pre, n_tot = args.out_dir.resolve(), args.pretrain_steps, args.pretrain_steps + args.continue_steps
     common = [f"data.micro_batch_size={args.micro_batch}"]
@@ -172,20 +140,17 @@ def main():
     pre, runs = metrics(out, "pretrain"), {r: metrics(out, r) for r in ("sparse", "dense")}
     first = n_pre + 1
     k = min(10, args.continue_steps)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                            text=True).stdout.strip()
     result = {
-        "command": "python " + " ".join(["benchmarks/short_to_long.py", *sys.argv[1:]]),
-        "commit": commit,
-        "load_avg_at_end": list(os.getloadavg()),
-        "device": f"cpu ({platform.machine()}, {args.threads} thread(s) per process)",
-        "torch": torch.__version__,
-        "settings": {"pretrain_steps": n_pre, "continue_steps": args.continue_steps, "short_seq_len": args.short,
+        **prov,
+        "settings": {"threads_per_process": args.threads, "sequential": args.sequential,"pretrain_steps": n_pre, "continue_steps": args.continue_steps, "short_seq_len": args.short,
                      "long_seq_len": args.long, "micro_batch_size": args.micro_batch, "infllm_v2": SPARSE_PRESET,
                      "probes_per_depth": args.probes, "depths": args.depths, "eval_seqs": args.eval_seqs,
                      "eval_seed": args.eval_seed},
         "train_loss": {"before_switch": pre[n_pre]["loss"], "before_switch_seq_len": pre[n_pre]["seq_len"]},
+        # The lr each step used: the first continued step runs on the restored schedule, the next
+        # ones on the schedule re-evaluated for the new max_steps.
         "lr": {"end_of_pretrain": pre[n_pre]["lr"], "first_continued_step": runs["sparse"][first]["lr"],
+               "second_continued_step": runs["sparse"].get(first + 1, {}).get("lr"),
                "end": runs["sparse"][n_tot]["lr"]},
         "wall_s": walls,
     }
@@ -220,16 +185,17 @@ def main():
         ("dense-continued sparse @long", "dense", "infllm_v2", "long"),
     ]
     for name, run, kind, length in cases:
-        model, _ = load_model(out / run, ckpts[run], kind)
+        model, _ = load_model(out / run, ckpts[run], as_kind(kind))
         seq_len = args.short if length == "short" else args.long
-        loss, modes = heldout(model, short_eval if length == "short" else long_eval)
-        acc = passkey(model, seq_len, args.probes, args.depths, seed=args.eval_seed)
+        loss, modes = heldout_loss(model, short_eval if length == "short" else long_eval)
+        acc = passkey_by_depth(model, seq_len, args.probes, args.depths, seed=args.eval_seed)
         evals[name] = {"run": run, "attention": kind, "seq_len": seq_len, "heldout_loss": loss,
                        "modes": sorted(set(modes)) or ["dense"], "passkey": acc}
         print(f"{name:32s} loss {loss:.4f}  passkey {acc}  modes {sorted(set(modes)) or ['dense']}", flush=True)
     result["eval"] = evals
     walls["eval"] = time.perf_counter() - t
     walls["total"] = time.perf_counter() - t0
+    finish(result)
     write(result, args.tag)
 
 
@@ -243,21 +209,22 @@ def write(r: dict, tag: str) -> None:
     acc = lambda name: f"{ev[name]['passkey']['mean']:.2f} (" + ", ".join(  # noqa: E731
         f"{d}: {v:.2f}" for d, v in ev[name]["passkey"].items() if d != "mean") + ")"
     lines = [
-        f"# Short-to-long: dense at {s['short_seq_len']} -> InfLLM-V2 sparse at {s['long_seq_len']} "
-        f"({r['device']}, torch {r['torch']})",
+        f"# Short-to-long: dense at {s['short_seq_len']} -> InfLLM-V2 sparse at {s['long_seq_len']}",
         "",
-        f"Command: `{r['command']}` at commit {r['commit']}; 1-min load average at the end "
-        f"{r['load_avg_at_end'][0]:.1f}.",
+        markdown_line(r),
         "",
-        f"Tiny model (0.85M), synthetic passkey data, micro batch {s['micro_batch_size']}. "
+        f"Tiny model (0.85M), synthetic passkey data, micro batch {s['micro_batch_size']}, "
+        f"{s['threads_per_process']} torch thread(s) per training process. "
         f"Stage 1: {s['pretrain_steps']} steps dense at {s['short_seq_len']} tokens "
         f"(= dense_len). Stage 2: the final checkpoint resumed at {s['long_seq_len']} tokens for "
         f"{s['continue_steps']} more steps, every layer infllm_v2 ({s['infllm_v2']}) — sparse — or, "
         "as the control, dense. Same weights, optimizer state, LR schedule and data stream in both; "
-        f"the LR goes from {r['lr']['end_of_pretrain']:.2e} at the end of stage 1 to "
-        f"{r['lr']['first_continued_step']:.2e} at the first continued step (the cosine schedule "
-        f"re-evaluated for max_steps {s['pretrain_steps'] + s['continue_steps']}) and decays to "
-        f"{r['lr']['end']:.2e}.",
+        f"the LR (as each step used it) is {r['lr']['end_of_pretrain']:.2e} at the end of stage 1, "
+        f"{r['lr']['first_continued_step']:.2e} at the first continued step (the restored schedule), "
+        + (f"{r['lr']['second_continued_step']:.2e} at the second (the cosine schedule re-evaluated for "
+           f"max_steps {s['pretrain_steps'] + s['continue_steps']}) and " if r["lr"].get("second_continued_step")
+           else "then ")
+        + f"{r['lr']['end']:.2e} at the end.",
         "",
         "Training loss (per-step batch mean; the first continued step's loss is computed with the "
         "pretrained weights, before its update, on the same batch in both runs):",
@@ -285,7 +252,8 @@ def write(r: dict, tag: str) -> None:
     w = r["wall_s"]
     lines += ["", "Wall time: " + ", ".join(f"{key} {v:.0f} s" for key, v in w.items()) + "; mean step time "
               + ", ".join(f"{run} {tl[run]['mean_step_time_s']:.2f} s" for run in ("sparse", "dense"))
-              + " (continuations run concurrently on a shared machine)."]
+              + (" (continuations run one after the other)." if s["sequential"]
+                 else " (the two continuations run concurrently).")]
     (RESULTS / f"short_to_long-{tag}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -59,23 +59,12 @@ def test_dense_checkpoint_resumes_sparse_past_dense_len(tmp_path):
     assert all(0 < row[f"attn/layer{i}/block_fraction"] < 1 for i in range(4))
     assert "resumed from" in (tmp_path / "long" / "train.log").read_text()
 
-    # The dense checkpoint's weights load strictly into an infllm_v2 model, which is
-    # exactly the dense model up to dense_len and finite, sparse, past it.
-    from omegaconf import OmegaConf
+    # The dense checkpoint's weights load strictly (ltrain.eval.load_model) into an infllm_v2
+    # model, which is exactly the dense model up to dense_len and finite, sparse, past it.
+    from ltrain.eval import load_model
 
-    from ltrain.config import TrainConfig
-    from ltrain.models.transformer import Transformer
-
-    def model(run):
-        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig),
-                                                  OmegaConf.load(tmp_path / run / "config.yaml")))
-        m = Transformer(cfg.model, cfg.attention).eval()
-        state = torch.load(tmp_path / "short" / "checkpoints" / "step_00000002" / "mp_rank_00_model_states.pt",
-                           map_location="cpu", weights_only=False)["module"]
-        m.load_state_dict(state)
-        return m
-
-    dense, sparse = model("short"), model("long")
+    ckpt = tmp_path / "short" / "checkpoints" / "step_00000002"
+    (dense, _), (sparse, _) = load_model(tmp_path / "short", ckpt), load_model(tmp_path / "long", ckpt)
     assert set(dense.kinds) == {"dense"} and set(sparse.kinds) == {"infllm_v2"}
     ids = torch.randint(0, 256, (1, 256), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -1,0 +1,89 @@
+"""Evaluation of trained weights: held-out loss and passkey retrieval.
+
+Plain functions over a `Transformer` (or, for the probes, any callable
+input_ids [B, N] -> logits [B, N, V]):
+
+    load_model(run_dir, ckpt)             weights of a checkpoint in the model of the run's config.yaml
+    eval_batches(seq_len, n, seed)        fixed synthetic sequences, LongTensor [n, seq_len + 1]
+    heldout_loss(model, tokens)           mean next-token cross-entropy over them
+    passkey_by_depth(model, seq_len, ...) greedy passkey-retrieval accuracy at each depth
+
+Held-out sequences come from their own data seed, so they are not the
+training stream's (which samples index i of trainer.seed's stream).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from ltrain.config import TrainConfig
+from ltrain.data.config import DataConfig
+from ltrain.data.synthetic import SyntheticSource, passkey_accuracy
+from ltrain.models.transformer import Transformer
+
+MODEL_STATES = "mp_rank_00_model_states.pt"  # DeepSpeed's file of the full weights (ZeRO stages 0-2)
+
+
+def load_model(run_dir: str | Path, ckpt: str | Path, overrides: Optional[dict | list[str]] = None
+               ) -> tuple[Transformer, TrainConfig]:
+    """(model in eval mode, its config): a Transformer built from `run_dir`/config.yaml, merged over
+    TrainConfig's defaults and then `overrides` (a nested dict, or dotlist strings such as
+    "attention.pattern=I"), holding the weights of the checkpoint step directory `ckpt`
+    (`ckpt`/mp_rank_00_model_states.pt["module"], strict: every parameter must match).
+
+    Overrides rebuild the layers without touching the weights: attention kinds without parameters
+    of their own (dense, infllm_v2) load one another's checkpoints, e.g.
+    {"attention": {"pattern": "I", "layers": None}} evaluates a dense run as InfLLM-V2.
+    ZeRO-3 checkpoints keep partitioned weights outside that file and are not read here."""
+    cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(Path(run_dir) / "config.yaml"))
+    if overrides:
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides) if isinstance(overrides, list) else overrides)
+    cfg = OmegaConf.to_object(cfg)
+    model = Transformer(cfg.model, cfg.attention)
+    state = torch.load(Path(ckpt) / MODEL_STATES, map_location="cpu", weights_only=False)["module"]
+    model.load_state_dict(state)
+    return model.eval(), cfg
+
+
+def eval_batches(seq_len: int, n: int, seed: int, task: str = "passkey") -> torch.Tensor:
+    """LongTensor [n, seq_len + 1]: samples 0..n-1 of the synthetic `task` stream with data seed `seed`
+    (the default DataConfig's task settings), the same on every call."""
+    src = SyntheticSource(DataConfig(kind="synthetic", task=task, seq_len=seq_len), seed)
+    return torch.stack([torch.from_numpy(src.sample(i)[0]) for i in range(n)])
+
+
+@torch.no_grad()
+def heldout_loss(model: Transformer, tokens: torch.Tensor, batch_size: int = 8) -> tuple[float, list[str]]:
+    """(mean next-token loss, layer modes) over `tokens` LongTensor [n, seq_len + 1].
+
+    The loss is the cross-entropy of logits[:, p] = model(tokens[:, :-1])[:, p] against tokens[:, p + 1],
+    averaged over all n * seq_len predicted tokens (not over batches), in batches of `batch_size`
+    sequences. Modes: the "attn/layer<i>/mode" entries of `model.attn_stats` after the last batch, in
+    the order the layers ran ("dense" or "sparse"; a linear layer reports none)."""
+    device = next(model.parameters()).device
+    total, count, modes = 0.0, 0, []
+    for i in range(0, len(tokens), batch_size):
+        t = tokens[i : i + batch_size].to(device)
+        logits = model(t[:, :-1])  # [b, seq_len, V]
+        total += F.cross_entropy(logits.flatten(0, 1).float(), t[:, 1:].flatten(), reduction="sum").item()
+        count += t[:, 1:].numel()
+        modes = [v for k, v in model.attn_stats.items() if k.endswith("/mode")]
+    return total / count, modes
+
+
+@torch.no_grad()
+def passkey_by_depth(model: Callable[[torch.Tensor], torch.Tensor], seq_len: int, n: int, depths: list[float],
+                     seed: int, digits: int = 5) -> dict[str, float]:
+    """Greedy passkey-retrieval accuracy (ltrain.data.synthetic.passkey_accuracy) of `n` probes of
+    `seq_len` tokens at each depth: {"<depth>": fraction of probes whose `digits` answer tokens are all
+    the argmax prediction, ..., "mean": their mean over depths}. `model`: input_ids [B, seq_len] ->
+    logits [B, seq_len, V]; probes are (seed, i) for i < n, the same at every depth."""
+    out = {f"{d:g}": passkey_accuracy(model, seq_len=seq_len, n=n, depth=d, seed=seed, digits=digits)
+           for d in depths}
+    out["mean"] = sum(out.values()) / len(depths)
+    return out
