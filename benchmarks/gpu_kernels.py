@@ -75,6 +75,14 @@ def _randn(shape, dtype, gen, scale=1.0):
     return torch.randn(shape, generator=gen, device=gen.device, dtype=dtype) * scale
 
 
+def _softmax_inputs(shape, D: int, dtype, dev):
+    """q, do: [B, Hq, N, D]; k, v: [B, Hkv, N, D], seeded so every case sees the same inputs."""
+    gen = torch.Generator(device=dev).manual_seed(0)
+    q = _randn((shape.B, shape.Hq, shape.N, D), dtype, gen)
+    k, v = (_randn((shape.B, shape.Hkv, shape.N, D), dtype, gen) for _ in range(2))
+    return q, k, v, _randn((shape.B, shape.Hq, shape.N, D), dtype, gen)
+
+
 # ---- correctness ----------------------------------------------------------------------------
 
 def _softmax_run(fn, q, k, v, do) -> dict:
@@ -116,10 +124,7 @@ def compare(triton: dict, torch_: dict, ref: dict, dtype: torch.dtype) -> dict:
 def _block_case(layout_name: str, D: int, dtype, shape: Shape, settings: Settings, s2: dict):
     def run() -> dict:
         dev = settings.device
-        gen = torch.Generator(device=dev).manual_seed(0)
-        q = _randn((shape.B, shape.Hq, shape.N, D), dtype, gen)
-        k, v = (_randn((shape.B, shape.Hkv, shape.N, D), dtype, gen) for _ in range(2))
-        do = _randn((shape.B, shape.Hq, shape.N, D), dtype, gen)
+        q, k, v, do = _softmax_inputs(shape, D, dtype, dev)
         if layout_name == "s2":
             bs = s2["block_size"]
             layout = s2_layout(shape.Hq, shape.N, device=dev, **s2)
@@ -140,10 +145,7 @@ def _block_case(layout_name: str, D: int, dtype, shape: Shape, settings: Setting
 def _infllm_case(D: int, dtype, shape: Shape, settings: Settings, params: dict):
     def run() -> dict:
         dev = settings.device
-        gen = torch.Generator(device=dev).manual_seed(0)
-        q = _randn((shape.B, shape.Hq, shape.N, D), dtype, gen)
-        k, v = (_randn((shape.B, shape.Hkv, shape.N, D), dtype, gen) for _ in range(2))
-        do = _randn((shape.B, shape.Hq, shape.N, D), dtype, gen)
+        q, k, v, do = _softmax_inputs(shape, D, dtype, dev)
         select = {key: val for key, val in params.items() if key != "dense_len"}
         layout = infllm_v2_select(q, k, **select, impl="triton")
         picks = layout.block_mask()

@@ -460,12 +460,17 @@ def _num(x, fmt: str = ".3g") -> str:
     return "-" if x is None else format(x, fmt)
 
 
+def _unfinished_row(r: dict, empty_cells: int, fill: str) -> str:
+    """A case that was skipped or errored: its name, empty cells, then why."""
+    return f"| {r['case']} |" + f" {fill} |" * empty_cells + f" {r['status']}: {r.get('error') or r.get('why', '')} |"
+
+
 def _kernels_md(rows: list[dict]) -> list[str]:
     lines = ["| case | shape | max abs err (Triton) | worst rel err Triton / torch (tensor) | result |",
              "|---|---|---|---|---|"]
     for r in rows:
         if "errors" not in r:
-            lines.append(f"| {r['case']} | - | - | - | {r['status']}: {r.get('error') or r.get('why', '')} |")
+            lines.append(_unfinished_row(r, 3, "-"))
             continue
         abs_err = ", ".join(f"{t} {e['max_abs']:.2e}" for t, e in r["errors"].items())
         worst = max(r["errors"], key=lambda t: r["errors"][t]["rel"] / r["errors"][t]["allowed"])
@@ -483,7 +488,7 @@ def _bench_md(rows: list[dict]) -> list[str]:
              "fwd TFLOP/s | peak GiB | result |", "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         if "method" not in r:
-            lines.append(f"| {r['case']} | | | | | | | | {r['status']}: {r.get('error') or r.get('why', '')} |")
+            lines.append(_unfinished_row(r, 7, ""))
             continue
         speed = " / ".join(_num(sdpa[(r["seq_len"], p)] / r[p + "_ms"], ".2f") + "x"
                            if r.get(p + "_ms") and (r["seq_len"], p) in sdpa else "-" for p in ("fwd", "fwd_bwd"))
@@ -500,7 +505,7 @@ def _train_md(rows: list[dict]) -> list[str]:
              "|---|---|---:|---:|---:|---|---:|---|---|"]
     for r in rows:
         if "pattern" not in r:
-            lines.append(f"| {r['case']} | | | | | | | | {r['status']}: {r.get('error') or r.get('why', '')} |")
+            lines.append(_unfinished_row(r, 7, ""))
             continue
         lines.append(f"| {r['case']} | {r['pattern']} | {r['tokens_per_step']} | {r['steps']} | "
                      f"{_num(r['tokens_per_s'], ',.0f')} | {r['loss_first']:.3f} -> {r['loss_last']:.3f} | "
