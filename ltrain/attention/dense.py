@@ -22,7 +22,7 @@ def sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_start: i
 
 
 def validate(cfg, kinds: set[str]) -> None:
-    if not is_hybrid(sorted(kinds)):  # hybrid models' dense layers take LASP-2H, which splits no heads
+    if not is_hybrid(kinds):  # hybrid models' dense layers take LASP-2H, which splits no heads
         check_ulysses_heads(cfg)
 
 

@@ -27,7 +27,7 @@ import) loads no kernel, collective or Triton.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 from ltrain.errors import config_error
 
@@ -103,7 +103,7 @@ def resolve_layer_kinds(pattern: str, layers: Optional[Sequence[str]], n_layers:
     return [by_letter[pattern[i % len(pattern)]] for i in range(n_layers)]
 
 
-def is_hybrid(layer_kinds: Sequence[str]) -> bool:
+def is_hybrid(layer_kinds: Iterable[str]) -> bool:
     """A model is hybrid when some layer's kind has no softmax (linear attention)."""
     registered = kinds()
     return any(not registered[k].softmax for k in layer_kinds)

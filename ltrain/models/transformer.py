@@ -48,6 +48,7 @@ class Transformer(nn.Module):
         # One split for every layer: zigzag balances causal softmax work (ring), and LASP-2 /
         # LASP-2H take it as two chunks per rank in the same single state all-gather.
         self.cp_mode = "zigzag"
+        self.hybrid = is_hybrid(self.kinds)  # its dense layers take LASP-2H under cp
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -76,7 +77,7 @@ class Transformer(nn.Module):
             factor=self.cfg.rope_factor,
         )
         ctx = AttnContext(cos=cos, sin=sin, cp_group=cp_group,
-                          cp_mode=self.cp_mode, cp_impl=cp_impl, hybrid=is_hybrid(self.kinds))
+                          cp_mode=self.cp_mode, cp_impl=cp_impl, hybrid=self.hybrid)
         x = self.embed(input_ids)
         for layer in self.layers:
             if self.cfg.activation_checkpointing and self.training:
