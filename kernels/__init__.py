@@ -5,7 +5,7 @@ Imports only torch and triton (docs/architecture.md#what-each-layer-may-import).
 reference on CPU.
 """
 
-from .block_sparse import block_sparse_attention
+from .block_sparse import block_sparse_attention, block_sparse_attention_backward
 from .layout import BlockLayout
 from .s2 import s2_layout
 from .lightning import lightning_attention

@@ -18,11 +18,10 @@ import warnings
 import torch
 
 from . import block_sparse_cpu, block_sparse_triton, token_sparse_cpu, token_sparse_triton
+from .block_sparse_triton import BLOCK_SIZES, DTYPES
 from .impl import use_triton
 from .layout import BlockLayout
 
-BLOCK_SIZES = (16, 32, 64, 128)
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _warned_head_dims: set[int] = set()
 
 
@@ -71,7 +70,7 @@ def _check(q, k, v, layout, block_size, impl):
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     use_triton(q, impl)  # validates impl
     if block_size not in BLOCK_SIZES:
-        raise ValueError(f"block_size must be one of {BLOCK_SIZES}, got {block_size}")
+        raise ValueError(f"block_size={block_size} has no kernel configuration: use one of {BLOCK_SIZES}")
     for name, n in (("Nq", Nq), ("Nk", Nk)):
         if n % block_size:
             raise ValueError(f"{name}={n} is not divisible by block_size={block_size}: pad the sequence to a multiple of block_size")
@@ -109,6 +108,7 @@ def _select_impl(q, layout, impl):
         return ref
     if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before import for the CPU interpreter)")
+    block_sparse_triton.launch_arch(q)  # ValueError on a GPU older than sm_80, before any launch
     return kernel
 
 
@@ -139,3 +139,21 @@ def block_sparse_attention(q, k, v, layout: BlockLayout, *, block_size: int = 64
     out, lse = BlockSparseAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), layout,
                                           _select_impl(q, layout, impl), opts)
     return (out, lse) if return_lse else out
+
+
+def block_sparse_attention_backward(do, q, k, v, lse, delta, layout: BlockLayout, *, block_size: int = 64,
+                                    causal: bool = True, sm_scale: float | None = None, q_start: int = 0,
+                                    k_start: int = 0, impl: str = "auto"):
+    """The backward of block_sparse_attention from given row statistics, with no forward re-run.
+
+    do, q: [B, Hq, Nq, D]; k, v: [B, Hkv, Nk, D]; lse, delta: [B, Hq, Nq] fp32 -> (dq, dk, dv) in q.dtype.
+    With p_ij = exp(sm_scale q_i . k_j - lse_i) and ds_ij = p_ij (do_i . v_j - delta_i) over the
+    layout's visible keys: dq_i = sm_scale sum_j ds_ij k_j, dk_j = sm_scale sum_i ds_ij q_i,
+    dv_j = sum_i p_ij do_i. Given the lse and delta = do . o of attention over a longer key set,
+    these are the exact gradients of that attention restricted to these keys (ring attention's tiles).
+    """
+    _check(q, k, v, layout, block_size, impl)
+    sm_scale = float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    return _select_impl(q, layout, impl).backward(
+        do.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(), lse.contiguous(), delta.contiguous(),
+        layout, block_size=block_size, causal=causal, sm_scale=sm_scale, q_start=int(q_start), k_start=int(k_start))

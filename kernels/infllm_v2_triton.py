@@ -22,13 +22,16 @@ chunk / block visible to the tile's last query.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
 import triton
 import triton.language as tl
 
-from .infllm_v2_ref import pool_geometry
+from .aot import PRESET_DTYPES, PRESET_MODELS, AOTSpec, signature
+from .block_sparse_triton import HEAD_DIMS, TRITON_DTYPES, launch_arch
+from .infllm_v2_ref import COARSE, LSE_MODES, pool_geometry
 
 BLOCK_Q = 64
 BLOCK_C = 64
@@ -107,16 +110,31 @@ def _score_kernel(Q, KC, LSE, OUT, q_start, N, NC, MK, HQ, HKV, D, sm_scale, KER
                  mask=(rows[:, None] < N) & (cols[None, :] < MK))
 
 
+def _lse_meta(*, head_dim: int, kernel_size: int, kernel_stride: int) -> dict:
+    """Constexprs and launch options of _lse_kernel (the same on sm_80 and sm_90)."""
+    return dict(KERNEL_SIZE=kernel_size, KERNEL_STRIDE=kernel_stride, BLOCK_Q=BLOCK_Q, BLOCK_C=BLOCK_C,
+                BLOCK_D=max(16, triton.next_power_of_2(head_dim)), num_warps=4, num_stages=3)
+
+
+def _score_meta(*, head_dim: int, kernel_size: int, kernel_stride: int, block_size: int) -> dict:
+    """Constexprs and launch options of _score_kernel (the same on sm_80 and sm_90)."""
+    S, P = pool_geometry(kernel_size, kernel_stride, block_size)
+    return dict(KERNEL_SIZE=kernel_size, KERNEL_STRIDE=kernel_stride, BLOCK_SIZE=block_size, S=S, P=P,
+                BLOCK_Q=BLOCK_Q, BLOCK_B=BLOCK_B, KW=triton.next_power_of_2(S + P),
+                BLOCK_D=max(16, triton.next_power_of_2(head_dim)), num_warps=4, num_stages=3)
+
+
 def lse_triton(q: torch.Tensor, kc: torch.Tensor, *, kernel_size: int, kernel_stride: int,
                q_start: int = 0) -> torch.Tensor:
     """Same contract as infllm_v2_ref.lse_torch: q [B, Hq, C, D], kc [B, Hkv, n_c, D] fp32 -> [B, Hq, C] fp32."""
     B, Hq, N, D = q.shape
+    launch_arch(q)  # ValueError on a GPU older than sm_80, before any launch
     q, kc = q.contiguous(), kc.contiguous()
     lse = torch.empty(B, Hq, N, device=q.device, dtype=torch.float32)
     _lse_kernel[(triton.cdiv(N, BLOCK_Q), B * Hq)](q, kc, lse, q_start, N, kc.shape[2], Hq, kc.shape[1], D,
-                                                   1.0 / math.sqrt(D), KERNEL_SIZE=kernel_size,
-                                                   KERNEL_STRIDE=kernel_stride, BLOCK_Q=BLOCK_Q, BLOCK_C=BLOCK_C,
-                                                   BLOCK_D=max(16, triton.next_power_of_2(D)))
+                                                   1.0 / math.sqrt(D),
+                                                   **_lse_meta(head_dim=D, kernel_size=kernel_size,
+                                                               kernel_stride=kernel_stride))
     return lse
 
 
@@ -127,13 +145,45 @@ def block_scores_triton(q: torch.Tensor, kc: torch.Tensor, *, num_k_blocks: int,
     kc [B, Hkv, n_c, D] fp32, lse [B, Hq, C] or None (exact) -> [B, Hkv, C, num_k_blocks] fp32."""
     B, Hq, N, D = q.shape
     Hkv, NC = kc.shape[1], kc.shape[2]
+    launch_arch(q)
     q, kc = q.contiguous(), kc.contiguous()
-    S, P = pool_geometry(kernel_size, kernel_stride, block_size)
     if lse is None:
         lse = lse_triton(q, kc, kernel_size=kernel_size, kernel_stride=kernel_stride, q_start=q_start)
     out = torch.zeros(B, Hkv, N, num_k_blocks, device=q.device, dtype=torch.float32)
     _score_kernel[(triton.cdiv(N, BLOCK_Q), B * Hkv)](
         q, kc, lse.contiguous(), out, q_start, N, NC, num_k_blocks, Hq, Hkv, D, 1.0 / math.sqrt(D),
-        KERNEL_SIZE=kernel_size, KERNEL_STRIDE=kernel_stride, BLOCK_SIZE=block_size, S=S, P=P, BLOCK_Q=BLOCK_Q,
-        BLOCK_B=BLOCK_B, KW=triton.next_power_of_2(S + P), BLOCK_D=max(16, triton.next_power_of_2(D)))
+        **_score_meta(head_dim=D, kernel_size=kernel_size, kernel_stride=kernel_stride, block_size=block_size))
     return out
+
+
+# (kernel_size, kernel_stride, block_size) of conf/attention/infllm_v2.yaml (CPU-scaled, exact lse) and
+# infllm_v2-paper.yaml (coarse lse: windows COARSE x larger), the geometries ltrain's presets launch.
+PRESET_GEOMETRIES = ((8, 4, 16, "exact"), (32, 16, 64, "coarse"))
+
+
+def _spec(name, fn, meta, dtype, config, default):
+    meta = dict(meta)
+    num_warps, num_stages = meta.pop("num_warps"), meta.pop("num_stages")
+    pointers = dict(Q=TRITON_DTYPES[dtype], KC="fp32", LSE="fp32", OUT="fp32")
+    return AOTSpec(name, fn, signature(fn, meta, pointers, ("sm_scale",)), meta, num_warps, num_stages,
+                   dict(dtype=TRITON_DTYPES[dtype], **config), default, ("N", "D"))
+
+
+def aot_specs() -> list[AOTSpec]:
+    """The selection kernels at the presets' geometries, both lse modes, x HEAD_DIMS in bf16 and fp32
+    and at head dim 64 in fp16 (q is read as fp32 either way); default at the presets' own lse
+    mode, head dims and dtypes (kernels/aot.py PRESET_*)."""
+    preset_dims = {d for d, _ in PRESET_MODELS}
+    settings = list(itertools.product(PRESET_DTYPES, HEAD_DIMS)) + [(torch.float16, 64)]
+    specs = []
+    for (ks, stride, bs, mode), (dtype, d) in itertools.product(PRESET_GEOMETRIES, settings):
+        preset = dtype in PRESET_DTYPES and d in preset_dims
+        for lse in LSE_MODES:
+            win = dict(kernel_size=COARSE * ks, kernel_stride=COARSE * stride) if lse == "coarse" else \
+                dict(kernel_size=ks, kernel_stride=stride)
+            specs.append(_spec("infllm_v2_lse", _lse_kernel, _lse_meta(head_dim=d, **win), dtype,
+                               dict(head_dim=d, lse=lse, **win), preset and lse == mode))
+        specs.append(_spec("infllm_v2_score", _score_kernel,
+                           _score_meta(head_dim=d, kernel_size=ks, kernel_stride=stride, block_size=bs), dtype,
+                           dict(head_dim=d, kernel_size=ks, kernel_stride=stride, block_size=bs), preset))
+    return specs

@@ -36,47 +36,59 @@ Design.
   keys and values for only G rows, so at small G these kernels should be
   bound by K/V loads (mostly L2 hits: neighbouring tokens, adjacent in the
   grid, tend to pick the same blocks) rather than by the padded MMAs; this
-  is expected, not yet measured on a GPU.
-- dk/dv: one program per (key block, batch x KV head) walks a reverse index
-  (key block -> tokens that selected it, `reverse_index`, built on device by a
-  stable sort, no host sync, memory O(Nq K)) and accumulates dk, dv in
-  registers. Every output block has exactly one writer: no atomics, and the
-  result is bit-for-bit reproducible. Its tile rows are consecutive
-  (token, head) pairs of that list, BLOCK_R at a time, so a tile may straddle
-  tokens and padding happens once per program, not once per token.
+  is expected, not yet measured on a GPU. The key tile (BLOCK_N) runs through
+  the token's listed blocks as in block_sparse_triton: a part of a block or
+  several blocks.
+- dk/dv: one program per (key tile of BLOCK_N keys inside one block, batch x
+  KV head) walks a reverse index (key block -> tokens that selected it,
+  `reverse_index`, built on device by a stable sort, no host sync, memory
+  O(Nq K)) and accumulates dk, dv in registers. Every output tile has exactly
+  one writer: no atomics, and the result is bit-for-bit reproducible. Its tile
+  rows are consecutive (token, head) pairs of that list, BLOCK_M at a time, so
+  a tile may straddle tokens and padding happens once per program, not once
+  per token.
+
+Tiles, num_warps and num_stages come from launch_config (per arch, head dim,
+dtype and G), the function aot_specs() also builds its launches from.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import torch
 import triton
 import triton.language as tl
 
-from .block_sparse_triton import (HEAD_DIMS, LOG2E, _attend_blocks, _common, _dot, _dq_blocks, _layout_args, _row_stats,
-                                  _scores)
+from . import block_sparse_triton as bst
+from .aot import ARCHS, PRESET_BLOCK_SIZES, PRESET_DTYPES, PRESET_MODELS, AOTSpec, signature
+from .block_sparse_triton import (BLOCK_SIZES, DTYPES, HEAD_DIMS, KERNELS, LOG2E, TRITON_DTYPES, _attend_blocks,
+                                  _common, _dot, _dq_blocks, _layout_args, _row_stats, _scores, launch_arch)
 from .layout import BlockLayout
 
-__all__ = ["HEAD_DIMS", "forward", "backward", "reverse_index"]
+__all__ = ["HEAD_DIMS", "forward", "backward", "reverse_index", "launch_config"]
 
 MIN_ROWS = 16      # tl.dot's smallest M
 MAX_BLOCK_H = 64   # head rows per forward/dq program; larger groups take several head chunks
-MAX_BLOCK_R = 64   # (token, head) rows per dk/dv tile, at most
 
 
-def _token_config(block_h: int, block_size: int, D: int) -> dict:
-    """Launch options of the forward and dq kernels. Measured for sm_90 (bf16): 4 warps
-    compile without spills up to BLOCK_H x D = 32 x 128; 64 x 128 needs 8, and at
-    block_size 128 two stages keep shared memory (~160 KB) under A100's 163 KB."""
-    return dict(num_warps=8 if block_h * D >= 64 * 128 else 4,
-                num_stages=2 if block_h * block_size * D >= 64 * 128 * 128 else 3)
+def block_h(G: int) -> int:
+    """Head rows of a forward/dq program: G padded to a power of two >= MIN_ROWS, capped at MAX_BLOCK_H."""
+    return min(MAX_BLOCK_H, max(MIN_ROWS, triton.next_power_of_2(G)))
 
 
-def _dkdv_config(block_size: int, D: int) -> tuple[int, int]:
-    """(rows per dk/dv tile, num_warps). The dk, dv accumulators hold 2 x block_size x D fp32
-    in registers for the whole program; rows x block_size x D <= 2^18 with 8 warps from
-    block_size x D = 4096 is what compiles without spills for sm_90 up to 128 x 128."""
-    rows = min(MAX_BLOCK_R, max(MIN_ROWS, 2 ** 18 // (block_size * D)))
-    return rows, 8 if block_size * D >= 4096 else 4
+def launch_config(kernel: str, *, arch: int, dtype: torch.dtype, head_dim: int, block_size: int, group: int) -> dict:
+    """Tiles, num_warps, num_stages of kernel "fwd", "dq" or "dkdv" on sm_<arch>: the block
+    kernels' (block_sparse_triton.launch_config) with the forward/dq query tile replaced by the
+    group's BLOCK_H head rows of one token; dk/dv's BLOCK_M rows are (token, head) pairs."""
+    cfg = bst.launch_config(kernel, arch=arch, dtype=dtype, head_dim=head_dim, block_size=block_size)
+    if kernel != "dkdv":
+        cfg["BLOCK_M"] = block_h(group)
+    elif dtype == torch.float32:
+        # Measured (benchmarks/results/triton_resources.md): pipelining the gathered fp32 rows spills
+        # at every tile size on both archs; unpipelined 16-row tiles do not.
+        cfg.update(BLOCK_M=MIN_ROWS, num_stages=1)
+    return cfg
 
 
 @triton.jit
@@ -102,7 +114,7 @@ def _token_rows(Counts, Indices, stride_qb, stride_qh, stride_qn, stride_kb, str
     count = tl.load(Counts + b * stride_cb + lh * stride_ch + t)
     idx_ptr = Indices + b * stride_ib + lh * stride_ih + t * stride_im
     pos = t + tl.zeros([BLOCK_H], tl.int32)
-    return pos, valid, q_off, row_off, kv_base, count, idx_ptr
+    return t, pos, valid, q_off, row_off, kv_base, count, idx_ptr
 
 
 @triton.jit
@@ -110,13 +122,13 @@ def _fwd_kernel(Q, K, V, Out, Lse, Counts, Indices,
                 stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                 stride_cb, stride_ch, stride_ib, stride_ih, stride_im,
                 H_KV, LAYOUT_HEAD_DIV, N_Q, scale_log2, q_start, k_start,
-                G: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr,
-                CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
-    pos, valid, q_off, row_off, kv_base, count, idx_ptr = _token_rows(
+                G: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
+                D: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+    t, pos, valid, q_off, row_off, kv_base, count, idx_ptr = _token_rows(
         Counts, Indices, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_cb, stride_ch,
         stride_ib, stride_ih, stride_im, H_KV, LAYOUT_HEAD_DIV, N_Q, G, BLOCK_H, D)
-    out, lse = _attend_blocks(tl.load(Q + q_off), K, V, kv_base, idx_ptr, count, pos, stride_kn, scale_log2,
-                              q_start, k_start, BLOCK_H, BLOCK, D, CAUSAL, PRECISION)
+    out, lse = _attend_blocks(tl.load(Q + q_off), K, V, kv_base, idx_ptr, count, pos, t, stride_kn, scale_log2,
+                              q_start, k_start, BLOCK_H, BLOCK, BLOCK_N, D, CAUSAL, PRECISION)
     tl.store(Out + q_off, out.to(Out.dtype.element_ty), mask=valid[:, None])
     tl.store(Lse + row_off, lse, mask=valid)
 
@@ -126,14 +138,14 @@ def _dq_kernel(Q, K, V, DO, DQ, Lse, Delta, Counts, Indices,
                stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                stride_cb, stride_ch, stride_ib, stride_ih, stride_im,
                H_KV, LAYOUT_HEAD_DIV, N_Q, sm_scale, scale_log2, q_start, k_start,
-               G: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr,
-               CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
-    pos, valid, q_off, row_off, kv_base, count, idx_ptr = _token_rows(
+               G: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
+               D: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+    t, pos, valid, q_off, row_off, kv_base, count, idx_ptr = _token_rows(
         Counts, Indices, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_cb, stride_ch,
         stride_ib, stride_ih, stride_im, H_KV, LAYOUT_HEAD_DIV, N_Q, G, BLOCK_H, D)
     lse, delta = _row_stats(Lse, Delta, row_off)
-    dq = _dq_blocks(tl.load(Q + q_off), tl.load(DO + q_off), lse, delta, K, V, kv_base, idx_ptr, count, pos,
-                    stride_kn, scale_log2, q_start, k_start, BLOCK_H, BLOCK, D, CAUSAL, PRECISION)
+    dq = _dq_blocks(tl.load(Q + q_off), tl.load(DO + q_off), lse, delta, K, V, kv_base, idx_ptr, count, pos, t,
+                    stride_kn, scale_log2, q_start, k_start, BLOCK_H, BLOCK, BLOCK_N, D, CAUSAL, PRECISION)
     tl.store(DQ + q_off, (dq * sm_scale).to(DQ.dtype.element_ty), mask=valid[:, None])
 
 
@@ -141,25 +153,26 @@ def _dq_kernel(Q, K, V, DO, DQ, Lse, Delta, Counts, Indices,
 def _dkdv_kernel(Q, K, V, DO, DK, DV, Lse, Delta, ROffsets, RTokens,
                  stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                  H_KV, LAYOUT_HEAD_DIV, LAYOUT_BATCH_ROWS, N_Q, NUM_K_BLOCKS, sm_scale, scale_log2, q_start, k_start,
-                 G: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr,
-                 CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
-    kb = tl.program_id(0)
+                 G: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 D: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+    n0 = tl.program_id(0) * BLOCK_N
+    kb = n0 // BLOCK
     b = (tl.program_id(1) // H_KV).to(tl.int64)
     hkv = (tl.program_id(1) % H_KV).to(tl.int64)
     # Reverse-index row of (layout batch, layout head, key block); a shared layout has 0 rows per batch.
     lrow = (b * LAYOUT_BATCH_ROWS + (hkv * G) // LAYOUT_HEAD_DIV) * NUM_K_BLOCKS + kb
     start = tl.load(ROffsets + lrow)
     num_pairs = (tl.load(ROffsets + lrow + 1) - start) * G
-    offs_k = kb * BLOCK + tl.arange(0, BLOCK)
+    offs_k = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
     kv_off = b * stride_kb + hkv * stride_kh + offs_k[:, None] * stride_kn + offs_d[None, :]
     k = tl.load(K + kv_off)
     v = tl.load(V + kv_off)
 
-    dk = tl.zeros([BLOCK, D], tl.float32)
-    dv = tl.zeros([BLOCK, D], tl.float32)
-    for pair0 in range(0, num_pairs, BLOCK_R):
-        pair = pair0 + tl.arange(0, BLOCK_R)
+    dk = tl.zeros([BLOCK_N, D], tl.float32)
+    dv = tl.zeros([BLOCK_N, D], tl.float32)
+    for pair0 in range(0, num_pairs, BLOCK_M):
+        pair = pair0 + tl.arange(0, BLOCK_M)
         valid = pair < num_pairs
         # Rows past the list read token 0 (in bounds) and are zeroed through p below.
         tok = tl.load(RTokens + start + pair // G, mask=valid, other=0)
@@ -168,7 +181,9 @@ def _dkdv_kernel(Q, K, V, DO, DK, DV, Lse, Delta, ROffsets, RTokens,
         q = tl.load(Q + q_off)
         do = tl.load(DO + q_off)
         lse, delta = _row_stats(Lse, Delta, (b * H_KV * G + h) * N_Q + tok)
-        s = _scores(q, k, tok, offs_k, scale_log2, q_start, k_start, CAUSAL, PRECISION)
+        # The list is ascending: the tile's first token is its earliest.
+        first = tl.load(RTokens + start + pair0 // G)
+        s = _scores(q, k, tok, offs_k, first, n0 + BLOCK_N - 1, scale_log2, q_start, k_start, CAUSAL, PRECISION)
         p = tl.where(valid[:, None], tl.exp2(s - lse[:, None]), 0.0)
         dv += _dot(tl.trans(p.to(do.dtype)), do, PRECISION)
         ds = p * (_dot(do, tl.trans(v), PRECISION) - delta[:, None])
@@ -198,7 +213,7 @@ def reverse_index(layout: BlockLayout) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _token_common(q, k, layout: BlockLayout, block_size: int):
-    B, Hq, Nq, D, Hkv, G, div, _, precision = _common(q, k, layout, block_size)
+    B, Hq, Nq, D, Hkv, G, div, precision = _common(q, k, layout)
     Bl, Hl, Nl = layout.counts.shape
     if Nl != Nq or layout.num_k_blocks != k.shape[2] // block_size:
         raise ValueError(f"token layout covers {Nl} tokens x {layout.num_k_blocks} key blocks, but q has {Nq} tokens "
@@ -206,42 +221,90 @@ def _token_common(q, k, layout: BlockLayout, block_size: int):
     if Hl not in (1, Hkv) or Bl not in (1, q.shape[0]):
         raise ValueError(f"token layout batch x heads must be (1 or {q.shape[0]}) x (1 or Hkv={Hkv}), got {Bl} x {Hl}: "
                          "the selection is shared by a KV group")
-    block_h = min(MAX_BLOCK_H, max(MIN_ROWS, triton.next_power_of_2(G)))
-    grid = (Nq, B * Hkv, triton.cdiv(G, block_h))
-    return Nq, Hkv, G, div, grid, block_h, precision
+    return Nq, Hkv, G, div, precision
+
+
+def _meta(kernel, q, block_size, G, causal, prec):
+    cfg = launch_config(kernel, arch=launch_arch(q), dtype=q.dtype, head_dim=q.shape[3], block_size=block_size,
+                        group=G)
+    if kernel != "dkdv":
+        cfg["BLOCK_H"] = cfg.pop("BLOCK_M")
+    return dict(G=G, BLOCK=block_size, D=q.shape[3], CAUSAL=causal, PRECISION=prec, **cfg)
 
 
 def forward(q, k, v, layout: BlockLayout, *, block_size: int, causal: bool, sm_scale: float, q_start: int, k_start: int):
     """q: [B, Hq, Nq, D], k, v: [B, Hkv, Nk, D] (contiguous), layout over Nq tokens
     -> out [B, Hq, Nq, D], lse [B, Hq, Nq] fp32."""
-    Nq, Hkv, G, div, grid, block_h, precision = _token_common(q, k, layout, block_size)
+    Nq, Hkv, G, div, prec = _token_common(q, k, layout, block_size)
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
-    _fwd_kernel[grid](q, k, v, out, lse, layout.counts, layout.indices,
-                      q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-                      *_layout_args(layout), Hkv, div, Nq, sm_scale * LOG2E, q_start, k_start,
-                      G=G, BLOCK_H=block_h, BLOCK=block_size, D=q.shape[3], CAUSAL=causal, PRECISION=precision,
-                      **_token_config(block_h, block_size, q.shape[3]))
+    meta = _meta("fwd", q, block_size, G, causal, prec)
+    _fwd_kernel[(Nq, q.shape[0] * Hkv, triton.cdiv(G, meta["BLOCK_H"]))](
+        q, k, v, out, lse, layout.counts, layout.indices,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        *_layout_args(layout), Hkv, div, Nq, sm_scale * LOG2E, q_start, k_start, **meta)
     return out, lse
 
 
 def backward(do, q, k, v, lse, delta, layout: BlockLayout, *, block_size: int, causal: bool, sm_scale: float,
              q_start: int, k_start: int):
     """do: [B, Hq, Nq, D], lse and delta = do . o - dlse: [B, Hq, Nq] fp32 -> dq, dk, dv."""
-    Nq, Hkv, G, div, grid, block_h, precision = _token_common(q, k, layout, block_size)
+    Nq, Hkv, G, div, prec = _token_common(q, k, layout, block_size)
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
-    meta = dict(G=G, BLOCK=block_size, D=q.shape[3], CAUSAL=causal, PRECISION=precision)
-    _dq_kernel[grid](q, k, v, do, dq, lse, delta, layout.counts, layout.indices, *strides, *_layout_args(layout),
-                     Hkv, div, Nq, sm_scale, sm_scale * LOG2E, q_start, k_start, BLOCK_H=block_h,
-                     **_token_config(block_h, block_size, q.shape[3]), **meta)
+    meta = _meta("dq", q, block_size, G, causal, prec)
+    _dq_kernel[(Nq, q.shape[0] * Hkv, triton.cdiv(G, meta["BLOCK_H"]))](
+        q, k, v, do, dq, lse, delta, layout.counts, layout.indices, *strides, *_layout_args(layout),
+        Hkv, div, Nq, sm_scale, sm_scale * LOG2E, q_start, k_start, **meta)
     offsets, tokens = reverse_index(layout)
     Bl, Hl = layout.counts.shape[:2]
-    rows, num_warps = _dkdv_config(block_size, q.shape[3])
-    _dkdv_kernel[(layout.num_k_blocks, q.shape[0] * Hkv)](
+    meta = _meta("dkdv", q, block_size, G, causal, prec)
+    _dkdv_kernel[(k.shape[2] // meta["BLOCK_N"], q.shape[0] * Hkv)](
         q, k, v, do, dk, dv, lse, delta, offsets, tokens, *strides, Hkv, div, Hl if Bl > 1 else 0, Nq,
-        layout.num_k_blocks, sm_scale, sm_scale * LOG2E, q_start, k_start, BLOCK_R=rows, num_warps=num_warps,
-        **meta)
+        layout.num_k_blocks, sm_scale, sm_scale * LOG2E, q_start, k_start, **meta)
     return dq, dk, dv
+
+
+_FNS = {"fwd": _fwd_kernel, "dq": _dq_kernel, "dkdv": _dkdv_kernel}
+_POINTERS = {"fwd": ("Q", "K", "V", "Out"), "dq": ("Q", "K", "V", "DO", "DQ"), "dkdv": ("Q", "K", "V", "DO", "DK", "DV")}
+_ALIGNED = ("stride_qb", "stride_qh", "stride_qn", "stride_kb", "stride_kh", "stride_kn")
+# GQA ratios whose compiled code differs: 1 (no sharing), the presets' 2, 3 (not a power of
+# two) and 4, and the head-row tiles of 32 and 64 rows (BLOCK_H) beyond 16.
+GROUPS = (1, 2, 3, 4, 32, 64)
+
+
+def aot_spec(kernel: str, *, arch: int, dtype: torch.dtype, head_dim: int, block_size: int, group: int,
+             causal: bool, default: bool) -> AOTSpec:
+    """The launch forward/backward make on sm_<arch> for these settings (group = Hq / Hkv), as an AOTSpec."""
+    cfg = launch_config(kernel, arch=arch, dtype=dtype, head_dim=head_dim, block_size=block_size, group=group)
+    num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+    if kernel != "dkdv":
+        cfg["BLOCK_H"] = cfg.pop("BLOCK_M")
+    meta = dict(G=group, BLOCK=block_size, D=head_dim, CAUSAL=causal, PRECISION=bst.precision(dtype, False), **cfg)
+    fn = _FNS[kernel]
+    pointers = {name: TRITON_DTYPES[dtype] for name in _POINTERS[kernel]}
+    pointers.update({name: "fp32" for name in ("Lse", "Delta")},
+                    **{name: "i32" for name in ("Counts", "Indices", "ROffsets", "RTokens")})
+    config = dict(arch=arch, dtype=TRITON_DTYPES[dtype], head_dim=head_dim, block_size=block_size, causal=causal,
+                  layout="token", group=group, **cfg)
+    return AOTSpec(f"token_sparse_{kernel}", fn, signature(fn, meta, pointers, ("scale_log2", "sm_scale")), meta,
+                   num_warps, num_stages, config, default, _ALIGNED)
+
+
+def aot_specs() -> list[AOTSpec]:
+    """The launches of the 3 kernels x ARCHS: the presets' (dtype, (head dim, G), block size), causal
+    as InfLLM-V2 always is (default); around bf16 / head dim 64 / G 4 / block 64 / causal, every other
+    allowed value of one setting at a time (dtype, head dim, block size, G in GROUPS, causal); head
+    dim 128 (Llama-scale models) at every block size in bf16 and fp32."""
+    configs = [(dtype, d, bs, g, True) for dtype, (d, g), bs in
+               itertools.product(PRESET_DTYPES, PRESET_MODELS, PRESET_BLOCK_SIZES)]
+    configs += [(dtype, 64, 64, 4, True) for dtype in DTYPES] + [(torch.bfloat16, d, 64, 4, True) for d in HEAD_DIMS]
+    configs += [(torch.bfloat16, 64, bs, 4, True) for bs in BLOCK_SIZES]
+    configs += [(torch.bfloat16, 64, 64, g, True) for g in GROUPS] + [(torch.bfloat16, 64, 64, 4, False)]
+    configs += [(dtype, 128, bs, 4, True) for dtype, bs in itertools.product(PRESET_DTYPES, BLOCK_SIZES)]
+    configs = list(dict.fromkeys(configs))
+    return [aot_spec(kernel, arch=arch, dtype=dtype, head_dim=d, block_size=bs, group=g, causal=causal,
+                     default=causal and dtype in PRESET_DTYPES and (d, g) in PRESET_MODELS and bs in PRESET_BLOCK_SIZES)
+            for kernel, arch in itertools.product(KERNELS, ARCHS) for dtype, d, bs, g, causal in configs]

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ltrain.kernels import BlockLayout, block_sparse_attention
+from ltrain.kernels import BlockLayout, block_sparse_attention, block_sparse_attention_backward
 from tests.kernels.test_block_sparse_cpu import NAMES, assert_close, make_qkv, run
 
 
@@ -101,3 +101,30 @@ def test_return_lse_flag_sm_scale_and_non_contiguous_inputs():
     torch.testing.assert_close(out, out2, rtol=0, atol=0)
     out.sum().backward()   # out only: the Function gets no lse gradient
     assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_backward_from_global_statistics_is_the_split_attentions_gradient(impl):
+    """Keys split in two halves: each half's backward, given the whole attention's lse and
+    delta = do . o (not its own), sums to autograd's gradients of the whole attention."""
+    q, k, v, do, _ = make_qkv(1, 4, 2, 64, 64, 32)
+    out, lse = call(q, k, v, return_lse=True, impl=impl)
+    want = torch.autograd.grad(out, (q, k, v), do)
+    delta = (do * out.detach()).sum(-1)
+    dq = torch.zeros_like(q)
+    dkv = [torch.zeros_like(k), torch.zeros_like(v)]
+    for start in (0, 32):
+        layout = BlockLayout.from_block_mask(torch.ones(1, 1, 4, 2, dtype=torch.bool))  # causal via k_start
+        dq_h, dk_h, dv_h = block_sparse_attention_backward(
+            do, q.detach(), k.detach()[:, :, start:start + 32], v.detach()[:, :, start:start + 32], lse.detach(),
+            delta, layout, block_size=16, k_start=start, impl=impl)
+        dq += dq_h
+        dkv[0][:, :, start:start + 32], dkv[1][:, :, start:start + 32] = dk_h, dv_h
+    for got, ref in zip((dq, *dkv), want):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_backward_checks_its_inputs():
+    q, k, v = inputs()
+    with pytest.raises(ValueError, match="block_size=24 has no kernel configuration"):
+        block_sparse_attention_backward(q, q, k, v, q[..., 0], q[..., 0], BlockLayout.causal(4, 4), block_size=24)

@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from ltrain.kernels import BlockLayout, block_sparse_attention
+from ltrain.kernels import block_sparse_triton as bst
+from ltrain.kernels.aot import ARCHS
 from ltrain.kernels.block_sparse_ref import block_sparse_reference
 from tests.kernels.test_block_sparse_cpu import NAMES, assert_close, half_precision_errors, make_qkv, random_layout, run
 
@@ -56,3 +58,17 @@ def test_half_precision_within_sdpa_error(dtype):
     assert got[0] <= 2 * base[0], (got, base)
     for g, b in zip(got[1:], base[1:]):
         assert g <= 3 * b, (got, base)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_bf16_tiles_of_each_arch_at_head_dim_128(arch, monkeypatch):
+    """Each arch's 16-bit tiles at block 64, head dim 128 (sm_80: 32-key dq tiles and 32-query dk/dv
+    tiles inside a block; sm_90: whole blocks), causal, so tiles on, above and below the diagonal."""
+    monkeypatch.setattr(bst, "launch_arch", lambda q: arch)
+    layout = random_layout(1, 2, 2, 2, density=0.9, seed=5).to(DEVICE)
+    q, k, v, do, dlse = (t.to(DEVICE) for t in make_qkv(1, 2, 1, 128, 128, 128, dtype=torch.bfloat16, seed=5))
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    got = run(lambda q, k, v: block_sparse_attention(q, k, v, layout, block_size=64, return_lse=True, impl="triton"),
+              q, k, v, do, dlse)
+    want = run(lambda q, k, v: block_sparse_reference(q.float(), k.float(), v.float(), layout), q, k, v, do, dlse)
+    assert_close(got, want, NAMES, rtol=3e-2, atol=3e-2)
