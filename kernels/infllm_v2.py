@@ -147,11 +147,12 @@ def causal_pairs(num_tokens: int, block_size: int) -> int:
     return block_size * m * (m + 1) // 2
 
 
-def attended_fraction(layout: BlockLayout, block_size: int) -> float:
+def attended_fraction(layout: BlockLayout, block_size: int) -> torch.Tensor:
     """Attended (token, key block) pairs of a token layout over the causal
-    pairs dense attention visits (q and k aligned at 0). One host sync."""
+    pairs dense attention visits (q and k aligned at 0): a 0-dim float64
+    tensor on the layout's device, so no host sync until someone reads it."""
     Bl, Hl, Nq = layout.counts.shape
-    return layout.counts.sum().item() / (Bl * Hl * causal_pairs(Nq, block_size))
+    return layout.counts.sum(dtype=torch.float64) / (Bl * Hl * causal_pairs(Nq, block_size))
 
 
 def infllm_v2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kernel_size: int, kernel_stride: int,
@@ -162,7 +163,8 @@ def infllm_v2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ke
     N <= dense_len: o = softmax(q k^T / sqrt(D) + causal) v via SDPA, exactly
     as the `dense` kind. Otherwise o_i attends, with exact softmax, to the
     keys of the blocks infllm_v2_select picks for token i and its KV group.
-    stats: {"mode": "dense" | "sparse", "block_fraction": attended / causal (token, key block) pairs}.
+    stats: {"mode": "dense" | "sparse", "block_fraction": attended / causal (token, key block) pairs},
+    the fraction 1.0 when dense, else attended_fraction's 0-dim tensor (reading it syncs with the device).
     """
     check_infllm_v2_params(kernel_size=kernel_size, kernel_stride=kernel_stride, block_size=block_size, topk=topk,
                            init_blocks=init_blocks, window_size=window_size, dense_len=dense_len, lse=lse)

@@ -147,8 +147,18 @@ class BlockLayout:
         return (self.block_mask() & causal).sum().item() / (bl * hl * int(causal.sum()))
 
     def is_empty(self) -> bool:
-        """True iff no block is active (one host sync); ring attention skips such tiles."""
+        """True iff no block is active (one host sync); ring attention skips such
+        tiles when it plans, once per cached plan."""
         return not bool(self.counts.any())
+
+    def cached(self, key, build):
+        """build(), computed once per hashable key and kept with this layout, like
+        `transposed`: what follows from a static layout alone (its ring plans, its
+        head slices) is paid for, host syncs included, once per layout."""
+        derived = self.__dict__.setdefault("_derived", {})
+        if key not in derived:
+            derived[key] = build()
+        return derived[key]
 
     def heads(self, start: int, count: int) -> BlockLayout:
         """The layout of heads [start, start + count) of a per-head layout, e.g. the

@@ -13,6 +13,13 @@ chunk r. Every chunk is its own query/key chunk with its own global offset.
 A (query chunk, key chunk) tile is skipped when the key chunk lies wholly in
 the causal future or the layout activates no block of it (S2 heads never
 visit most distant chunks), so the work follows the sparsity pattern.
+
+Planning the tiles reads the layout on the host; the plan is kept with the
+layout per (device, rank, P, mode, block size) (`cached_plan`), so a static
+layout is planned once per sequence length and a later call reads nothing
+on the host (the CPU reference kernels plan their own work on the host; the
+Triton kernels do not); on CUDA the p2p works are waited on the stream
+(NCCL), never polled.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from typing import Callable, NamedTuple
 import torch
 import torch.distributed as dist
 
-from ltrain.kernels import BlockLayout, block_sparse_attention
+from ltrain.kernels import BlockLayout, block_sparse_attention, block_sparse_attention_backward
 from ltrain.kernels.lse import merge_lse
 
 from . import comm
@@ -56,7 +63,7 @@ def ring_plan(layout: BlockLayout, cp_rank: int, cp: int, mode: str, block_size:
 
     layout covers the full sequence in global block coordinates (M = N / block_size
     blocks). Tiles whose key chunk is wholly in the causal future, or whose
-    sub-layout is empty, are left out (one host sync per tile, once per call)."""
+    sub-layout is empty, are left out (one host sync per tile: see cached_plan)."""
     chunks = 2 * cp if mode == "zigzag" else cp
     cb = layout.num_q_blocks // chunks  # blocks per chunk
     c = cb * block_size
@@ -72,6 +79,16 @@ def ring_plan(layout: BlockLayout, cp_rank: int, cp: int, mode: str, block_size:
                     tiles.append(Tile(slice(a * c, (a + 1) * c), slice(b * c, (b + 1) * c), qi * c, ki * c, sub))
         plan.append(tiles)
     return plan
+
+
+def cached_plan(layout: BlockLayout, device: torch.device, cp_rank: int, cp: int, mode: str,
+                block_size: int) -> list[list[Tile]]:
+    """ring_plan of `layout` on `device`, built once per (device, rank, cp, mode, block_size) and
+    kept with the layout (BlockLayout.cached): a caller that keeps its layout (the dispatcher's
+    causal one, S2's) plans once per sequence length, and the tiles' own cached views (the
+    Triton backward's transposed layout) survive across steps."""
+    return layout.cached(("ring_plan", device, cp_rank, cp, mode, block_size),
+                         lambda: ring_plan(layout.to(device), cp_rank, cp, mode, block_size))
 
 
 def _shift(send: torch.Tensor, group, tag: int, what: str):
@@ -90,10 +107,17 @@ def _shift(send: torch.Tensor, group, tag: int, what: str):
 
 
 def _wait(pending, group, what: str):
+    """The received buffer, once it may be used. CUDA (NCCL): a plain wait, which
+    orders the current stream after the transfer and returns (a wait with a timeout
+    would busy-poll the host until the transfer ends; NCCL's watchdog bounds a hang).
+    CPU (gloo, no watchdog): a bounded wait, so a lost rank fails with a message."""
     recv, works = pending
     try:
         for w in works:
-            w.wait(timeout=P2P_TIMEOUT)
+            if recv.is_cuda:
+                w.wait()
+            else:
+                w.wait(timeout=P2P_TIMEOUT)
     except RuntimeError as exc:
         raise _ring_broken(group, what, exc) from exc
     return recv
@@ -131,19 +155,19 @@ class _RingAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do):
-        """Per tile, recompute (out_t, lse_t) and backpropagate through the kernel
-        the tile's share of the merged output: with w_t = exp(lse_t - lse),
-            d out_t = w_t do,   d lse_t = w_t (do . out_t - do . out),
-        which makes the kernel's softmax gradient exp(s - lse)(do v^T - do . out),
-        exactly that of attention over the whole sequence. dK/dV of the visiting
-        block accumulate in fp32 and travel the ring one step behind their K/V,
-        arriving back at their owner after P steps."""
+        """Per tile, the kernel's own backward from the merged output's row statistics,
+        as ring-flash-attn does: with the whole sequence's lse_i and delta_i = do_i . o_i,
+
+            p_ij = exp(s_ij - lse_i),   ds_ij = p_ij (do_i . v_j - delta_i)
+
+        are exactly the probabilities and score gradients of attention over the whole
+        sequence, restricted to the tile's keys; so the tiles' dq add up, and no tile's
+        forward is re-run. dK/dV of the visiting block accumulate in fp32 and travel
+        the ring one step behind their K/V, arriving back at their owner after P steps."""
         q, k, v, out, lse = ctx.saved_tensors
         group, opts = ctx.group, ctx.opts
         P, r = dist.get_world_size(group), dist.get_rank(group)
-        do = do.float()
-        do_out = (do * out.float()).sum(-1)
-        safe_lse = lse.masked_fill(lse == float("-inf"), 0.0)
+        delta = (do.float() * out.float()).sum(-1)
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         kv = torch.stack([k, v])
         in_flight = None  # dK/dV accumulator of the visiting block, coming from the previous rank
@@ -151,8 +175,7 @@ class _RingAttention(torch.autograd.Function):
             pending = _shift(kv, group, _KV_TAG, "K/V") if step < P - 1 else None
             dkv = torch.zeros(kv.shape, dtype=torch.float32, device=q.device)
             for t in ctx.plan[(r - step) % P]:
-                dq_t, dk_t, dv_t = _tile_grads(q[:, :, t.q], kv[0][:, :, t.k], kv[1][:, :, t.k], t, opts,
-                                               do[:, :, t.q], do_out[:, :, t.q], safe_lse[:, :, t.q])
+                dq_t, dk_t, dv_t = _tile_backward(do, q, kv, lse, delta, t, opts)
                 dq[:, :, t.q] += dq_t
                 dkv[0][:, :, t.k] += dk_t
                 dkv[1][:, :, t.k] += dv_t
@@ -167,17 +190,12 @@ class _RingAttention(torch.autograd.Function):
         return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None
 
 
-def _tile_grads(q, k, v, t: Tile, opts, do, do_out, lse):
-    """(dq, dk, dv) of one tile; do [B, H, c, D] fp32, do_out = do . out and lse (no -inf) [B, H, c] fp32."""
-    with torch.enable_grad():
-        q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
-        out_t, lse_t = block_sparse_attention(q, k, v, t.layout, q_start=t.q_start, k_start=t.k_start,
-                                              return_lse=True, **opts)
-        w = torch.exp(lse_t.detach() - lse)
-        d_out = w.unsqueeze(-1) * do
-        # The kernel's delta = d_out . out_t - d_lse then equals w_t (do . out).
-        d_lse = (d_out * out_t.detach().float()).sum(-1) - w * do_out
-        return torch.autograd.grad((out_t, lse_t), (q, k, v), (d_out.to(out_t.dtype), d_lse))
+def _tile_backward(do, q, kv, lse, delta, t: Tile, opts):
+    """(dq, dk, dv) of one tile from the whole sequence's lse and delta.
+    do, q: [B, Hq, n, D] (q.dtype); kv: [2, B, Hkv, n, D] the visiting K/V; lse, delta: [B, Hq, n] fp32."""
+    return block_sparse_attention_backward(do[:, :, t.q], q[:, :, t.q], kv[0][:, :, t.k], kv[1][:, :, t.k],
+                                           lse[:, :, t.q], delta[:, :, t.q], t.layout, causal=True,
+                                           q_start=t.q_start, k_start=t.k_start, **opts)
 
 
 def ring_attention(q, k, v, *, layout_fn: Callable[[int], BlockLayout], group, block_size: int = 64,
@@ -189,7 +207,8 @@ def ring_attention(q, k, v, *, layout_fn: Callable[[int], BlockLayout], group, b
     multiple of Hkv). layout_fn(M) -> BlockLayout over the full sequence in
     global block coordinates, M = N / block_size (e.g. `lambda m:
     BlockLayout.causal(m, m)` for dense, `lambda m: s2_layout(H, m * bs, ...)`
-    for S2); it is called once per call, so cache it when it is static.
+    for S2); it is called once per call, so cache it when it is static: the
+    tile plan is kept with the layout object it returns (cached_plan).
     group: the context-parallel group (None: the default group).
 
         o_i = sum_{j visible, block active} softmax_j(sm_scale * q_i . k_j) v_j
@@ -208,6 +227,6 @@ def ring_attention(q, k, v, *, layout_fn: Callable[[int], BlockLayout], group, b
     if layout.num_q_blocks != M or layout.num_k_blocks != M:
         raise ValueError(f"layout_fn({M}) returned a {layout.num_q_blocks} x {layout.num_k_blocks}-block layout; "
                          f"it must cover the whole sequence: {M} x {M} blocks of {block_size}")
-    plan = ring_plan(layout.to(q.device), dist.get_rank(group), P, mode, block_size)
+    plan = cached_plan(layout, q.device, dist.get_rank(group), P, mode, block_size)
     opts = dict(block_size=block_size, sm_scale=sm_scale, impl=impl)
     return _RingAttention.apply(q, k, v, plan, group, opts)

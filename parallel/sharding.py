@@ -17,6 +17,15 @@ from . import comm
 MODES = ("zigzag", "contiguous")
 
 
+def dense_block_size(chunk_len: int) -> int:
+    """Dense attention's tile over one sequence chunk (ring or LASP-2H): the largest
+    power-of-two block <= 64 that divides chunk_len, so a chunk holds whole blocks."""
+    bs = 64
+    while chunk_len % bs:
+        bs //= 2
+    return bs
+
+
 def check_split(n: int, cp: int, mode: str, block_size: int = 1, who: str = "shard_sequence") -> int:
     """The one rule of every split: N tokens cut into cp (contiguous) or 2 cp (zigzag)
     chunks of whole blocks. Returns the number of chunks; ValueError naming `who` otherwise."""

@@ -21,10 +21,17 @@ and this module decides how the sharded sequence reaches them:
     select                          all-gather K/V, each local query chunk selects over all keys
                                     (parallel.lasp2h.lasp2h_sparse_attention)
     otherwise                       ring attention over the layout's tiles (zigzag or contiguous)
+
+Host work is paid once per sequence length, not per step: dense layers'
+causal ring layout is built once per (blocks, device) here, the ring keeps
+its tile plan with the layout (parallel.ring.cached_plan), and a kind with a
+static layout keeps it likewise (S2). After that first call no path reads a
+device value on the host (tests/ltrain/attention/test_no_host_sync.py).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Callable, Optional
 
@@ -35,6 +42,7 @@ from ltrain.attention.context import AttnContext
 from ltrain.kernels.layout import BlockLayout
 from ltrain.parallel.lasp2h import lasp2h_attention, lasp2h_sparse_attention
 from ltrain.parallel.ring import ring_attention
+from ltrain.parallel.sharding import dense_block_size
 from ltrain.parallel.ulysses import ulysses_attention
 
 log = logging.getLogger("ltrain.attention")
@@ -47,12 +55,11 @@ def _log_once(reason: str) -> None:
         log.info(reason)
 
 
-def ring_block_size(chunk_len: int) -> int:
-    """Dense layers' ring tile: the largest power-of-two block (<= 64) that tiles one chunk."""
-    bs = 64
-    while chunk_len % bs:
-        bs //= 2
-    return bs
+@functools.lru_cache(maxsize=16)
+def causal_layout(num_blocks: int, device: torch.device) -> BlockLayout:
+    """BlockLayout.causal(M, M) on `device`, built once per (M, device): the dense ring layout,
+    whose M x M mask and tile plan cost about a second of host work per call at 128K tokens."""
+    return BlockLayout.causal(num_blocks, num_blocks, device=device)
 
 
 def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContext, *,
@@ -80,6 +87,6 @@ def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: At
                   "(fetching only the selected blocks is not implemented yet)")
         return lasp2h_sparse_attention(q, k, v, select=select, group=group, mode=ctx.cp_mode, block_size=block_size)
     if dense:
-        block_size = ring_block_size(q.shape[2] // (2 if ctx.cp_mode == "zigzag" else 1))
-        layout_fn = lambda m: BlockLayout.causal(m, m, device=q.device)  # noqa: E731
+        block_size = dense_block_size(q.shape[2] // (2 if ctx.cp_mode == "zigzag" else 1))
+        layout_fn = functools.partial(causal_layout, device=q.device)
     return ring_attention(q, k, v, layout_fn=layout_fn, group=group, block_size=block_size, mode=ctx.cp_mode)

@@ -8,7 +8,8 @@ same branch. Under context parallelism the sparse mode hands the dispatcher a
 per-step layout: each local query chunk selects its blocks over all keys, per
 token exactly as on one device (ltrain/attention/context_parallel.py).
 Each forward records the layer's mode and attended (token, block) fraction of
-the whole sequence in ctx.stats.
+the whole sequence in ctx.stats: 1.0 when dense, else a 0-dim tensor that the
+training loop reads at log steps (no host sync in the layer).
 """
 
 from __future__ import annotations
@@ -75,17 +76,19 @@ def infllm_v2_core(layer_idx: int, section):
         n_total = q.shape[2] * (1 if group is None else dist.get_world_size(group))
         sparse = n_total > params["dense_len"]
         pairs = causal_pairs(n_total, params["block_size"])  # per batch row and KV head
-        attended, fractions = [], []  # this rank's attended (token, block) pairs; whole-sequence calls' fractions
+        # This rank's attended (token, block) pairs, 0-dim float64 tensors on q's device; whole-sequence
+        # calls' fractions. Tensors throughout: the fraction is read (a host sync) only when logged.
+        attended, fractions = [], []
 
         def full_sequence(q_h, k_h, v_h, head_start: int = 0):
             out, stats = infllm_v2_attention(q_h, k_h, v_h, **params)
             fractions.append(stats["block_fraction"])
-            attended.append(stats["block_fraction"] * q_h.shape[0] * k_h.shape[1] * pairs)
+            attended.append(stats["block_fraction"] * (q_h.shape[0] * k_h.shape[1] * pairs))
             return out
 
         def select(q_c, k_all, q_start: int):
             layout = infllm_v2_select(q_c, k_all, q_start=q_start, **select_params)
-            attended.append(layout.counts.sum())
+            attended.append(layout.counts.sum(dtype=torch.float64))
             return layout
 
         out = softmax_attention(q, k, v, ctx, full_sequence=full_sequence, block_size=params["block_size"],
@@ -93,10 +96,10 @@ def infllm_v2_core(layer_idx: int, section):
         fraction = 1.0
         if sparse and group is None:
             fraction = fractions[0]
-        elif sparse:  # the whole sequence's fraction: one small all-reduce, one host sync
-            total = torch.stack([torch.as_tensor(a, dtype=torch.float64) for a in attended]).sum().reshape(1)
+        elif sparse:  # the whole sequence's fraction: one small all-reduce, queued like the attention's
+            total = torch.stack(attended).sum()
             comm.all_reduce(total, group=group)
-            fraction = total.item() / (q.shape[0] * k.shape[1] * pairs)
+            fraction = total / (q.shape[0] * k.shape[1] * pairs)
         ctx.stats[f"attn/layer{layer_idx}/mode"] = "sparse" if sparse else "dense"
         ctx.stats[f"attn/layer{layer_idx}/block_fraction"] = fraction
         return out

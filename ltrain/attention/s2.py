@@ -114,9 +114,11 @@ class S2Core:
     """core(q [B, Hq, N, D], k, v [B, Hkv, N, D], ctx) -> [B, Hq, N, D].
 
     The layout depends only on (N, device), so it is built once per pair and
-    kept: a training run sees one or two sequence lengths. Each call records
-    the layer's attended fraction of causal block pairs (whole sequence) in
-    ctx.stats, computed once per layout."""
+    kept (with what follows from it: Ulysses' head slices, the ring's tile
+    plans): a training run sees one or two sequence lengths, and a step syncs
+    with the host for none of it. Each call records the layer's attended
+    fraction of causal block pairs (whole sequence) in ctx.stats, a number
+    computed once per layout."""
 
     def __init__(self, layer_idx: int, n_heads: int, s2_cfg):
         self.layer_idx = layer_idx
@@ -148,9 +150,9 @@ class S2Core:
         """S2 over a whole sequence for query heads [head_start, head_start + Hq)."""
         from ltrain.kernels.block_sparse import block_sparse_attention
 
-        layout = self.layout(q.shape[2], q.device)
-        if layout.counts.shape[1] > 1:  # per-head layout: this call's heads only (Ulysses)
-            layout = layout.heads(head_start, q.shape[1])
+        layout = whole = self.layout(q.shape[2], q.device)
+        if whole.counts.shape[1] > 1:  # per-head layout: this call's heads only (Ulysses), kept like the layout
+            layout = whole.cached(("heads", head_start, q.shape[1]), lambda: whole.heads(head_start, q.shape[1]))
         return block_sparse_attention(q, k, v, layout, block_size=self.cfg.block_size, causal=True)
 
     def record_stats(self, seq_len: int, device: torch.device, ctx: AttnContext) -> None:

@@ -75,6 +75,19 @@ def test_transposed_is_reverse_index_and_cached():
     assert layout.transposed is layout.transposed
 
 
+def test_cached_builds_once_per_key_and_per_layout():
+    layout, built = BlockLayout.causal(4, 4), []
+
+    def build(tag):
+        built.append(tag)
+        return [tag]
+
+    first = layout.cached(("a", 1), lambda: build("a"))
+    assert layout.cached(("a", 1), lambda: build("again")) is first and built == ["a"]
+    assert layout.cached(("b", 1), lambda: build("b")) == ["b"] and built == ["a", "b"]
+    assert BlockLayout.causal(4, 4).cached(("a", 1), lambda: build("c")) == ["c"]  # kept per layout object
+
+
 def test_bad_construction():
     with pytest.raises(ValueError, match="int32"):
         BlockLayout(torch.zeros(1, 1, 2, dtype=torch.int64), torch.zeros(1, 1, 2, 1, dtype=torch.int32), 2)

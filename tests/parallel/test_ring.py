@@ -7,10 +7,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ltrain.kernels import BlockLayout, block_sparse_attention, s2_layout
+from ltrain.kernels import BlockLayout, block_sparse_attention, block_sparse_cpu, s2_layout
 from ltrain.parallel import CommMeter, gather_sequence, ring_attention, shard_sequence
 from ltrain.parallel import ring
-from ltrain.parallel.ring import ring_plan
+from ltrain.parallel.ring import cached_plan, ring_plan
 from tests.multiproc import run_ranks
 
 B, HQ, HKV, D, N, BS = 2, 4, 2, 32, 256, 16
@@ -38,6 +38,23 @@ def reference(kind, q, k, v):
     return block_sparse_attention(q, k, v, s2_ring_layout(N // BS), block_size=BS)
 
 
+class KernelForwards:
+    """Counts calls of the CPU kernel's forward while entered (an instrument: the kernel still runs)."""
+
+    def __enter__(self):
+        self.calls, self._forward = 0, block_sparse_cpu.forward
+
+        def counted(*args, **kwargs):
+            self.calls += 1
+            return self._forward(*args, **kwargs)
+
+        block_sparse_cpu.forward = counted
+        return self
+
+    def __exit__(self, *exc):
+        block_sparse_cpu.forward = self._forward
+
+
 def _ring_vs_single_process(rank, world_size):
     g = torch.Generator().manual_seed(5)
     q, do = (torch.randn(B, HQ, N, D, generator=g) for _ in range(2))
@@ -48,10 +65,12 @@ def _ring_vs_single_process(rank, world_size):
         reference(kind, *full).backward(do)
         for mode in ("zigzag", "contiguous"):
             local = [shard_sequence(t, rank, world_size, mode=mode, dim=2).requires_grad_() for t in (q, k, v)]
-            with CommMeter() as fwd:
+            with CommMeter() as fwd, KernelForwards() as fwd_tiles:
                 o = ring_attention(*local, layout_fn=LAYOUTS[kind], group=None, block_size=BS, mode=mode)
-            with CommMeter() as bwd:
+            with CommMeter() as bwd, KernelForwards() as bwd_tiles:
                 o.backward(shard_sequence(do, rank, world_size, mode=mode, dim=2))
+            # The backward differentiates each tile from the global lse and delta, re-running no forward.
+            assert fwd_tiles.calls > 0 and bwd_tiles.calls == 0, (fwd_tiles.calls, bwd_tiles.calls)
             o_ref = reference(kind, q, k, v)
             gather = [gather_sequence(t, None, mode=mode, dim=2) for t in (o, *(x.grad for x in local))]
             errors = {n: rel_err(a, b) for n, a, b in zip(("o", "dq", "dk", "dv"), gather,
@@ -104,6 +123,27 @@ def test_ring_four_ranks():
     _check(4)
 
 
+def _triton_ring_vs_single_process(rank, world_size):
+    """The ring with the Triton kernels (interpreted on CPU: TRITON_INTERPRET=1 set before the ranks start)."""
+    n, hq, hkv, d = 128, 2, 1, 32  # the interpreter is slow; 32 is the smallest Triton head dim
+    g = torch.Generator().manual_seed(6)
+    q, do = (torch.randn(B, hq, n, d, generator=g) for _ in range(2))
+    k, v = (torch.randn(B, hkv, n, d, generator=g) for _ in range(2))
+    full = [t.clone().requires_grad_() for t in (q, k, v)]
+    F.scaled_dot_product_attention(*full, is_causal=True, enable_gqa=True).backward(do)
+    local = [shard_sequence(t, rank, world_size, dim=2).requires_grad_() for t in (q, k, v)]
+    o = ring_attention(*local, layout_fn=dense_layout, group=None, block_size=BS, impl="triton")
+    o.backward(shard_sequence(do, rank, world_size, dim=2))
+    return [rel_err(gather_sequence(a.grad, None, dim=2), b.grad) for a, b in zip(local, full)]
+
+
+@pytest.mark.slow  # about 50 s: the Triton interpreter
+def test_ring_triton_backward_two_ranks(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    for errors in run_ranks(_triton_ring_vs_single_process, 2, timeout=300):
+        assert max(errors) < 1e-5, errors
+
+
 def active_pairs(layout, cp, mode):
     """Active causal (q block, k block) pairs per rank, from the tiles the ring computes."""
     return [sum(int(t.layout.counts.sum()) for tiles in ring_plan(layout, r, cp, mode, BS) for t in tiles)
@@ -118,6 +158,19 @@ def test_zigzag_balances_causal_work(cp):
     assert max(zigzag) <= 1.1 * min(zigzag), zigzag
     contiguous = active_pairs(dense_layout(m), cp, "contiguous")
     assert max(contiguous) > 2 * min(contiguous), contiguous
+
+
+def test_plan_is_kept_with_the_layout_per_rank_cp_and_mode():
+    layout, cpu = dense_layout(16), torch.device("cpu")
+    plan = cached_plan(layout, cpu, 1, 2, "zigzag", BS)
+    assert cached_plan(layout, cpu, 1, 2, "zigzag", BS) is plan
+    assert cached_plan(dense_layout(16), cpu, 1, 2, "zigzag", BS) is not plan  # another layout: planned anew
+    for other in [(0, 2, "zigzag"), (1, 2, "contiguous"), (1, 4, "zigzag")]:
+        assert cached_plan(layout, cpu, *other, BS) is not plan
+    fresh = ring_plan(layout, 1, 2, "zigzag", BS)
+    assert [[(t.q, t.k, t.q_start, t.k_start) for t in tiles] for tiles in plan] == \
+        [[(t.q, t.k, t.q_start, t.k_start) for t in tiles] for tiles in fresh]
+    assert all(torch.equal(a.layout.indices, b.layout.indices) for x, y in zip(plan, fresh) for a, b in zip(x, y))
 
 
 def test_s2_skips_tiles_its_heads_never_visit():

@@ -83,10 +83,11 @@ def _check(world_size):
             kind, regime, cp_impl, hybrid = case
             assert max(errors.values()) < 1e-5, (case, errors)
             assert stats["attn/layer0/mode"] == stats_ref["attn/layer0/mode"] == regime, case
-            assert stats["attn/layer0/block_fraction"] == pytest.approx(
-                stats_ref["attn/layer0/block_fraction"], abs=1e-12), case
+            # A fraction is a float or a 0-dim tensor that the training loop reads at log steps.
+            fraction, fraction_ref = float(stats["attn/layer0/block_fraction"]), float(stats_ref["attn/layer0/block_fraction"])
+            assert fraction == pytest.approx(fraction_ref, abs=1e-12), case
             if regime == "sparse":
-                assert stats_ref["attn/layer0/block_fraction"] < 0.7, case  # the layout really drops blocks
+                assert fraction_ref < 0.7, case  # the layout really drops blocks
             used = {name for name, m in fwd.items() if m["calls"]}
             gathered = kind == "infllm_v2" and regime == "sparse" and (cp_impl == "ring" or HKV % world_size)
             if hybrid:  # LASP-2H: one all-gather of K/V, its reduce-scatter back
