@@ -15,15 +15,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 from pathlib import Path
 
 import torch
 from torch.utils import benchmark
 
-from ltrain.kernels import lightning_attention
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.provenance, run as a file
+
+from benchmarks.provenance import finish, markdown_line, provenance  # noqa: E402
+from ltrain.kernels import lightning_attention  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 H, D, CHUNK = 8, 64, 64
@@ -47,8 +48,10 @@ def step_time(n: int, learned: bool, device: str, dtype: torch.dtype, min_run_ti
 
 
 def markdown(report: dict) -> str:
-    lines = [f"Lightning attention fwd+bwd, B1 H{H} D{D} chunk {CHUNK}, {report['dtype']}, {report['device']}",
-             f"(`{report['command']}`, load average {report['load_average'][0]:.1f})", "", "| tokens | fixed decay (s) | learned decay (s) | learned / fixed |", "|---|---|---|---|"]
+    lines = [f"# Lightning attention fwd+bwd, B1 H{H} D{D} chunk {CHUNK}, {report['dtype']}, {report['device']}", "",
+             markdown_line(report), "",
+             f"{report['threads']} torch threads; timed with torch.utils.benchmark (median of blocked runs, "
+             f"{report['min_run_time_s']:g} s of timed runs per cell).", "", "| tokens | fixed decay (s) | learned decay (s) | learned / fixed |", "|---|---|---|---|"]
     for r in report["rows"]:
         lines.append(f"| {r['seq_len']} | {r['fixed_s']:.4f} | {r['learned_s']:.4f} | {r['ratio']:.2f} |")
     return "\n".join(lines) + "\n"
@@ -60,6 +63,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--min-run-time", type=float, default=2.0, help="seconds of timed runs per row")
     parser.add_argument("--tag", default=None, help="results file suffix (default: cpu or cuda)")
     args = parser.parse_args(argv)
+    prov = provenance(argv, __file__)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     rows = []
@@ -68,10 +72,9 @@ def main(argv=None) -> dict:
         learned = step_time(n, True, device, dtype, args.min_run_time)
         rows.append({"seq_len": n, "fixed_s": fixed, "learned_s": learned, "ratio": learned / fixed})
         print(f"N={n}: fixed {fixed:.4f} s, learned {learned:.4f} s ({learned / fixed:.2f}x)", flush=True)
-    name = torch.cuda.get_device_name() if device == "cuda" else f"{platform.processor() or platform.machine()} CPU"
-    report = {"command": " ".join(["python", *sys.argv]), "device": name,
-              "dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__,
-              "threads": torch.get_num_threads(), "load_average": os.getloadavg(), "rows": rows}
+    impl = "Triton" if device == "cuda" else "PyTorch reference"
+    report = {**finish(prov), "device": f"{device} ({impl})", "dtype": str(dtype).removeprefix("torch."),
+              "threads": torch.get_num_threads(), "min_run_time_s": args.min_run_time, "rows": rows}
     tag = args.tag or device
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"lightning-{tag}.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -20,7 +20,8 @@ from .impl import use_triton
 from .lightning_ref import lightning_ref_bwd, lightning_ref_fwd
 
 def check_lightning_inputs(q, k, v, decay=None, initial_state=None, chunk_size=64) -> torch.Tensor | None:
-    """Validate shapes, chunk size and decay; return log(decay) as fp32 [H] (or None).
+    """Validate shapes, chunk size and decay (its values only off CUDA: no host sync); return
+    log(decay) as fp32 [H] (or None).
 
     The log keeps decay's autograd graph: a gradient with respect to log(decay)
     reaches decay through it.
@@ -47,7 +48,10 @@ def check_lightning_inputs(q, k, v, decay=None, initial_state=None, chunk_size=6
         return None
     if decay.shape != (H,):
         raise ValueError(f"decay must be a per-head tensor of shape [{H}], got {tuple(decay.shape)}")
-    if not bool(((decay > 0) & (decay <= 1)).all()):
+    # Reading a CUDA tensor's values would stall the host on every forward, so they are checked
+    # where that is free (CPU tensors); on a GPU the model's decays lie in
+    # (0, 1] by construction (ltrain.attention.linear: a fixed schedule, or exp(-exp(a))).
+    if not decay.is_cuda and not bool(((decay > 0) & (decay <= 1)).all()):
         raise ValueError(f"decay values must lie in (0, 1], got {decay.tolist()}")
     return decay.float().log().to(q.device)
 
@@ -99,7 +103,7 @@ def lightning_attention(q, k, v, *, decay=None, initial_state=None, return_final
     """Causal linear attention `o_t = q_t^T S_t`, `S_t = lambda_h S_{t-1} + k_t v_t^T`.
 
     q, k: [B, H, N, Dk]; v: [B, H, N, Dv]; decay: [H] with values in (0, 1]
-    (None: no decay; differentiable);
+    (None: no decay; differentiable; values checked unless decay is on CUDA);
     initial_state: [B, H, Dk, Dv] (S_0; differentiable). N need not be a
     multiple of chunk_size.
     Returns o: [B, H, N, Dv] in q's dtype, and with return_final_state also

@@ -1,31 +1,48 @@
-"""Triton lightning attention: forward and backward (Lightning Attention-2 schedule).
+"""Triton lightning attention, parallel over chunks (flash-linear-attention's chunk schedule).
 
-One program per (batch, head) walks the chunks in order, keeping the
-[Dk, Dv] state in registers; the math is lightning_ref's chunked form (see
-its docstring), accumulated in fp32. The backward is two kernels:
+The math is lightning_ref's chunked form: chunk c has length L (C, the last
+one possibly shorter), local 0-based positions i, j, and S_c is the state
+entering it:
 
-    dq kernel   forward over chunks, rebuilding S_in:
-                dq_i = lambda^(i+1) S_in do_i + sum_{j<=i} lambda^(i-j) (do_i . v_j) k_j
-    dkv kernel  backward over chunks, carrying dS_out (starts at d_final):
-                dk_j = lambda^(L-1-j) dS_out v_j + sum_{i>=j} lambda^(i-j) (do_i . v_j) q_i
-                dv_j = lambda^(L-1-j) dS_out^T k_j + sum_{i>=j} lambda^(i-j) (q_i . k_j) do_i
-                dS_in = lambda^L dS_out + sum_i lambda^(i+1) q_i do_i^T   (-> d_initial)
+    o_i     = lambda^(i+1) q_i^T S_c + sum_{j<=i} lambda^(i-j) (q_i . k_j) v_j
+    S_{c+1} = lambda^L S_c + M_c,      M_c = sum_j lambda^(L-1-j) k_j v_j^T
 
-The decay gradient (only when decay requires grad) is a third kernel in
-forward mode: it carries, next to S, the tangent T = dS/dg (g = log lambda)
+Forward, three launches:
 
-    T_out = lambda^L T_in + L lambda^L S_in + sum_j (L-1-j) lambda^(L-1-j) k_j v_j^T
-    dg   += sum_i do_i . (lambda^(i+1) (T_in + (i+1) S_in)^T q_i)
-          + sum_{j<=i} (i-j) lambda^(i-j) (q_i . k_j)(do_i . v_j)
-    dg   += <d_final, T_final>
+    _chunk_state_kernel  M_c of every (chunk, batch*head, state tile) at once
+    _prefix_kernel       S_c in chunk order, in place over the M_c; elementwise, the
+                         only sequential part (one program per batch*head and state tile)
+    _fwd_out_kernel      o of every (chunk, batch*head, Dv tile) at once
 
-so it needs one pass and no stored states; every term is chunk-local (no
-global position factors, so no fp32 cancellation at long N). The PyTorch
-reference computes the same gradient in adjoint form, an independent check.
-It runs only when lightning_triton_bwd is asked for decay_grad.
+Backward: the same two passes rebuild S_c, and run in reverse chunk order on
+(q, do) they give dS_c, the gradient reaching chunk c's outgoing state:
 
-Inputs are made contiguous [B, H, N, D]; Dk and Dv are padded to powers of
-two >= 16 by masking. The last chunk may be short (L < C).
+    dS_{n-1} = d_final,   dS_{c-1} = lambda^L dS_c + sum_i lambda^(i+1) q_i do_i^T,   d_initial = dS_{-1}
+
+then every (chunk, batch*head, tile) at once:
+
+    _bwd_dqk_kernel  dq_i = lambda^(i+1) S_c do_i + sum_{j<=i} lambda^(i-j) (do_i . v_j) k_j
+      (twice: dq, dk_j = lambda^(L-1-j) dS_c v_j + sum_{i>=j} lambda^(i-j) (do_i . v_j) q_i
+       FOR_DK)
+    _bwd_dv_kernel   dv_j = lambda^(L-1-j) dS_c^T k_j + sum_{i>=j} lambda^(i-j) (q_i . k_j) do_i
+
+dq and dk share do . v^T but are two launches: one program holding both
+accumulators spills on sm_80 and sm_90. The decay gradient (only with
+decay_grad) is chunk-local given S_c and dS_c, so _bwd_dqk_kernel adds its
+terms per chunk and Dk tile (summed afterwards), with g = log lambda:
+
+    dg = sum_{j<=i} (i-j) lambda^(i-j) (q_i . k_j)(do_i . v_j) + sum_i (i+1) q_i . (lambda^(i+1) S_c do_i)
+       + sum_j (L-1-j) k_j . (lambda^(L-1-j) dS_c v_j) + L lambda^L <dS_c, S_c>
+
+No term carries a global position, so there is no fp32 cancellation at long N
+(lightning_ref._log_decay_grad derives it; the tests also check it against
+autograd through the token recurrence).
+
+Inputs are made contiguous [B, H, N, D] and read as fp32 (dots run as tf32 on
+GPUs); Dk and Dv are padded to powers of two >= 16 by masking and cut into
+BK x BV state tiles. The states S_c and dS_c live in fp32 buffers
+[B*H, n_chunks, Dk, Dv]. The kernels' chunk is min(chunk_size, 64); tiles and
+warps per arch come from launch_params, which aot_specs reuses.
 """
 
 from __future__ import annotations
@@ -36,179 +53,315 @@ import triton.language as tl
 
 
 @triton.jit
-def _chunk_tiles(Q, K, V, base_qk, base_v, start, N, DK, DV, BLOCK_C: tl.constexpr, BLOCK_DK: tl.constexpr,
-                 BLOCK_DV: tl.constexpr):
-    """Load one chunk of q, k [C, Dk] and v [C, Dv] as fp32 (zeros past N)."""
+def _seq_tile(base, start, col0, N, D, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Offsets and mask of rows start.. and columns col0.. of a [N, D] slice at base."""
     rows = start + tl.arange(0, BLOCK_C)
-    cols_k = tl.arange(0, BLOCK_DK)
-    cols_v = tl.arange(0, BLOCK_DV)
-    mask_k = (rows[:, None] < N) & (cols_k[None, :] < DK)
-    mask_v = (rows[:, None] < N) & (cols_v[None, :] < DV)
-    off_k = base_qk + rows[:, None] * DK + cols_k[None, :]
-    off_v = base_v + rows[:, None] * DV + cols_v[None, :]
-    q = tl.load(Q + off_k, mask=mask_k, other=0.0).to(tl.float32)
-    k = tl.load(K + off_k, mask=mask_k, other=0.0).to(tl.float32)
-    v = tl.load(V + off_v, mask=mask_v, other=0.0).to(tl.float32)
-    return q, k, v, off_k, mask_k, off_v, mask_v
+    cols = col0 + tl.arange(0, BLOCK_D)
+    return base + rows[:, None] * D + cols[None, :], (rows[:, None] < N) & (cols[None, :] < D)
 
 
 @triton.jit
-def _chunk_decays(g, start, N, BLOCK_C: tl.constexpr):
-    """lambda^(i+1) [C], lambda^(L-1-j) [C] (0 past N), lambda^(i-j) masked causal [C, C], lambda^L."""
+def _load(X, offs, mask):
+    return tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _state_tile(base, row0, col0, DK, DV, BK: tl.constexpr, BV: tl.constexpr):
+    """Offsets and mask of the [BK, BV] tile at (row0, col0) of a [Dk, Dv] state at base."""
+    rows = row0 + tl.arange(0, BK)
+    cols = col0 + tl.arange(0, BV)
+    return base + rows[:, None] * DV + cols[None, :], (rows[:, None] < DK) & (cols[None, :] < DV)
+
+
+@triton.jit
+def _decay_vectors(g, start, N, BLOCK_C: tl.constexpr):
+    """lambda^(i+1) [C], lambda^(L-1-j) [C] (0 past N), lambda^L, and L (fp32) of the chunk at start."""
     pos = tl.arange(0, BLOCK_C)
     length = tl.minimum(N - start, BLOCK_C)
     q_decay = tl.exp(g * (pos + 1).to(tl.float32))
     # Clamp the exponent: past the chunk end lambda^(negative) would overflow.
     k_decay = tl.where(pos < length, tl.exp(g * tl.maximum(length - 1 - pos, 0).to(tl.float32)), 0.0)
-    diff = pos[:, None] - pos[None, :]
-    intra = tl.where(diff >= 0, tl.exp(g * tl.maximum(diff, 0).to(tl.float32)), 0.0)
-    return q_decay, k_decay, intra, tl.exp(g * length.to(tl.float32))
+    return q_decay, k_decay, tl.exp(g * length.to(tl.float32)), length.to(tl.float32)
 
 
 @triton.jit
-def _state_tile(base, DK, DV, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr):
-    rows = tl.arange(0, BLOCK_DK)
-    cols = tl.arange(0, BLOCK_DV)
-    return base + rows[:, None] * DV + cols[None, :], (rows[:, None] < DK) & (cols[None, :] < DV)
-
-
-@triton.jit
-def _head_start(S, LOG_DECAY, bh, H, DK, DV, HAS_S: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr):
-    """This program's log-decay g, and its [Dk, Dv] state tile read from S (zeros without S)."""
-    g = tl.load(LOG_DECAY + bh % H)
-    off_s, mask_s = _state_tile(bh * DK * DV, DK, DV, BLOCK_DK, BLOCK_DV)
-    state = tl.zeros((BLOCK_DK, BLOCK_DV), dtype=tl.float32)
-    if HAS_S:
-        state = tl.load(S + off_s, mask=mask_s, other=0.0).to(tl.float32)
-    return g, state, off_s, mask_s
-
-
-@triton.jit
-def _next_state(state, k, v, k_decay, chunk_decay):
-    """S_out = lambda^L S_in + sum_j lambda^(L-1-j) k_j v_j^T."""
-    return state * chunk_decay + tl.dot(tl.trans(k * k_decay[:, None]), v)
-
-
-@triton.jit
-def _fwd_kernel(Q, K, V, O, S0, SF, LOG_DECAY, H, N, DK, DV, HAS_S0: tl.constexpr, BLOCK_C: tl.constexpr,
-                BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr):
-    bh = tl.program_id(0)
-    g, state, off_s, mask_s = _head_start(S0, LOG_DECAY, bh, H, DK, DV, HAS_S0, BLOCK_DK, BLOCK_DV)
-    for start in range(0, N, BLOCK_C):
-        q, k, v, _, _, off_v, mask_v = _chunk_tiles(Q, K, V, bh * N * DK, bh * N * DV, start, N, DK, DV,
-                                                    BLOCK_C, BLOCK_DK, BLOCK_DV)
-        q_decay, k_decay, intra, chunk_decay = _chunk_decays(g, start, N, BLOCK_C)
-        scores = tl.dot(q, tl.trans(k)) * intra
-        o = tl.dot(scores, v) + tl.dot(q * q_decay[:, None], state)
-        tl.store(O + off_v, o.to(O.dtype.element_ty), mask=mask_v)
-        state = _next_state(state, k, v, k_decay, chunk_decay)
-    tl.store(SF + off_s, state, mask=mask_s)
-
-
-@triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, DQ, S0, LOG_DECAY, H, N, DK, DV, HAS_S0: tl.constexpr, BLOCK_C: tl.constexpr,
-                   BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr):
-    bh = tl.program_id(0)
-    g, state, off_s, mask_s = _head_start(S0, LOG_DECAY, bh, H, DK, DV, HAS_S0, BLOCK_DK, BLOCK_DV)
-    for start in range(0, N, BLOCK_C):
-        _, k, v, off_k, mask_k, off_v, mask_v = _chunk_tiles(Q, K, V, bh * N * DK, bh * N * DV, start, N, DK,
-                                                             DV, BLOCK_C, BLOCK_DK, BLOCK_DV)
-        do = tl.load(DO + off_v, mask=mask_v, other=0.0).to(tl.float32)
-        q_decay, k_decay, intra, chunk_decay = _chunk_decays(g, start, N, BLOCK_C)
-        do_v = tl.dot(do, tl.trans(v)) * intra
-        dq = tl.dot(do_v, k) + tl.dot(do, tl.trans(state)) * q_decay[:, None]
-        tl.store(DQ + off_k, dq.to(DQ.dtype.element_ty), mask=mask_k)
-        state = _next_state(state, k, v, k_decay, chunk_decay)
-
-
-@triton.jit
-def _bwd_dkv_kernel(Q, K, V, DO, DK_OUT, DV_OUT, DSF, DS0, LOG_DECAY, H, N, DK, DV, n_chunks,
-                    HAS_DSF: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_DK: tl.constexpr,
-                    BLOCK_DV: tl.constexpr):
-    bh = tl.program_id(0)
-    g, d_state, off_s, mask_s = _head_start(DSF, LOG_DECAY, bh, H, DK, DV, HAS_DSF, BLOCK_DK, BLOCK_DV)
-    for c in range(n_chunks):
-        start = (n_chunks - 1 - c) * BLOCK_C
-        q, k, v, off_k, mask_k, off_v, mask_v = _chunk_tiles(Q, K, V, bh * N * DK, bh * N * DV, start, N, DK,
-                                                             DV, BLOCK_C, BLOCK_DK, BLOCK_DV)
-        do = tl.load(DO + off_v, mask=mask_v, other=0.0).to(tl.float32)
-        q_decay, k_decay, intra, chunk_decay = _chunk_decays(g, start, N, BLOCK_C)
-        do_v = tl.dot(do, tl.trans(v)) * intra
-        q_k = tl.dot(q, tl.trans(k)) * intra
-        dk = tl.dot(tl.trans(do_v), q) + tl.dot(v, tl.trans(d_state)) * k_decay[:, None]
-        dv = tl.dot(tl.trans(q_k), do) + tl.dot(k * k_decay[:, None], d_state)
-        tl.store(DK_OUT + off_k, dk.to(DK_OUT.dtype.element_ty), mask=mask_k)
-        tl.store(DV_OUT + off_v, dv.to(DV_OUT.dtype.element_ty), mask=mask_v)
-        d_state = d_state * chunk_decay + tl.dot(tl.trans(q * q_decay[:, None]), do)
-    tl.store(DS0 + off_s, d_state, mask=mask_s)
-
-
-@triton.jit
-def _bwd_decay_kernel(Q, K, V, DO, S0, DSF, DG, LOG_DECAY, H, N, DK, DV, HAS_S0: tl.constexpr,
-                      HAS_DSF: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_DK: tl.constexpr,
-                      BLOCK_DV: tl.constexpr):
-    bh = tl.program_id(0)
-    g, state, off_s, mask_s = _head_start(S0, LOG_DECAY, bh, H, DK, DV, HAS_S0, BLOCK_DK, BLOCK_DV)
-    tangent = tl.zeros((BLOCK_DK, BLOCK_DV), dtype=tl.float32)
+def _intra_decay(g, BLOCK_C: tl.constexpr):
+    """lambda^(i-j) for j <= i, else 0: [C, C]."""
     pos = tl.arange(0, BLOCK_C)
-    dist = tl.maximum(pos[:, None] - pos[None, :], 0).to(tl.float32)
-    dg = tl.zeros((BLOCK_C, BLOCK_DV), dtype=tl.float32)
-    for start in range(0, N, BLOCK_C):
-        q, k, v, _, _, off_v, mask_v = _chunk_tiles(Q, K, V, bh * N * DK, bh * N * DV, start, N, DK, DV,
-                                                    BLOCK_C, BLOCK_DK, BLOCK_DV)
-        do = tl.load(DO + off_v, mask=mask_v, other=0.0).to(tl.float32)
-        q_decay, k_decay, intra, chunk_decay = _chunk_decays(g, start, N, BLOCK_C)
-        length = tl.minimum(N - start, BLOCK_C).to(tl.float32)
-        pairs = tl.dot(q, tl.trans(k)) * intra * dist
-        # sum_ij pairs_ij (do_i . v_j) = sum_i do_i . (pairs @ v)_i: kept as a [C, Dv] tile, reduced once.
-        from_state = tl.dot(q * (q_decay * (pos + 1).to(tl.float32))[:, None], state)
-        dg += do * (tl.dot(pairs, v) + from_state + tl.dot(q * q_decay[:, None], tangent))
-        k_w = k_decay * tl.maximum(length - 1 - pos.to(tl.float32), 0.0)
-        tangent = tangent * chunk_decay + state * (length * chunk_decay) + tl.dot(tl.trans(k * k_w[:, None]), v)
-        state = _next_state(state, k, v, k_decay, chunk_decay)
-    total = tl.sum(tl.sum(dg, axis=1), axis=0)
-    if HAS_DSF:
-        d_final = tl.load(DSF + off_s, mask=mask_s, other=0.0).to(tl.float32)
-        total += tl.sum(tl.sum(d_final * tangent, axis=1), axis=0)
-    tl.store(DG + bh, total)
+    diff = pos[:, None] - pos[None, :]
+    return tl.where(diff >= 0, tl.exp(g * tl.maximum(diff, 0).to(tl.float32)), 0.0)
 
 
-def _launch_args(q, v, log_decay, chunk_size):
-    B, H, N, Dk = q.shape
-    Dv = v.shape[-1]
-    g = torch.zeros(H, device=q.device) if log_decay is None else log_decay.float().contiguous()
-    blocks = dict(BLOCK_C=chunk_size, BLOCK_DK=max(16, triton.next_power_of_2(Dk)),
-                  BLOCK_DV=max(16, triton.next_power_of_2(Dv)))
-    return (B * H,), g, (H, N, Dk, Dv), blocks
+@triton.jit
+def _chunk_state_kernel(X, Y, STATES, LOG_DECAY, H, N, DK, DV, REVERSE: tl.constexpr, BLOCK_C: tl.constexpr,
+                        BK: tl.constexpr, BV: tl.constexpr):
+    """STATES[bh, c] tile = sum_j w_j x_j y_j^T over chunk c: w = lambda^(L-1-j) (M_c from k, v),
+    REVERSE: w = lambda^(i+1) (the chunk's share of dS_{c-1} from q, do). Grid (chunks, tiles, B*H)."""
+    c, tile, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    row0, col0 = (tile // tl.cdiv(DV, BV)) * BK, (tile % tl.cdiv(DV, BV)) * BV
+    start = c * BLOCK_C
+    off_x, mask_x = _seq_tile(bh.to(tl.int64) * N * DK, start, row0, N, DK, BLOCK_C, BK)
+    off_y, mask_y = _seq_tile(bh.to(tl.int64) * N * DV, start, col0, N, DV, BLOCK_C, BV)
+    x, y = _load(X, off_x, mask_x), _load(Y, off_y, mask_y)
+    q_decay, k_decay, _, _ = _decay_vectors(tl.load(LOG_DECAY + bh % H), start, N, BLOCK_C)
+    w = q_decay if REVERSE else k_decay
+    state = tl.dot(tl.trans(x * w[:, None]), y)
+    off_s, mask_s = _state_tile((bh.to(tl.int64) * tl.num_programs(0) + c) * DK * DV, row0, col0, DK, DV, BK, BV)
+    tl.store(STATES + off_s, state, mask=mask_s)
+
+
+@triton.jit
+def _prefix_kernel(STATES, S_START, S_END, LOG_DECAY, H, N, DK, DV, REVERSE: tl.constexpr, BLOCK_C: tl.constexpr,
+                   BK: tl.constexpr, BV: tl.constexpr):
+    """In place over the chunk states: slot c <- the chain's value at chunk c, chain' = lambda^L chain + slot c.
+
+    Forward order, from S_START (S_0): slot c becomes S_c, S_END the final state.
+    REVERSE, from S_START (d_final): slot c becomes dS_c, S_END d_initial. Grid (tiles, B*H)."""
+    tile, bh = tl.program_id(0), tl.program_id(1)
+    row0, col0 = (tile // tl.cdiv(DV, BV)) * BK, (tile % tl.cdiv(DV, BV)) * BV
+    g = tl.load(LOG_DECAY + bh % H)
+    n_chunks = tl.cdiv(N, BLOCK_C)
+    off, mask = _state_tile(0, row0, col0, DK, DV, BK, BV)
+    head = bh.to(tl.int64) * DK * DV
+    chain = _load(S_START + head, off, mask)
+    for t in range(n_chunks):
+        c = t
+        if REVERSE:
+            c = n_chunks - 1 - t
+        slot = STATES + (bh.to(tl.int64) * n_chunks + c) * DK * DV
+        contribution = _load(slot, off, mask)
+        tl.store(slot + off, chain, mask=mask)
+        chain = chain * tl.exp(g * tl.minimum(N - c * BLOCK_C, BLOCK_C).to(tl.float32)) + contribution
+    tl.store(S_END + head + off, chain, mask=mask)
+
+
+@triton.jit
+def _fwd_out_kernel(Q, K, V, O, STATES, LOG_DECAY, H, N, DK, DV, BLOCK_C: tl.constexpr,
+                    BLOCK_DK: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """o of chunk c, Dv tile: lambda^(i+1) (q S_c)_i + ((q k^T) * intra) v. Grid (chunks, Dv tiles, B*H)."""
+    c, iv, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    start = c * BLOCK_C
+    g = tl.load(LOG_DECAY + bh % H)
+    base_qk, base_s = bh.to(tl.int64) * N * DK, (bh.to(tl.int64) * tl.num_programs(0) + c) * DK * DV
+    scores = tl.zeros((BLOCK_C, BLOCK_C), dtype=tl.float32)
+    o = tl.zeros((BLOCK_C, BV), dtype=tl.float32)
+    for row0 in tl.static_range(0, BLOCK_DK, BK):
+        off_k, mask_k = _seq_tile(base_qk, start, row0, N, DK, BLOCK_C, BK)
+        q, k = _load(Q, off_k, mask_k), _load(K, off_k, mask_k)
+        off_s, mask_s = _state_tile(base_s, row0, iv * BV, DK, DV, BK, BV)
+        scores += tl.dot(q, tl.trans(k))
+        o += tl.dot(q, _load(STATES, off_s, mask_s))
+    q_decay, _, _, _ = _decay_vectors(g, start, N, BLOCK_C)
+    off_v, mask_v = _seq_tile(bh.to(tl.int64) * N * DV, start, iv * BV, N, DV, BLOCK_C, BV)
+    o = o * q_decay[:, None] + tl.dot(scores * _intra_decay(g, BLOCK_C), _load(V, off_v, mask_v))
+    tl.store(O + off_v, o.to(O.dtype.element_ty), mask=mask_v)
+
+
+@triton.jit
+def _bwd_dqk_kernel(Q, K, V, DO, OUT, STATES, D_STATES, DG, LOG_DECAY, H, N, DK, DV, FOR_DK: tl.constexpr,
+                    DECAY_GRAD: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_DV: tl.constexpr, BK: tl.constexpr,
+                    BV: tl.constexpr):
+    """dq (or with FOR_DK dk) of chunk c, Dk tile into OUT; with DECAY_GRAD also this launch's
+    terms of dg into DG[bh, c, tile] (dq: intra pairs, from-state and carry; dk: to-state).
+    Grid (chunks, Dk tiles, B*H)."""
+    c, ik, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    start = c * BLOCK_C
+    g = tl.load(LOG_DECAY + bh % H)
+    base_s = (bh.to(tl.int64) * tl.num_programs(0) + c) * DK * DV
+    do_v = tl.zeros((BLOCK_C, BLOCK_C), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_C, BK), dtype=tl.float32)  # do S_c^T (dq) or v dS_c^T (dk), before the decay
+    carry = 0.0
+    for col0 in tl.static_range(0, BLOCK_DV, BV):
+        off_v, mask_v = _seq_tile(bh.to(tl.int64) * N * DV, start, col0, N, DV, BLOCK_C, BV)
+        v, do = _load(V, off_v, mask_v), _load(DO, off_v, mask_v)
+        off_s, mask_s = _state_tile(base_s, ik * BK, col0, DK, DV, BK, BV)
+        do_v += tl.dot(do, tl.trans(v))
+        if FOR_DK:
+            acc += tl.dot(v, tl.trans(_load(D_STATES, off_s, mask_s)))
+        else:
+            state = _load(STATES, off_s, mask_s)
+            acc += tl.dot(do, tl.trans(state))
+            if DECAY_GRAD:
+                carry += tl.sum(tl.sum(state * _load(D_STATES, off_s, mask_s), axis=1), axis=0)
+    q_decay, k_decay, chunk_decay, length = _decay_vectors(g, start, N, BLOCK_C)
+    off_k, mask_k = _seq_tile(bh.to(tl.int64) * N * DK, start, ik * BK, N, DK, BLOCK_C, BK)
+    q, k = _load(Q, off_k, mask_k), _load(K, off_k, mask_k)
+    do_v = do_v * _intra_decay(g, BLOCK_C)
+    pos = tl.arange(0, BLOCK_C)
+    if FOR_DK:
+        if DECAY_GRAD:
+            to_state = k * acc * (k_decay * tl.maximum(length - 1.0 - pos.to(tl.float32), 0.0))[:, None]
+            tl.store(DG + (bh * tl.num_programs(0) + c) * tl.num_programs(1) + ik,
+                     tl.sum(tl.sum(to_state, axis=1), axis=0))
+        out = tl.dot(tl.trans(do_v), q) + acc * k_decay[:, None]
+    else:
+        if DECAY_GRAD:
+            dist = tl.maximum(pos[:, None] - pos[None, :], 0).to(tl.float32)
+            pairs = tl.dot(q, tl.trans(k)) * dist * do_v
+            from_state = q * acc * (q_decay * (pos + 1).to(tl.float32))[:, None]
+            tl.store(DG + (bh * tl.num_programs(0) + c) * tl.num_programs(1) + ik,
+                     tl.sum(tl.sum(pairs, axis=1), axis=0) + tl.sum(tl.sum(from_state, axis=1), axis=0)
+                     + carry * chunk_decay * length)
+        out = tl.dot(do_v, k) + acc * q_decay[:, None]
+    tl.store(OUT + off_k, out.to(OUT.dtype.element_ty), mask=mask_k)
+
+
+@triton.jit
+def _bwd_dv_kernel(Q, K, DO, DV_OUT, D_STATES, LOG_DECAY, H, N, DK, DV, BLOCK_C: tl.constexpr,
+                   BLOCK_DK: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """dv of chunk c, Dv tile: ((q k^T) * intra)^T do + lambda^(L-1-j) (k dS_c)_j. Grid (chunks, Dv tiles, B*H)."""
+    c, iv, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    start = c * BLOCK_C
+    g = tl.load(LOG_DECAY + bh % H)
+    base_qk, base_s = bh.to(tl.int64) * N * DK, (bh.to(tl.int64) * tl.num_programs(0) + c) * DK * DV
+    q_k = tl.zeros((BLOCK_C, BLOCK_C), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_C, BV), dtype=tl.float32)  # (k dS_c) until the decay is applied
+    for row0 in tl.static_range(0, BLOCK_DK, BK):
+        off_k, mask_k = _seq_tile(base_qk, start, row0, N, DK, BLOCK_C, BK)
+        q, k = _load(Q, off_k, mask_k), _load(K, off_k, mask_k)
+        off_s, mask_s = _state_tile(base_s, row0, iv * BV, DK, DV, BK, BV)
+        q_k += tl.dot(q, tl.trans(k))
+        dv += tl.dot(k, _load(D_STATES, off_s, mask_s))
+    _, k_decay, _, _ = _decay_vectors(g, start, N, BLOCK_C)
+    off_v, mask_v = _seq_tile(bh.to(tl.int64) * N * DV, start, iv * BV, N, DV, BLOCK_C, BV)
+    dv = tl.dot(tl.trans(q_k * _intra_decay(g, BLOCK_C)), _load(DO, off_v, mask_v)) + dv * k_decay[:, None]
+    tl.store(DV_OUT + off_v, dv.to(DV_OUT.dtype.element_ty), mask=mask_v)
+
+
+# (BK, BV, num_warps) of the state tiles per arch and kernel: the largest that compile without
+# spills for head dims 32 to 128, fp32 and bf16 inputs (benchmarks/triton_resources.py). sm_80's
+# mma.sync keeps both operands in registers where sm_90's wgmma reads them from shared memory,
+# so sm_80 takes narrower tiles and 8 warps. The prefix kernel is elementwise: its 32 x 32 tiles
+# give the one sequential pass more programs (B = 1, H = 16, D = 128: 256).
+_TILES = {
+    90: {"lightning_chunk_state": (64, 64, 4), "lightning_prefix": (32, 32, 4), "lightning_fwd_out": (64, 64, 4),
+         "lightning_bwd_dqk": (64, 64, 4), "lightning_bwd_dv": (64, 64, 4)},
+    80: {"lightning_chunk_state": (64, 64, 4), "lightning_prefix": (32, 32, 4), "lightning_fwd_out": (32, 64, 8),
+         "lightning_bwd_dqk": (32, 32, 8), "lightning_bwd_dv": (32, 64, 8)},
+}
+# The kernels' chunk: [C, C] score tiles beyond 64 x 64 spill. The result does not depend on the
+# chunking (every chunk size computes the same recurrence), so a larger chunk_size runs as 64.
+MAX_BLOCK_C = 64
+
+
+def launch_params(dk: int, dv: int, chunk_size: int, arch: int) -> dict:
+    """Kernel name -> (constexprs, num_warps, num_stages) of each lightning launch for head dims
+    (dk, dv) and chunk_size on sm_<arch>; the launcher and aot_specs both read it."""
+    block_dk, block_dv = max(16, triton.next_power_of_2(dk)), max(16, triton.next_power_of_2(dv))
+    params = {}
+    for name, (bk, bv, warps) in _TILES[arch].items():
+        tiles = dict(BLOCK_C=min(chunk_size, MAX_BLOCK_C), BK=min(bk, block_dk), BV=min(bv, block_dv))
+        if name in ("lightning_fwd_out", "lightning_bwd_dv"):
+            tiles["BLOCK_DK"] = block_dk
+        if name == "lightning_bwd_dqk":
+            tiles["BLOCK_DV"] = block_dv
+        params[name] = (tiles, warps, 1)
+    return params
+
+
+def _params(q, v, chunk_size):
+    from .aot import ARCHS, device_arch
+
+    # The interpreter (CPU tensors) runs sm_90's launch.
+    return launch_params(q.shape[-1], v.shape[-1], chunk_size, device_arch(q.device) if q.is_cuda else ARCHS[-1])
+
+
+def _log_decay(log_decay, H, device):
+    return torch.zeros(H, device=device) if log_decay is None else log_decay.float().contiguous()
+
+
+def _chain(x, y, g, start, reverse, params):
+    """States of the chunk chain over x [B, H, N, Dk], y [B, H, N, Dv] -> (per-chunk states
+    [B*H, n_chunks, Dk, Dv] fp32, end state [B, H, Dk, Dv] fp32): S_c and the final state
+    from start = S_0, or with reverse (x = q, y = do, start = d_final) dS_c and d_initial.
+    start None: zeros."""
+    B, H, N, Dk = x.shape
+    Dv = y.shape[-1]
+    (tiles, warps, stages), (ptiles, pwarps, pstages) = params["lightning_chunk_state"], params["lightning_prefix"]
+    n_chunks = triton.cdiv(N, tiles["BLOCK_C"])
+    states = torch.empty(B * H, n_chunks, Dk, Dv, device=x.device, dtype=torch.float32)
+    end = torch.empty(B, H, Dk, Dv, device=x.device, dtype=torch.float32)
+    start = torch.zeros_like(end) if start is None else start.contiguous()
+    n_tiles = triton.cdiv(Dk, tiles["BK"]) * triton.cdiv(Dv, tiles["BV"])
+    _chunk_state_kernel[(n_chunks, n_tiles, B * H)](x, y, states, g, H, N, Dk, Dv, REVERSE=reverse, **tiles,
+                                                    num_warps=warps, num_stages=stages)
+    n_tiles = triton.cdiv(Dk, ptiles["BK"]) * triton.cdiv(Dv, ptiles["BV"])
+    _prefix_kernel[(n_tiles, B * H)](states, start, end, g, H, N, Dk, Dv, REVERSE=reverse, **ptiles,
+                                     num_warps=pwarps, num_stages=pstages)
+    return states, end
 
 
 def lightning_triton_fwd(q, k, v, log_decay, initial_state, chunk_size=64):
     """q, k: [B, H, N, Dk]; v: [B, H, N, Dv] -> o [B, H, N, Dv], final state [B, H, Dk, Dv] fp32."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    grid, g, dims, blocks = _launch_args(q, v, log_decay, chunk_size)
+    B, H, N, Dk = q.shape
+    params = _params(q, v, chunk_size)
+    g = _log_decay(log_decay, H, q.device)
+    states, final = _chain(k, v, g, initial_state, False, params)
     o = torch.empty_like(v, dtype=q.dtype)
-    final = torch.empty(*q.shape[:2], q.shape[-1], v.shape[-1], device=q.device, dtype=torch.float32)
-    s0 = final if initial_state is None else initial_state.contiguous()
-    _fwd_kernel[grid](q, k, v, o, s0, final, g, *dims, HAS_S0=initial_state is not None, **blocks)
+    tiles, warps, stages = params["lightning_fwd_out"]
+    grid = (states.shape[1], triton.cdiv(v.shape[-1], tiles["BV"]), B * H)
+    _fwd_out_kernel[grid](q, k, v, o, states, g, H, N, Dk, v.shape[-1], **tiles, num_warps=warps, num_stages=stages)
     return o, final
 
 
 def lightning_triton_bwd(q, k, v, log_decay, initial_state, do, d_final, chunk_size=64, decay_grad=False):
     """Gradients dq, dk, dv (input dtypes), d_initial [B, H, Dk, Dv] fp32, and with decay_grad
-    the gradient with respect to log_decay ([H] fp32, summed over the batch; one more kernel), else None."""
+    the gradient with respect to log_decay ([H] fp32, summed over the batch), else None."""
     q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), do.contiguous()
-    grid, g, dims, blocks = _launch_args(q, v, log_decay, chunk_size)
+    B, H, N, Dk = q.shape
+    Dv = v.shape[-1]
+    params = _params(q, v, chunk_size)
+    g = _log_decay(log_decay, H, q.device)
+    states, _ = _chain(k, v, g, initial_state, False, params)
+    d_states, d_init = _chain(q, do, g, d_final, True, params)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    d_init = torch.empty(*q.shape[:2], q.shape[-1], v.shape[-1], device=q.device, dtype=torch.float32)
-    s0 = d_init if initial_state is None else initial_state.contiguous()
-    dsf = d_init if d_final is None else d_final.contiguous()
-    _bwd_dq_kernel[grid](q, k, v, do, dq, s0, g, *dims, HAS_S0=initial_state is not None, **blocks)
-    _bwd_dkv_kernel[grid](q, k, v, do, dk, dv, dsf, d_init, g, *dims, triton.cdiv(q.shape[2], chunk_size),
-                          HAS_DSF=d_final is not None, **blocks)
-    d_log_decay = None
-    if decay_grad:
-        dg = torch.empty(grid[0], device=q.device, dtype=torch.float32)
-        _bwd_decay_kernel[grid](q, k, v, do, s0, dsf, dg, g, *dims, HAS_S0=initial_state is not None,
-                                HAS_DSF=d_final is not None, **blocks)
-        d_log_decay = dg.view(q.shape[0], q.shape[1]).sum(0)
+    n_chunks = states.shape[1]
+    tiles, warps, stages = params["lightning_bwd_dqk"]
+    grid = (n_chunks, triton.cdiv(Dk, tiles["BK"]), B * H)
+    # dq and dk are two launches of one kernel: together they would spill (do v^T and two accumulators).
+    dg = torch.empty(2, B * H * n_chunks * grid[1] if decay_grad else 1, device=q.device, dtype=torch.float32)
+    for for_dk, out in enumerate((dq, dk)):
+        _bwd_dqk_kernel[grid](q, k, v, do, out, states, d_states, dg[for_dk], g, H, N, Dk, Dv,
+                              FOR_DK=bool(for_dk), DECAY_GRAD=decay_grad, **tiles, num_warps=warps,
+                              num_stages=stages)
+    tiles, warps, stages = params["lightning_bwd_dv"]
+    _bwd_dv_kernel[(n_chunks, triton.cdiv(Dv, tiles["BV"]), B * H)](q, k, do, dv, d_states, g, H, N, Dk, Dv,
+                                                                    **tiles, num_warps=warps, num_stages=stages)
+    d_log_decay = dg.view(2, B, H, -1).sum((0, 1, 3)) if decay_grad else None
     return dq, dk, dv, d_init, d_log_decay
+
+
+_FNS = {"lightning_chunk_state": _chunk_state_kernel, "lightning_prefix": _prefix_kernel,
+        "lightning_fwd_out": _fwd_out_kernel, "lightning_bwd_dqk": _bwd_dqk_kernel, "lightning_bwd_dv": _bwd_dv_kernel}
+# The flag constexprs of each kernel, every combination of which is launched: REVERSE (state
+# chain / gradient chain), FOR_DK (dq / dk), DECAY_GRAD (learn_decay).
+_FLAGS = {"lightning_chunk_state": ("REVERSE",), "lightning_prefix": ("REVERSE",), "lightning_fwd_out": (),
+          "lightning_bwd_dqk": ("FOR_DK", "DECAY_GRAD"), "lightning_bwd_dv": ()}
+# Pointers that are fp32 whatever the input dtype; the others have q's dtype.
+_FP32_POINTERS = ("STATES", "D_STATES", "S_START", "S_END", "LOG_DECAY", "DG")
+HEAD_DIMS = (32, 64, 128)
+_TRITON_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
+
+
+def aot_specs() -> list:
+    """Every lightning launch for head dims 32, 64, 128 (Dk = Dv), fp32 and bf16, the configs'
+    chunk size 64 and each flag combination, per arch; default for the presets' head dims and
+    dtypes (kernels/aot.py PRESET_*)."""
+    import itertools
+
+    from .aot import ARCHS, PRESET_DTYPES, PRESET_MODELS, AOTSpec, signature
+
+    preset_dims = {d for d, _ in PRESET_MODELS}
+    specs = []
+    for arch, head_dim, dtype in itertools.product(ARCHS, HEAD_DIMS, _TRITON_DTYPES):
+        pointers = {name: "fp32" if name in _FP32_POINTERS else _TRITON_DTYPES[dtype]
+                    for name in ("Q", "K", "V", "O", "X", "Y", "DO", "OUT", "DV_OUT") + _FP32_POINTERS}
+        for name, (tiles, warps, stages) in launch_params(head_dim, head_dim, 64, arch).items():
+            fn = _FNS[name]
+            for values in itertools.product((False, True), repeat=len(_FLAGS[name])):
+                constexprs = {**tiles, **dict(zip(_FLAGS[name], values))}
+                specs.append(AOTSpec(name, fn, signature(fn, constexprs, pointers), constexprs, warps, stages,
+                                     dict(arch=arch, dtype=_TRITON_DTYPES[dtype], head_dim=head_dim, **constexprs),
+                                     head_dim in preset_dims and dtype in PRESET_DTYPES, ("N", "DK", "DV")))
+    return specs

@@ -13,36 +13,40 @@ per-head decay (1 without decay) and 0-based positions i, j inside a chunk:
 
 forward
     M_c      = sum_j lambda^(C-1-j) k_j v_j^T                  memory state of chunk c [B, H, Dk, Dv]
-    all-gather the m states of every rank: M_0 .. M_{G-1}       (one collective)
+    all-gather the m states of every rank: M_0 .. M_{G-1}       (one collective, asynchronous)
+      meanwhile  o_intra = lightning_attention(q_c, k_c, v_c)   per chunk, from a zero state
     prefix_c = sum_{s<c} lambda^(C (c-1-s)) M_s                 state entering chunk c
-    o        = lightning_attention(q_c, k_c, v_c, initial_state=prefix_c)   per chunk (intra + inter)
+    o_i      = o_intra_i + lambda^(i+1) q_i^T prefix_c          (the inter-chunk part)
 
 backward
     dS_c     = sum_i lambda^(i+1) q_i do_i^T                    gradient of prefix_c
-    all-gather dS_0 .. dS_{G-1}                                  (one collective)
+    all-gather dS_0 .. dS_{G-1}                                  (one collective, asynchronous)
+      meanwhile  dq, dk, dv, dg = lightning backward per chunk with initial_state=prefix_c
+                 and no final-state gradient
     dM_c     = sum_{s>c} lambda^(C (s-c-1)) dS_s                gradient of M_c
-    dq, dk, dv = lightning backward per chunk with initial_state=prefix_c and
-                 final-state gradient dM_c (the final state's k, v terms are
-                 exactly M_c's, so this adds dk_j += lambda^(C-1-j) dM_c v_j
-                 and dv_j += lambda^(C-1-j) dM_c^T k_j)
-    dg       = lightning's decay gradient with the same prefix_c and dM_c,
-               summed over this rank's chunks (only when decay requires grad;
-               no collective)
+    then the terms of M_c = S_final - lambda^C prefix_c:
+    dk_j    += lambda^(C-1-j) dM_c v_j,   dv_j += lambda^(C-1-j) dM_c^T k_j
+    dg      += <dM_c, C lambda^C prefix_c + sum_j (C-1-j) lambda^(C-1-j) k_j v_j^T>
+               (only when decay requires grad; dg is summed over this rank's
+               chunks; no collective)
+
+So the collective of each pass runs behind the kernel it was designed to hide
+behind (LASP-2's overlap of the state exchange with the intra-chunk part).
 
 In zigzag the successors of rank r's chunk r include its own chunk 2P-1-r (and
 its predecessors include chunk r): the sums above are over global chunk
 indices, so a rank's own states enter its prefix / suffix like anyone else's.
-A rank's m chunks run as m batch rows of one lightning call (initial state per
-row), so the kernel is called once per pass in either mode.
+A rank's m chunks run as m batch rows of one lightning call, so the kernel is
+called once per pass in either mode.
 
 Why dg needs nothing more: prefix_{c+1} = lambda^C prefix_c + M_c is exactly
 chunk c's final state, so the G chunks form one state chain and dM_c is the
 adjoint of the link out of chunk c. The lightning decay gradient of chunk c
-with (prefix_c fixed, dM_c on its final state) is chunk c's share of
-d loss / d log(lambda), and the shares sum over the chunks to the gradient of
-the whole sequence. Each rank returns the sum of its chunks' shares, like the
-shares of the q/k/v projection weights; the data-parallel gradient reduction
-(which spans dp x cp in ltrain) adds them.
+with prefix_c fixed, plus dM_c paired with d(final state)/d log(lambda), is
+chunk c's share of d loss / d log(lambda), and the shares sum over the chunks
+to the gradient of the whole sequence. Each rank returns the sum of its
+chunks' shares, like the shares of the q/k/v projection weights; the
+data-parallel gradient reduction (which spans dp x cp in ltrain) adds them.
 
 Communication per layer and step: one all-gather of P x m x B x H x Dk x Dv
 fp32 elements in each direction (m = 1 contiguous, 2 zigzag: still one
@@ -53,6 +57,8 @@ suffix is empty (contiguous rank 0 and rank P-1) or not.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.distributed as dist
@@ -89,13 +95,14 @@ def _unfold(x, m):
     return x.view(m, mB // m, H, C, D).permute(1, 2, 0, 3, 4).reshape(mB // m, H, m * C, D)
 
 
-def _gather_states(states: torch.Tensor, m: int, group) -> torch.Tensor:
+def _gather_states(states: torch.Tensor, m: int, group):
     """states: [m*B, H, Dk, Dv] fp32, this rank's m chunk states (chunk-major)
-    -> [P*m, B, H, Dk, Dv], rank-major (slot s*m + a: rank s's a-th chunk); one all-gather."""
+    -> ([P*m, B, H, Dk, Dv] rank-major (slot s*m + a: rank s's a-th chunk), the collective's
+    work handle): one all-gather, started asynchronously; read the states after work.wait()."""
     P = dist.get_world_size(group)
     out = states.new_empty(P * states.shape[0], *states.shape[1:])
-    comm.all_gather_into_tensor(out, states.contiguous(), group=group)
-    return out.view(P * m, states.shape[0] // m, *states.shape[1:])
+    work = comm.all_gather_into_tensor(out, states.contiguous(), group=group, async_op=True)
+    return out.view(P * m, states.shape[0] // m, *states.shape[1:]), work
 
 
 def _decay_powers(log_decay, H, exponents):
@@ -105,13 +112,18 @@ def _decay_powers(log_decay, H, exponents):
     return torch.where(exponents >= 0, torch.exp(g * exponents.clamp(min=0)), 0.0)
 
 
-def _chunk_geometry(group, mode, device):
-    """(this rank's global chunk ids [m], global chunk id of each gathered slot [P*m]) as fp32."""
-    P, rank = dist.get_world_size(group), dist.get_rank(group)
+@functools.lru_cache(maxsize=None)
+def _chunk_geometry(P, rank, mode, device):
+    """(this rank's global chunk ids [m], global chunk id of each gathered slot [P*m]) as fp32,
+    made once per (P, rank, mode, device): a host-to-device copy per step would stall the host."""
     mine = torch.tensor(chunk_ids(rank, P, mode), device=device, dtype=torch.float32)
     slots = torch.tensor([c for s in range(P) for c in chunk_ids(s, P, mode)], device=device,
                          dtype=torch.float32)
     return mine, slots
+
+
+def _geometry(group, mode, device):
+    return _chunk_geometry(dist.get_world_size(group), dist.get_rank(group), mode, device)
 
 
 def _combine(log_decay, H, C, exponents, states):
@@ -130,10 +142,13 @@ class _LASP2(torch.autograd.Function):
         pos = torch.arange(C, device=q.device, dtype=torch.float32)
         k_w = _decay_powers(log_decay, H, C - 1 - pos).unsqueeze(-1)
         memory = torch.einsum("bhcd,bhce->bhde", kf.float() * k_w, vf.float())
-        states = _gather_states(memory, m, group)
-        mine, slots = _chunk_geometry(group, mode, q.device)
+        states, work = _gather_states(memory, m, group)
+        o, _ = lightning_fwd(qf, kf, vf, log_decay, None, chunk_size, impl)
+        work.wait()
+        mine, slots = _geometry(group, mode, q.device)
         prefix = _combine(log_decay, H, C, mine.view(-1, 1) - 1 - slots.view(1, -1), states)
-        o, _ = lightning_fwd(qf, kf, vf, log_decay, prefix, chunk_size, impl)
+        q_w = _decay_powers(log_decay, H, pos + 1).unsqueeze(-1)
+        o = (qf.float() @ prefix).mul_(q_w).add_(o).to(o.dtype)
         ctx.save_for_backward(q, k, v, log_decay, prefix)
         ctx.group, ctx.chunk_size, ctx.impl, ctx.mode, ctx.m = group, chunk_size, impl, mode, m
         return _unfold(o, m)
@@ -147,11 +162,21 @@ class _LASP2(torch.autograd.Function):
         pos = torch.arange(C, device=q.device, dtype=torch.float32)
         q_w = _decay_powers(log_decay, H, pos + 1).unsqueeze(-1)
         d_prefix = torch.einsum("bhcd,bhce->bhde", qf.float() * q_w, dof.float())
-        d_states = _gather_states(d_prefix, m, ctx.group)
-        mine, slots = _chunk_geometry(ctx.group, ctx.mode, q.device)
+        d_states, work = _gather_states(d_prefix, m, ctx.group)
+        decay_grad = ctx.needs_input_grad[3]
+        dq, dk, dv, _, d_log_decay = lightning_bwd(qf, kf, vf, log_decay, prefix, dof, None, ctx.chunk_size,
+                                                   ctx.impl, decay_grad=decay_grad)
+        work.wait()
+        mine, slots = _geometry(ctx.group, ctx.mode, q.device)
         d_memory = _combine(log_decay, H, C, slots.view(1, -1) - mine.view(-1, 1) - 1, d_states)
-        dq, dk, dv, _, d_log_decay = lightning_bwd(qf, kf, vf, log_decay, prefix, dof, d_memory, ctx.chunk_size,
-                                                   ctx.impl, decay_grad=ctx.needs_input_grad[3])
+        k_w = _decay_powers(log_decay, H, C - 1 - pos).unsqueeze(-1)
+        dk = (vf.float() @ d_memory.transpose(-1, -2)).mul_(k_w).add_(dk).to(dk.dtype)
+        dv = (kf.float() @ d_memory).mul_(k_w).add_(dv).to(dv.dtype)
+        if decay_grad:
+            # d S_final / d log(lambda) with prefix_c fixed; q_w[:, -1] = lambda^C.
+            tangent = C * q_w[:, -1:].unsqueeze(0) * prefix + torch.einsum(
+                "bhcd,bhce->bhde", kf.float() * k_w * (C - 1 - pos).unsqueeze(-1), vf.float())
+            d_log_decay = d_log_decay + (d_memory * tangent).sum((0, 2, 3))
         dq, dk, dv = (_unfold(t, m) for t in (dq, dk, dv))
         return dq, dk, dv, d_log_decay, None, None, None, None
 

@@ -6,15 +6,22 @@ order; parallel.sharding.shard_sequence), the split the model's other layers
 use. Forward: one all-gather of K and V (packed into one buffer), put in
 sequence order (a permutation of whole chunks; the identity for contiguous),
 then causal softmax attention of each of this rank's query chunks against the
-gathered keys, masked by global position (key position p_k is visible to query
-position p_q iff p_k <= p_q); a query chunk only reads the keys up to its own
-last position. Backward: recompute the attention (no P x N score matrix is
-kept between passes), then one reduce-scatter returns to each rank the sum
-over ranks of dK and dV of its own keys. dK/dV are reduced in fp32.
+gathered keys by global position (key position p_k is visible to query
+position p_q iff p_k <= p_q), through kernels' block_sparse_attention with the
+chunk's global offset and a causal layout that lists only the key blocks up to
+the chunk's queries: no mask tensor and no score matrix (the [B, Hq, c, P c]
+scores a masked SDPA would build on CUDA), and keys past a chunk are never read.
+Backward: block_sparse_attention's (from the saved lse, no recompute of the
+forward), then one reduce-scatter returns to each rank the sum over ranks of
+dK and dV of its own keys, reduced in fp32 (GatherKV).
+
+lasp2h_sparse_attention is the same gather with a layout chosen per step from
+all keys (InfLLM-V2's selection).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -22,55 +29,43 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ltrain.kernels import block_sparse_attention
+from ltrain.kernels.block_sparse import BLOCK_SIZES
+from ltrain.kernels.layout import BlockLayout
 
 from . import comm
 from .lasp2 import check_mode
 from .ring import chunk_ids
-from .sharding import check_sharded_qkv, check_split
+from .sharding import check_sharded_qkv, check_split, dense_block_size
+
+# Each query chunk must hold whole blocks of block_sparse_attention's smallest size.
+MIN_BLOCK = min(BLOCK_SIZES)
 
 
-def _attend(q, k, v, q_start, sm_scale):
-    """Causal SDPA by global position. q: [B, Hq, C, D] at q_start..; k, v: [B, Hkv, Nk, D] at 0..Nk-1."""
-    C = q.shape[2]
-    q_pos = torch.arange(q_start, q_start + C, device=q.device)
-    k_pos = torch.arange(k.shape[2], device=q.device)
-    mask = k_pos.view(1, -1) <= q_pos.view(-1, 1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=sm_scale,
-                                          enable_gqa=q.shape[1] != k.shape[1])
+@functools.lru_cache(maxsize=64)
+def causal_layout(q_start: int, num_q_blocks: int, num_k_blocks: int, block_size: int, device) -> BlockLayout:
+    """Query blocks of a chunk at global position q_start against keys from position 0: row i
+    lists key blocks j with j * block_size <= q_start + (i + 1) * block_size - 1, its last
+    query (the kernel masks the diagonal by position). Cached: the same few per run, and
+    building one per step would cost device work and, for `transposed`, a host sync."""
+    last_query = q_start + (torch.arange(num_q_blocks, device=device) + 1) * block_size - 1
+    mask = torch.arange(num_k_blocks, device=device) * block_size <= last_query[:, None]
+    width = min(num_k_blocks, (q_start + num_q_blocks * block_size - 1) // block_size + 1)
+    return BlockLayout.from_block_mask(mask[None, None], max_active=width)
 
 
-def _attend_chunks(q, k_all, v_all, q_starts, sm_scale):
-    """This rank's query chunks (len(q_starts) equal pieces of q, at global q_starts)
-    against the gathered keys in sequence order; each chunk reads keys [0, its end)."""
+def _gathered_attention(q, k, v, group, mode, q_starts, layout_of, block_size, sm_scale=None, impl="auto"):
+    """All-gather K/V once (GatherKV), then each of this rank's query chunks (len(q_starts)
+    equal pieces of q, at global q_starts) attends the gathered keys through
+    block_sparse_attention with layout_of(q_c, k_all detached, q_start)."""
+    k_all, v_all = GatherKV.apply(k, v, group, mode)
     c = q.shape[2] // len(q_starts)
     outs = []
     for a, q0 in enumerate(q_starts):
-        end = q0 + c
-        outs.append(_attend(q[:, :, a * c:(a + 1) * c], k_all[:, :, :end], v_all[:, :, :end], q0, sm_scale))
+        q_c = q[:, :, a * c:(a + 1) * c]
+        outs.append(block_sparse_attention(q_c, k_all, v_all, layout_of(q_c, k_all.detach(), q0),
+                                           block_size=block_size, sm_scale=sm_scale, q_start=q0, k_start=0,
+                                           impl=impl))
     return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
-
-
-class _LASP2H(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, group, q_starts, sm_scale, mode):
-        k_all, v_all = all_gather_kv(k, v, group, mode)
-        # Keys past the last query position can never be attended: drop them.
-        n_keys = min(max(q_starts) + q.shape[2] // len(q_starts), k_all.shape[2])
-        k_all, v_all = k_all[:, :, :n_keys], v_all[:, :, :n_keys]
-        ctx.save_for_backward(q, k_all, v_all)
-        ctx.group, ctx.q_starts, ctx.sm_scale, ctx.mode = group, q_starts, sm_scale, mode
-        ctx.kv_shapes = (k.shape, v.shape)
-        return _attend_chunks(q, k_all, v_all, q_starts, sm_scale)
-
-    @staticmethod
-    def backward(ctx, do):
-        q, k_all, v_all = ctx.saved_tensors
-        with torch.enable_grad():
-            q_, k_, v_ = (t.detach().requires_grad_() for t in (q, k_all, v_all))
-            o = _attend_chunks(q_, k_, v_, ctx.q_starts, ctx.sm_scale)
-            dq, dk_all, dv_all = torch.autograd.grad(o, (q_, k_, v_), do)
-        dk, dv = reduce_scatter_kv(dk_all, dv_all, *ctx.kv_shapes, ctx.group, ctx.mode)
-        return dq, dk, dv, None, None, None, None
 
 
 def _slots(P, mode):
@@ -120,6 +115,15 @@ class GatherKV(torch.autograd.Function):
         return dk, dv, None, None
 
 
+@functools.lru_cache(maxsize=None)
+def _slot_tensors(P, mode, device):
+    """(_slots(P, mode), the rank-major slot of each global chunk) as index tensors on device,
+    made once: a host-to-device copy per step would stall the host."""
+    slots = _slots(P, mode)
+    order = sorted(range(len(slots)), key=slots.__getitem__)
+    return torch.tensor(slots, device=device), torch.tensor(order, device=device)
+
+
 def _unshard(flat, shape, mode):
     """[P, B*H*n*D] rank-major shards -> [B, H, P*n, D] in sequence order (one copy)."""
     P = flat.shape[0]
@@ -129,8 +133,7 @@ def _unshard(flat, shape, mode):
     x = flat.view(P, B, H, m, n // m, D).permute(1, 2, 0, 3, 4, 5)  # [B, H, P, m, c, D]
     if mode == "contiguous":
         return x.reshape(B, H, P * n, D)
-    order = sorted(range(len(slots)), key=slots.__getitem__)  # rank-major slot of each global chunk
-    src = torch.tensor(order, device=flat.device)
+    src = _slot_tensors(P, mode, flat.device)[1]
     return x[:, :, src // m, src % m].reshape(B, H, P * n, D)
 
 
@@ -140,13 +143,13 @@ def _shard(x, shape, P, mode):
     B, H, n, D = shape
     x = F.pad(x.float(), (0, 0, 0, P * n - x.shape[2]))
     if mode != "contiguous":
-        slots = _slots(P, mode)
-        x = x.view(B, H, len(slots), -1, D)[:, :, torch.tensor(slots, device=x.device)]
+        slots = _slot_tensors(P, mode, x.device)[0]
+        x = x.view(B, H, len(slots), -1, D)[:, :, slots]
     return x.reshape(B, H, P, n, D).permute(2, 0, 1, 3, 4).reshape(P, -1)
 
 
 def lasp2h_attention(q, k, v, *, group=None, q_start=None, sm_scale=None, check_shards=False,
-                     mode="contiguous"):
+                     mode="contiguous", impl="auto"):
     """Causal softmax attention over a sequence split across `group`.
 
     q: [B, Hq, n, D]; k, v: [B, Hkv, n, D] -- this rank's shard, Hq a multiple
@@ -154,9 +157,11 @@ def lasp2h_attention(q, k, v, *, group=None, q_start=None, sm_scale=None, check_
     [s n, (s+1) n); q_start: global position of this rank's first query
     (default rank * n). mode="zigzag": the sequence is 2P chunks of c = n/2 and
     rank s holds chunk s then chunk 2P-1-s (each local query chunk at its own
-    global start); q_start must be None.
+    global start); q_start must be None. A query chunk (n, or n/2 for zigzag)
+    must be a multiple of 16 tokens (whole attention blocks).
     sm_scale: softmax scale (default 1/sqrt(D)). check_shards: verify with one
     extra small all-gather that every rank's q, k, v have the same shape.
+    impl: block_sparse_attention's ("auto": Triton on CUDA, PyTorch on CPU).
     Returns o: [B, Hq, n, D], o_i = softmax(q_i K^T sm_scale, keys at
     global positions <= that of query i) V.
     """
@@ -178,7 +183,13 @@ def lasp2h_attention(q, k, v, *, group=None, q_start=None, sm_scale=None, check_
         if not 0 <= q_start <= (P - 1) * C:
             raise ValueError(f"q_start must lie in [0, (P-1) C] = [0, {(P - 1) * C}], got {q_start}")
         q_starts = (q_start,)
-    return _LASP2H.apply(q, k, v, group, q_starts, sm_scale, mode)
+    check_split(C * P, P, mode, MIN_BLOCK, who="lasp2h_attention")
+    bs = dense_block_size(C // len(q_starts))
+
+    def layout_of(q_c, k_all, q0):
+        return causal_layout(q0, q_c.shape[2] // bs, k_all.shape[2] // bs, bs, q_c.device)
+
+    return _gathered_attention(q, k, v, group, mode, q_starts, layout_of, bs, sm_scale, impl)
 
 
 def lasp2h_sparse_attention(q, k, v, *, select, group=None, mode="zigzag", block_size: int, impl: str = "auto"):
@@ -198,13 +209,6 @@ def lasp2h_sparse_attention(q, k, v, *, select, group=None, mode="zigzag", block
     check_sharded_qkv(q, k, v, mode)
     P, rank = dist.get_world_size(group), dist.get_rank(group)
     check_split(q.shape[2] * P, P, mode, block_size, who="lasp2h_sparse_attention")
-    k_all, v_all = GatherKV.apply(k, v, group, mode)
     ids = chunk_ids(rank, P, mode)
     c = q.shape[2] // len(ids)
-    outs = []
-    for a, ci in enumerate(ids):
-        q_c = q[:, :, a * c:(a + 1) * c]
-        layout = select(q_c, k_all.detach(), ci * c)
-        outs.append(block_sparse_attention(q_c, k_all, v_all, layout, block_size=block_size, q_start=ci * c,
-                                           k_start=0, impl=impl))
-    return torch.cat(outs, dim=2)
+    return _gathered_attention(q, k, v, group, mode, tuple(ci * c for ci in ids), select, block_size, impl=impl)

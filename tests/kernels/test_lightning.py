@@ -69,6 +69,25 @@ def test_bfloat16_close_to_fp32():
     assert rel_err(o, o_ref) < 1e-2
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a host sync exists only on a GPU")
+def test_no_host_sync_on_cuda():
+    """Forward and backward with a learned decay make no synchronising call (the decay's values
+    are not read on CUDA)."""
+    q, k, v, s0 = (t.cuda() for t in inputs(Dk=64, Dv=64))
+    leaves = [t.requires_grad_() for t in (q, k, v, s0, torch.tensor([0.95, 0.7], device="cuda"))]
+
+    def step():
+        o = lightning_attention(*leaves[:3], decay=leaves[4], initial_state=leaves[3])
+        return torch.autograd.grad(o.square().sum(), leaves)
+
+    step()  # compiles the kernels
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 @pytest.mark.parametrize(
     "kwargs,arg",
     [

@@ -45,6 +45,10 @@ def _lasp2h_vs_single_process(rank, world_size, C, Hq, Hkv):
             lasp2h_attention(*(t[:, :, : C - rank] for t in local), group=None, **kwargs)
         except ValueError as exc:
             bad.append(str(exc))
+    try:  # zigzag chunks of 12 tokens: not whole 16-token blocks
+        lasp2h_attention(*(t[:, :, :24] for t in local), group=None, mode="zigzag")
+    except ValueError as exc:
+        bad.append(str(exc))
     return results, bad
 
 
@@ -58,17 +62,33 @@ def _check(world_size, C, Hq, Hkv):
             assert sum(m["calls"] for m in fwd.values()) == sum(m["calls"] for m in bwd.values()) == 1
         assert bad[0].startswith("q_start must lie in")
         assert bad[1].startswith("q must have the same shape on every rank")
+        assert bad[2].startswith(f"lasp2h_attention (zigzag, cp={world_size}): sequence length N = {24 * world_size} "
+                                 f"must be divisible by 2 x cp x block_size = {32 * world_size}"), bad[2]
 
 
 def test_lasp2h_two_ranks_gqa():
-    # C = 12: zigzag chunks of 6 tokens.
-    _check(2, 12, Hq=4, Hkv=2)
+    # C = 96 tokens per rank: 3 query blocks of 32 (contiguous) or, zigzag, chunks of 48 = 3 blocks of 16.
+    _check(2, 96, Hq=4, Hkv=2)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("Hq,Hkv", [(2, 2), (6, 2)])
 def test_lasp2h_four_ranks(Hq, Hkv):
-    _check(4, 8, Hq, Hkv)
+    _check(4, 32, Hq, Hkv)
+
+
+@pytest.mark.parametrize("q_start", [0, 48, 40])
+def test_causal_layout_lists_exactly_the_blocks_a_chunk_sees(q_start):
+    """Every key block holding a key visible to one of the chunk's queries, and no other."""
+    from ltrain.parallel.lasp2h import causal_layout
+
+    c, n_keys, bs = 32, 96, 16
+    layout = causal_layout(q_start, c // bs, n_keys // bs, bs, torch.device("cpu"))
+    visible = torch.arange(n_keys) <= torch.arange(q_start, q_start + c)[:, None]  # [c, n_keys]
+    # A block is listed for a query block iff some query of that block sees a key of it.
+    seen = visible.view(c // bs, bs, n_keys // bs, bs).any(3).any(1)
+    assert torch.equal(layout.block_mask()[0, 0], seen)
+    assert layout.max_active == int(seen.sum(1).max())
 
 
 def test_lasp2h_local_shape_errors():
