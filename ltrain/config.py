@@ -10,8 +10,9 @@ A setting that runs but silently loses something (a sparse layout whose heads
 together miss distant context) is logged as a one-line warning instead. The
 attention kinds bring their own sections and checks (ltrain.attention.registry);
 this module names none of them. Hydra and OmegaConf are imported only by the
-functions that compose or register, so the dataclasses load on a machine
-without them (a GPU image with only torch and triton).
+functions that compose or register, and the data checks (numpy) only in
+`validate`, so the dataclasses load on a machine without them (a GPU image
+with only torch and triton).
 """
 
 from __future__ import annotations
@@ -25,10 +26,8 @@ from typing import List, Optional
 from ltrain.attention.registry import kinds as attention_kinds
 from ltrain.attention.registry import resolve_layer_kinds
 from ltrain.data.config import DataConfig, DataConfigError
-from ltrain.data.memmap import max_token_id, read_meta
-from ltrain.data.tokenizer import BYTE_VOCAB_SIZE
-from ltrain.data.validate import validate_data_config
 from ltrain.errors import ConfigError, config_error
+
 
 @dataclass
 class ModelConfig:
@@ -106,6 +105,8 @@ class TrainerConfig:
     ckpt_every: int = 100  # 0: only at the end
     keep_last: int = 2
     resume: str = "auto"  # auto (newest complete checkpoint in ckpt_dir, if any) | none | PATH
+    loss_chunk: int = 1024  # tokens per fp32 logits block of the loss (ltrain.loss.chunked_lm_loss)
+    peak_tflops: float = 0.0  # one device's peak for MFU; 0: by GPU name (A100/H100/H200 bf16), none on CPU
 
 
 @dataclass
@@ -143,9 +144,10 @@ CHOICES = {
 POSITIVE_INTS = (
     "model.vocab_size", "model.dim", "model.n_layers", "model.n_heads", "model.n_kv_heads",
     "model.multiple_of", "parallel.cp", "optim.warmup_steps", "trainer.max_steps",
-    "trainer.grad_accum", "trainer.log_every", "trainer.keep_last",
+    "trainer.grad_accum", "trainer.log_every", "trainer.keep_last", "trainer.loss_chunk",
 )
-NON_NEGATIVE = ("model.ffn_dim", "optim.weight_decay", "optim.grad_clip", "optim.min_lr_ratio", "trainer.ckpt_every")
+NON_NEGATIVE = ("model.ffn_dim", "optim.weight_decay", "optim.grad_clip", "optim.min_lr_ratio", "trainer.ckpt_every",
+                "trainer.peak_tflops")
 POSITIVE = ("model.norm_eps", "model.rope_base", "model.rope_factor", "model.init_std", "optim.lr")
 
 
@@ -213,6 +215,11 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
     resume = cfg.trainer.resume
     if resume not in ("auto", "none") and not os.path.isdir(resume):
         _fail("trainer.resume", resume, "allowed: auto, none, or an existing checkpoint directory")
+
+    # The data checks read files with numpy: loaded here, so the schema imports without it.
+    from ltrain.data.memmap import max_token_id, read_meta
+    from ltrain.data.tokenizer import BYTE_VOCAB_SIZE
+    from ltrain.data.validate import validate_data_config
 
     try:
         validate_data_config(cfg.data)

@@ -14,6 +14,7 @@ import os
 import resource
 import sys
 import time
+from functools import partial
 
 import warnings
 
@@ -86,11 +87,14 @@ def attention_stats(stats: dict) -> dict:
 
 
 def run_summary(kinds: list[str], stats: dict, losses: list[float], tokens: int, seconds: float,
-                run_dir: str) -> str:
+                run_dir: str, flops: dict) -> str:
     """The lines rank 0 prints at the end: per layer its kind, mode and attended
-    fraction (last step), the loss from first to last step, throughput, the run dir."""
+    fraction (last step), the loss from first to last step, throughput (tokens/s,
+    and `flops`: ltrain.flops.throughput over the run), the run dir."""
+    mfu = f", MFU {flops['mfu_pct']:.1f}%" if "mfu_pct" in flops else ""
     lines = [f"done: {len(losses)} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}, "
-             f"{tokens / max(seconds, 1e-9):,.0f} tokens/s over the run" if losses else "done: no steps run"]
+             f"{tokens / max(seconds, 1e-9):,.0f} tokens/s, {flops['tflops_per_device']:.3g} model TFLOP/s per "
+             f"device{mfu} over the run" if losses else "done: no steps run"]
     for i, kind in enumerate(kinds):
         mode, frac = stats.get(f"attn/layer{i}/mode"), stats.get(f"attn/layer{i}/block_fraction")
         lines.append(f"  layer {i}: {kind}" + (f" ({mode})" if mode and mode != kind else "")
@@ -106,7 +110,8 @@ def train(cfg: TrainConfig, run_dir: str) -> list[float]:
     # kernels the configured kinds use).
     from ltrain.data.loader import build_loader
     from ltrain.engine import apply_config_lr, build_engine
-    from ltrain.loss import lm_loss
+    from ltrain.flops import flops_per_token, peak_tflops, throughput
+    from ltrain.loss import chunked_lm_loss
     from ltrain.models.transformer import Transformer
     from ltrain.parallel.comm import CommMeter
     from ltrain.parallel.topology import destroy_topology, init_topology
@@ -142,6 +147,10 @@ def train(cfg: TrainConfig, run_dir: str) -> list[float]:
                             run_id=resumed.tracker_run_id if resumed else None, start_step=start)
 
     tokens_per_step = cfg.data.micro_batch_size * cfg.data.seq_len * cfg.trainer.grad_accum * topo.dp
+    peak = peak_tflops(topo.device, cfg.trainer.peak_tflops)
+    if peak is None:
+        log.info("MFU not reported: no peak FLOP/s known for %s; set trainer.peak_tflops=<one device's peak TFLOP/s>",
+                 torch.cuda.get_device_name(topo.device) if topo.device.type == "cuda" else "a CPU")
     bar = tqdm(total=cfg.trainer.max_steps, initial=start, disable=topo.rank != 0 or not cfg.trainer.progress,
                desc="train", unit="step", dynamic_ncols=True, mininterval=1.0)
     losses: list[float] = []
@@ -151,43 +160,53 @@ def train(cfg: TrainConfig, run_dir: str) -> list[float]:
     stop = None
     for step in range(start + 1, cfg.trainer.max_steps + 1):
         step_start = time.perf_counter()
-        stats = torch.zeros(2, dtype=torch.float64)  # [loss sum, token count] over micro steps
+        log_step = step % cfg.trainer.log_every == 0 or step == cfg.trainer.max_steps
+        # [loss sum, token count] over micro steps, summed on the device: no host sync until the step's end.
+        sums = torch.zeros(2, dtype=torch.float64, device=topo.device)
         with CommMeter() as comm:  # sequence-parallel traffic of this step (ring, LASP-2, Ulysses)
             for _ in range(cfg.trainer.grad_accum):
                 batch = shard_batch(loader.next_batch(), topo, model.cp_mode)
-                logits = engine(batch["input_ids"], batch["position_ids"], topo.cp_group, cfg.parallel.cp_impl)
-                loss, loss_sum, count = lm_loss(logits, batch["labels"], topo.cp_group)
+                loss, loss_sum, count = engine(
+                    batch["input_ids"], batch["position_ids"], topo.cp_group, cfg.parallel.cp_impl,
+                    output=partial(chunked_lm_loss, labels=batch["labels"], cp_group=topo.cp_group,
+                                   chunk=cfg.trainer.loss_chunk))
                 engine.backward(loss)
                 if engine.is_gradient_accumulation_boundary():
-                    pre_clip_norm = grad_norm_before_step(model)
+                    pre_clip_norm = grad_norm_before_step(model) if log_step else None  # a host sync: log steps only
                     step_lr = engine.get_lr()[0]  # the lr this step uses; step() advances the schedule
                 engine.step()
-                stats += torch.tensor([loss_sum.item(), count.item()], dtype=torch.float64)
+                sums[0] += loss_sum
+                sums[1] += count
         # Stop requests (ltrain.preempt) ride along, so every rank decides alike at this step;
-        # dp x cp is the whole world (tensor and pipeline parallel sizes are 1).
-        stats = torch.cat([stats, torch.tensor(preempt.flags(), dtype=torch.float64)])
-        dist.all_reduce(stats, group=topo.dp_cp_group)
-        stop = preempt.decide(stats[2:].tolist())
-        mean_loss = (stats[0] / stats[1]).item()
+        # dp x cp is the whole world (tensor and pipeline parallel sizes are 1). One host sync per step.
+        flags = torch.tensor(preempt.flags(), dtype=torch.float64).to(topo.device, non_blocking=True)
+        reduced = torch.cat([sums, flags])
+        dist.all_reduce(reduced, group=topo.dp_cp_group)
+        loss_total, token_total, *flags_total = reduced.tolist()
+        stop = preempt.decide(flags_total)
+        mean_loss = loss_total / token_total if token_total else float("nan")
         losses.append(mean_loss)
         step_time = time.perf_counter() - step_start
         window_tokens += tokens_per_step
         tokens += tokens_per_step
         bar.update(1)
         bar.set_postfix(loss=f"{mean_loss:.4f}", tok_s=f"{tokens_per_step / step_time:,.0f}", refresh=False)
-        if step % cfg.trainer.log_every == 0 or step == cfg.trainer.max_steps:
+        if log_step:
             elapsed = time.perf_counter() - window_start
             grad_norm = engine.get_global_grad_norm()
             grad_norm = pre_clip_norm if grad_norm is None else grad_norm
+            layer_stats = attention_stats(model.attn_stats)
             tracker.log({
                 "loss": mean_loss,
                 "lr": step_lr,
                 "grad_norm": float("nan") if grad_norm is None else float(grad_norm),
                 "tokens_per_s": window_tokens / elapsed,
+                # The window's FLOPs per token from this step's attended fractions.
+                **throughput(flops_per_token(cfg, layer_stats), window_tokens / elapsed, topo.world_size, peak),
                 "step_time_s": step_time,
                 "peak_mem_gb": peak_memory_gb(topo.device),
                 "seq_len": cfg.data.seq_len,
-                **attention_stats(model.attn_stats),
+                **layer_stats,
                 **{f"comm/{kind}_bytes": float(n) for kind, n in comm.bytes.items() if n},
             }, step=step)
             window_start, window_tokens = time.perf_counter(), 0
@@ -204,9 +223,11 @@ def train(cfg: TrainConfig, run_dir: str) -> list[float]:
             break
     bar.close()
     if topo.rank == 0:
-        log.info("%s", run_summary(model.kinds, attention_stats(model.attn_stats), losses,
-                                   tokens - (resumed.tokens if resumed else 0), time.perf_counter() - run_start,
-                                   run_dir))
+        run_tokens, run_s = tokens - (resumed.tokens if resumed else 0), time.perf_counter() - run_start
+        layer_stats = attention_stats(model.attn_stats)
+        log.info("%s", run_summary(model.kinds, layer_stats, losses, run_tokens, run_s, run_dir,
+                                   throughput(flops_per_token(cfg, layer_stats), run_tokens / max(run_s, 1e-9),
+                                              topo.world_size, peak)))
     tracker.finish()
     destroy_topology()
     for lock in locks:

@@ -6,7 +6,7 @@ embedding -> n_layers x [x + attn(norm(x)), x + mlp(norm(x))] -> norm -> head
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -63,11 +63,14 @@ class Transformer(nn.Module):
 
     def forward(
         self, input_ids: torch.Tensor, positions: Optional[torch.Tensor] = None,
-        cp_group: Optional[dist.ProcessGroup] = None, cp_impl: str = "ring",
-    ) -> torch.Tensor:
+        cp_group: Optional[dist.ProcessGroup] = None, cp_impl: str = "ring", output: Optional[Callable] = None,
+    ):
         """input_ids: [B, N] -> logits [B, N, vocab]; positions: [B, N] global positions
         (default arange(N); under context parallelism the shard's own positions,
-        split as `self.cp_mode` says)."""
+        split as `self.cp_mode` says). output: instead of the logits, return
+        output(x, weight) of the final norm's output x [B, N, dim] and the output
+        projection weight [vocab, dim] (ltrain.loss.chunked_lm_loss: the loss
+        without the logits); called here, where ZeRO-3 has the weight gathered."""
         b, n = input_ids.shape
         if positions is None:
             positions = torch.arange(n, device=input_ids.device).expand(b, n)
@@ -86,4 +89,6 @@ class Transformer(nn.Module):
                 x = layer(x, ctx)
         x = self.norm(x)
         self.attn_stats = ctx.stats
+        if output is not None:
+            return output(x, self.embed.weight if self.head is None else self.head.weight)
         return self.head(x) if self.head is not None else x @ self.embed.weight.t()

@@ -68,6 +68,8 @@ def test_default_is_the_tiny_mixed_model_with_its_sparse_paths_active():
         ("data.kind=parquet", "data.kind"),
         ("data.seq_len=-1", "data.seq_len"),
         ("model.vocab_size=200", "model.vocab_size"),
+        ("trainer.loss_chunk=0", "trainer.loss_chunk"),
+        ("trainer.peak_tflops=-1.0", "trainer.peak_tflops"),
     ],
 )
 def test_validation_error_names_key(override, key):

@@ -35,6 +35,7 @@ def test_default_run_learns_and_writes_its_outputs(tmp_path):
     first, last = rows[0]["loss"], rows[-1]["loss"]
     assert last < 0.5 * first, f"loss did not fall enough: {first} -> {last}"
     assert all(r["tokens_per_s"] > 0 and r["grad_norm"] == r["grad_norm"] for r in rows)  # no NaN
+    assert all(r["tflops_per_device"] > 0 and "mfu_pct" not in r for r in rows)  # a CPU has no peak: no MFU
     assert rows[-1]["attn/layer1/mode"] == "sparse"  # InfLLM-V2 past its dense_len
     assert 0 < rows[-1]["attn/layer0/block_fraction"] < 1  # S2's stripes leave pairs out
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
@@ -48,10 +49,36 @@ def test_default_run_learns_and_writes_its_outputs(tmp_path):
         assert r["lr"] == pytest.approx(o["lr"] * factor, rel=1e-6), r
     out = proc.stdout + proc.stderr
     assert "step 200" in out
+    assert out.count("MFU not reported: no peak FLOP/s known for a CPU; set trainer.peak_tflops=") == 1
     summary = out[out.index("done: 200 steps"):]
+    assert "model TFLOP/s per device over the run" in summary.splitlines()[0], summary
     for line in ("layer 0: s2 (sparse), attended fraction", "layer 1: infllm_v2 (sparse), attended fraction",
                  "layer 2: linear", "layer 3: dense, attended fraction 1.000", f"run dir: {run_dir}"):
         assert line in summary, summary
+
+
+@pytest.mark.slow  # a second CLI start-up (~25 s CPU); the default run above covers the TFLOP/s wiring
+def test_peak_tflops_gives_mfu_of_the_model_flops(tmp_path):
+    """trainer.peak_tflops: each logged row's MFU is its model TFLOP/s over the peak, and the
+    TFLOP/s are the config's FLOPs per token times the row's tokens/s."""
+    from omegaconf import OmegaConf
+
+    from ltrain.config import TrainConfig
+    from ltrain.flops import flops_per_token
+
+    proc, run_dir = run_cli(["attention=dense", "model.n_layers=2", "data.seq_len=128", "trainer.max_steps=3",
+                             "trainer.log_every=1", "trainer.ckpt_every=0", "trainer.peak_tflops=0.0001"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig),
+                                              OmegaConf.load(run_dir / "config.yaml")))
+    rows = read_metrics(run_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        assert r["tflops_per_device"] == pytest.approx(flops_per_token(cfg, r) * r["tokens_per_s"] / 1e12, rel=1e-9)
+        assert r["mfu_pct"] == pytest.approx(100 * r["tflops_per_device"] / 1e-4, rel=1e-9)
+    out = proc.stdout + proc.stderr
+    assert "MFU not reported" not in out
+    assert "% over the run" in out[out.index("done: 3 steps"):].splitlines()[0]
 
 
 def test_config_error_is_one_line_before_any_process_group(tmp_path):
