@@ -28,6 +28,8 @@ from ltrain.attention.registry import resolve_layer_kinds
 from ltrain.data.config import DataConfig, DataConfigError
 from ltrain.errors import ConfigError, config_error
 
+INIT_WEIGHTS = "ltrain_weights.safetensors"  # trainer.init_from's file (ltrain.convert writes it)
+
 
 @dataclass
 class ModelConfig:
@@ -41,9 +43,15 @@ class ModelConfig:
     multiple_of: int = 64
     norm_eps: float = 1e-5
     rope_base: float = 10000.0
-    rope_scaling: str = "none"  # none | linear (position interpolation) | ntk
+    rope_scaling: str = "none"  # none | linear (position interpolation) | ntk | llama3 | yarn
     rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0  # llama3
+    rope_high_freq_factor: float = 4.0  # llama3
+    rope_original_max_positions: int = 8192  # llama3, yarn: the pretraining length
+    rope_beta_fast: float = 32.0  # yarn
+    rope_beta_slow: float = 1.0  # yarn
     tie_embeddings: bool = True
+    qkv_bias: bool = False  # biases on the q/k/v projections (Qwen2 checkpoints, ltrain-convert)
     activation_checkpointing: bool = False
     init_std: float = 0.02
 
@@ -105,6 +113,7 @@ class TrainerConfig:
     ckpt_every: int = 100  # 0: only at the end
     keep_last: int = 2
     resume: str = "auto"  # auto (newest complete checkpoint in ckpt_dir, if any) | none | PATH
+    init_from: str = ""  # "": random init | a dir written by `ltrain-convert hf-to-ltrain` (weights only)
     loss_chunk: int = 1024  # tokens per fp32 logits block of the loss (ltrain.loss.chunked_lm_loss)
     peak_tflops: float = 0.0  # one device's peak for MFU; 0: by GPU name (A100/H100/H200 bf16), none on CPU
 
@@ -130,7 +139,7 @@ class TrainConfig:
 
 
 CHOICES = {
-    "model.rope_scaling": ("none", "linear", "ntk"),
+    "model.rope_scaling": ("none", "linear", "ntk", "llama3", "yarn"),
     "parallel.cp_impl": ("ring", "ulysses"),
     "parallel.zero_stage": (0, 1, 2, 3),
     "parallel.backend": ("auto", "gloo", "nccl"),
@@ -143,12 +152,13 @@ CHOICES = {
 
 POSITIVE_INTS = (
     "model.vocab_size", "model.dim", "model.n_layers", "model.n_heads", "model.n_kv_heads",
-    "model.multiple_of", "parallel.cp", "optim.warmup_steps", "trainer.max_steps",
+    "model.multiple_of", "model.rope_original_max_positions", "parallel.cp", "optim.warmup_steps", "trainer.max_steps",
     "trainer.grad_accum", "trainer.log_every", "trainer.keep_last", "trainer.loss_chunk",
 )
 NON_NEGATIVE = ("model.ffn_dim", "optim.weight_decay", "optim.grad_clip", "optim.min_lr_ratio", "trainer.ckpt_every",
                 "trainer.peak_tflops")
-POSITIVE = ("model.norm_eps", "model.rope_base", "model.rope_factor", "model.init_std", "optim.lr")
+POSITIVE = ("model.norm_eps", "model.rope_base", "model.rope_factor", "model.rope_low_freq_factor",
+            "model.rope_beta_slow", "model.init_std", "optim.lr")
 
 
 def _get(cfg, dotted: str):
@@ -204,6 +214,11 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
         _fail("model.dim", m.dim, f"must be divisible by model.n_heads={m.n_heads}")
     if (m.dim // m.n_heads) % 2:
         _fail("model.dim", m.dim, "head dim (dim / n_heads) must be even for rotary embeddings")
+    if m.rope_high_freq_factor <= m.rope_low_freq_factor:
+        _fail("model.rope_high_freq_factor", m.rope_high_freq_factor,
+              f"must be > model.rope_low_freq_factor={m.rope_low_freq_factor}")
+    if m.rope_beta_fast <= m.rope_beta_slow:
+        _fail("model.rope_beta_fast", m.rope_beta_fast, f"must be > model.rope_beta_slow={m.rope_beta_slow}")
     if m.n_heads % m.n_kv_heads:
         _fail("model.n_kv_heads", m.n_kv_heads, f"must divide model.n_heads={m.n_heads}")
 
@@ -215,6 +230,10 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
     resume = cfg.trainer.resume
     if resume not in ("auto", "none") and not os.path.isdir(resume):
         _fail("trainer.resume", resume, "allowed: auto, none, or an existing checkpoint directory")
+    init_from = cfg.trainer.init_from
+    if init_from and not os.path.isfile(os.path.join(init_from, INIT_WEIGHTS)):
+        _fail("trainer.init_from", init_from, f"must be \"\" (random init) or a directory holding {INIT_WEIGHTS} "
+              "(written by `ltrain-convert hf-to-ltrain`)")
 
     # The data checks read files with numpy: loaded here, so the schema imports without it.
     from ltrain.data.memmap import max_token_id, read_meta

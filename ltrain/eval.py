@@ -7,6 +7,7 @@ input_ids [B, N] -> logits [B, N, V]):
     eval_batches(seq_len, n, seed)        fixed synthetic sequences, LongTensor [n, seq_len + 1]
     heldout_loss(model, tokens)           mean next-token cross-entropy over them
     passkey_by_depth(model, seq_len, ...) greedy passkey-retrieval accuracy at each depth
+    token_losses(model, tokens)           next-token cross-entropy at every position, [n, seq_len]
 
 Held-out sequences come from their own data seed, so they are not the
 training stream's (which samples index i of trainer.seed's stream).
@@ -14,6 +15,7 @@ training stream's (which samples index i of trainer.seed's stream).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -39,15 +41,31 @@ def load_model(run_dir: str | Path, ckpt: str | Path, overrides: Optional[dict |
     Overrides rebuild the layers without touching the weights: attention kinds without parameters
     of their own (dense, infllm_v2) load one another's checkpoints, e.g.
     {"attention": {"pattern": "I", "layers": None}} evaluates a dense run as InfLLM-V2.
-    ZeRO-3 checkpoints keep partitioned weights outside that file and are not read here."""
+    A ZeRO checkpoint (stage 1-3, as its manifest records) is merged into full fp32 weights by
+    DeepSpeed's own zero_to_fp32 helper (checkpoint_weights)."""
     cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(Path(run_dir) / "config.yaml"))
     if overrides:
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides) if isinstance(overrides, list) else overrides)
     cfg = OmegaConf.to_object(cfg)
     model = Transformer(cfg.model, cfg.attention)
-    state = torch.load(Path(ckpt) / MODEL_STATES, map_location="cpu", weights_only=False)["module"]
-    model.load_state_dict(state)
+    model.load_state_dict(checkpoint_weights(ckpt))
     return model.eval(), cfg
+
+
+def checkpoint_weights(ckpt: str | Path) -> dict[str, torch.Tensor]:
+    """The model state dict of a checkpoint step directory (ltrain.checkpoint.save's layout: a DeepSpeed
+    tag directory). ZeRO stages 1-3 (the manifest's `zero_stage`): the fp32 master weights, merged over
+    every rank's shards by deepspeed.utils.zero_to_fp32; stage 0 (or no manifest): the weights in
+    `ckpt`/mp_rank_00_model_states.pt["module"]."""
+    ckpt = Path(ckpt)
+    manifest = ckpt / "ltrain_complete.json"
+    stage = json.loads(manifest.read_text()).get("zero_stage", 0) if manifest.exists() else 0
+    if stage:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+        return {name: t.contiguous() for name, t in state.items()}
+    return torch.load(ckpt / MODEL_STATES, map_location="cpu", weights_only=False)["module"]
 
 
 def eval_batches(seq_len: int, n: int, seed: int, task: str = "passkey") -> torch.Tensor:
@@ -87,3 +105,21 @@ def passkey_by_depth(model: Callable[[torch.Tensor], torch.Tensor], seq_len: int
            for d in depths}
     out["mean"] = sum(out.values()) / len(depths)
     return out
+
+
+@torch.no_grad()
+def token_losses(model: Callable[[torch.Tensor], torch.Tensor], tokens: torch.Tensor, batch_size: int = 8
+                 ) -> torch.Tensor:
+    """FloatTensor [n, seq_len] on the CPU (float32): the next-token cross-entropy at every position of
+    `tokens` LongTensor [n, seq_len + 1], [i, p] that of logits model(tokens[i, :-1])[p] against
+    tokens[i, p + 1]; its mean is heldout_loss's loss. In batches of `batch_size` sequences on the
+    device of the model's parameters (ltrain-eval's loss by position bucket)."""
+    params = next(iter(model.parameters()), None) if isinstance(model, torch.nn.Module) else None
+    device = params.device if params is not None else torch.device("cpu")
+    out = []
+    for i in range(0, len(tokens), batch_size):
+        t = tokens[i : i + batch_size].to(device)
+        logits = model(t[:, :-1])  # [b, seq_len, V]
+        nll = F.cross_entropy(logits.flatten(0, 1).float(), t[:, 1:].flatten(), reduction="none")
+        out.append(nll.view(t.shape[0], -1).cpu())
+    return torch.cat(out)

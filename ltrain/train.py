@@ -134,6 +134,17 @@ def train(cfg: TrainConfig, run_dir: str) -> list[float]:
     log.info("model %s: %.2fM parameters, layers %s", cfg.model.name,
              sum(p.numel() for p in model.parameters()) / 1e6, "".join(k[0].upper() for k in model.kinds))
     resume_from = checkpoint.choose(cfg.trainer.ckpt_dir, cfg.trainer.resume)
+    if cfg.trainer.init_from and resume_from:
+        log.info("trainer.init_from=%s not loaded: resuming from %s", cfg.trainer.init_from, resume_from)
+    elif cfg.trainer.init_from:  # weights only, before DeepSpeed: optimizer and schedule start fresh
+        from ltrain.convert import load_init_weights
+
+        linear = load_init_weights(model, cfg.trainer.init_from)
+        log.info("initialized the weights from trainer.init_from=%s", cfg.trainer.init_from)
+        if linear and topo.rank == 0:
+            log.warning("linear layers %s take the softmax q/k/v/o weights of trainer.init_from: an approximation "
+                        "(linear attention from softmax weights), expect the loss to start higher and recover",
+                        ",".join(map(str, linear)))
     universal = resume_from and checkpoint.universal_for(resume_from, cfg.parallel.zero_stage)
     engine = build_engine(model, cfg, load_universal=bool(universal))
     loader = build_loader(cfg.data, seed=cfg.trainer.seed, dp_rank=topo.dp_rank, dp_size=topo.dp)

@@ -24,9 +24,10 @@ class Projections(nn.Module):
         self.n_kv_heads = model_cfg.n_kv_heads
         self.head_dim = model_cfg.dim // model_cfg.n_heads
         dim = model_cfg.dim
-        self.wq = nn.Linear(dim, self.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=False)
+        bias = model_cfg.qkv_bias  # Qwen2-style q/k/v biases
+        self.wq = nn.Linear(dim, self.n_heads * self.head_dim, bias=bias)
+        self.wk = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=bias)
+        self.wv = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=bias)
         self.wo = nn.Linear(self.n_heads * self.head_dim, dim, bias=False)
         self.wo.is_residual_out = True
 

@@ -58,6 +58,8 @@ class Transformer(nn.Module):
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 scale = 1 / math.sqrt(2 * self.cfg.n_layers) if getattr(module, "is_residual_out", False) else 1.0
                 nn.init.normal_(module.weight, mean=0.0, std=std * scale)
+                if getattr(module, "bias", None) is not None:  # q/k/v biases (model.qkv_bias) start at 0
+                    nn.init.zeros_(module.bias)
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
 
@@ -75,9 +77,12 @@ class Transformer(nn.Module):
         if positions is None:
             positions = torch.arange(n, device=input_ids.device).expand(b, n)
         head_dim = self.cfg.dim // self.cfg.n_heads
+        c = self.cfg
         cos, sin = rope_tables(
-            positions, head_dim, base=self.cfg.rope_base, scaling=self.cfg.rope_scaling,
-            factor=self.cfg.rope_factor,
+            positions, head_dim, base=c.rope_base, scaling=c.rope_scaling, factor=c.rope_factor,
+            low_freq_factor=c.rope_low_freq_factor, high_freq_factor=c.rope_high_freq_factor,
+            original_max_positions=c.rope_original_max_positions, beta_fast=c.rope_beta_fast,
+            beta_slow=c.rope_beta_slow,
         )
         ctx = AttnContext(cos=cos, sin=sin, cp_group=cp_group,
                           cp_mode=self.cp_mode, cp_impl=cp_impl, hybrid=self.hybrid)

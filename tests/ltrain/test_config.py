@@ -62,7 +62,11 @@ def test_default_is_the_tiny_mixed_model_with_its_sparse_paths_active():
         ("optim.lr=0", "optim.lr"),
         ("trainer.precision=fp8", "trainer.precision"),
         ("parallel.zero_stage=4", "parallel.zero_stage"),
-        ("model.rope_scaling=yarn", "model.rope_scaling"),
+        ("model.rope_scaling=dynamic", "model.rope_scaling"),
+        ("model.rope_low_freq_factor=0", "model.rope_low_freq_factor"),
+        ("model.rope_high_freq_factor=0.5", "model.rope_high_freq_factor"),
+        ("model.rope_original_max_positions=0", "model.rope_original_max_positions"),
+        ("model.rope_beta_fast=0.5", "model.rope_beta_fast"),
         ("attention.pattern=DQ", "attention.pattern"),
         ("attention.layers=[dense,foo,dense,dense]", "attention.layers[1]"),
         ("data.kind=parquet", "data.kind"),
@@ -78,6 +82,14 @@ def test_validation_error_names_key(override, key):
     msg = str(err.value)
     assert key in msg and "\n" not in msg
     assert override.split("=", 1)[1].split(",")[0].strip("[") in msg
+
+
+def test_llama_1b_preset_has_llama32_rope():
+    """Llama-3.2-1B's config.json: rope_theta 500000, rope_scaling llama3 with factor 32, low 1, high 4, 8192."""
+    m = load("model=llama-1b").model
+    assert (m.rope_base, m.rope_scaling, m.rope_factor) == (500000.0, "llama3", 32.0)
+    assert (m.rope_low_freq_factor, m.rope_high_freq_factor, m.rope_original_max_positions) == (1.0, 4.0, 8192)
+    assert m.dim // m.n_heads == 64
 
 
 def test_unknown_attention_kind_lists_allowed():

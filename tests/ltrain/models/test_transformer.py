@@ -70,3 +70,26 @@ def test_positions_argument_shifts_rotary():
 def test_pattern_builds_layer_kinds(pattern, expected):
     model = Transformer(tiny(), AttentionConfig(pattern=pattern))
     assert model.kinds == expected
+
+
+@pytest.mark.parametrize("scaling", ["llama3", "yarn"])
+def test_rope_settings_reach_the_tables(scaling, monkeypatch):
+    """Every model.rope_* setting is passed to rope_tables: the attention gets exactly its tables."""
+    import ltrain.models.transformer as tr
+    from ltrain.nn.rope import rope_tables
+
+    args = dict(low_freq_factor=1.0, high_freq_factor=8.0, original_max_positions=256, beta_fast=16.0, beta_slow=2.0)
+    cfg = tiny(dim=64, n_heads=2, n_kv_heads=1, rope_scaling=scaling, rope_factor=8.0,
+               **{f"rope_{k}": v for k, v in args.items()})
+    seen = []
+    monkeypatch.setattr(tr, "rope_tables", lambda *a, **kw: seen.append(rope_tables(*a, **kw)) or seen[-1])
+    Transformer(cfg, AttentionConfig()).eval()(torch.randint(0, 64, (1, 128)))
+
+    def tables(**kw):
+        return rope_tables(torch.arange(128)[None], 32, scaling=scaling, factor=8.0, **dict(args, **kw))
+
+    torch.testing.assert_close(seen[0], tables(), rtol=0, atol=0)
+    used = {"llama3": ("low_freq_factor", "high_freq_factor", "original_max_positions"),
+            "yarn": ("original_max_positions", "beta_fast", "beta_slow")}[scaling]
+    for key in args:  # the settings of this scaling change the tables, the others do not
+        assert torch.equal(tables(**{key: args[key] * 2})[0], seen[0][0]) == (key not in used), key
