@@ -7,6 +7,7 @@ input_ids [B, N] -> logits [B, N, V]):
     eval_batches(seq_len, n, seed)        fixed synthetic sequences, LongTensor [n, seq_len + 1]
     heldout_loss(model, tokens)           mean next-token cross-entropy over them
     passkey_by_depth(model, seq_len, ...) greedy passkey-retrieval accuracy at each depth
+    multikey_by_depth(model, seq_len, ...) the same for the multi-key needle task (RULER's MK-NIAH)
     token_losses(model, tokens)           next-token cross-entropy at every position, [n, seq_len]
 
 Held-out sequences come from their own data seed, so they are not the
@@ -25,7 +26,7 @@ from omegaconf import OmegaConf
 
 from ltrain.config import TrainConfig
 from ltrain.data.config import DataConfig
-from ltrain.data.synthetic import SyntheticSource, passkey_accuracy
+from ltrain.data.synthetic import SyntheticSource, multikey_accuracy, passkey_accuracy
 from ltrain.models.transformer import Transformer
 
 MODEL_STATES = "mp_rank_00_model_states.pt"  # DeepSpeed's file of the full weights (ZeRO stages 0-2)
@@ -102,6 +103,17 @@ def passkey_by_depth(model: Callable[[torch.Tensor], torch.Tensor], seq_len: int
     the argmax prediction, ..., "mean": their mean over depths}. `model`: input_ids [B, seq_len] ->
     logits [B, seq_len, V]; probes are (seed, i) for i < n, the same at every depth."""
     out = {f"{d:g}": passkey_accuracy(model, seq_len=seq_len, n=n, depth=d, seed=seed, digits=digits)
+           for d in depths}
+    out["mean"] = sum(out.values()) / len(depths)
+    return out
+
+
+@torch.no_grad()
+def multikey_by_depth(model: Callable[[torch.Tensor], torch.Tensor], seq_len: int, n: int, depths: list[float],
+                      seed: int, keys: int = 4, digits: int = 5) -> dict[str, float]:
+    """Greedy multi-key needle accuracy (ltrain.data.synthetic.multikey_accuracy: `keys` needles, the
+    queried one at the depth) of `n` probes at each depth, as passkey_by_depth: {"<depth>": ..., "mean": ...}."""
+    out = {f"{d:g}": multikey_accuracy(model, seq_len=seq_len, n=n, depth=d, seed=seed, keys=keys, digits=digits)
            for d in depths}
     out["mean"] = sum(out.values()) / len(depths)
     return out

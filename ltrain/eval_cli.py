@@ -2,7 +2,7 @@
 
     ltrain-eval eval.checkpoint=outputs/run/checkpoints/step_00000200 eval.out_dir=eval/run \\
         eval.lengths=[256,512,1024] eval.depths=[0.1,0.5,0.9] eval.n=20 eval.seed=1234 \\
-        [eval.device=auto] [eval.data_path=MEMMAP_DIR] [eval.buckets=8] \\
+        [eval.tasks=[passkey,multikey,vartrack]] [eval.keys=4] [eval.variables=4] [eval.device=auto] [eval.data_path=MEMMAP_DIR] [eval.buckets=8] \\
         [eval.overrides=[attention.pattern=I]] [eval.progress=false]
 
 The checkpoint is a step directory `<run dir>/checkpoints/step_<N>` (or the `latest` file beside
@@ -18,12 +18,21 @@ run's config; ltrain-eval quotes them for Hydra), holding the step's weights
   held-out text, or rely on the run not having reached the end of its file); without it, samples
   HELDOUT_INDEX + i (i < eval.n) of the run's synthetic task (its data.task settings) with data seed
   eval.seed, indices no training run reaches, so they are held out whatever trainer.seed was.
-- passkey retrieval: greedy accuracy of eval.n probes at each depth in eval.depths
-  (ltrain.eval.passkey_by_depth, the generator the synthetic training data uses; probes (seed, i)).
+- the probe tasks of eval.tasks (any of passkey, multikey, vartrack; all three by default), each
+  the greedy exact-match accuracy of eval.n probes (seed, i), built by the generators the synthetic
+  training tasks of the same names use (ltrain.data.synthetic; no downloads):
+  - passkey: a number hidden at each depth in eval.depths (ltrain.eval.passkey_by_depth);
+  - multikey (RULER's multi-key needle): eval.keys "The number for <key> is <value>." needles, the
+    queried one at each depth in eval.depths, the others anywhere (ltrain.eval.multikey_by_depth);
+  - vartrack (RULER's variable tracking): a chain of eval.variables assignments VAR A = <number>.
+    VAR B = A. ... in filler; the answer is every name in the chain, in order
+    (ltrain.data.synthetic.vartrack_accuracy; one accuracy per length, no depth).
 
-Outputs in eval.out_dir: eval.json (command, commit, checkpoint, model summary, settings, results),
-eval.md (the same as Markdown tables), passkey_heatmap.png (accuracy, length x depth) and
-perplexity_by_position.png (perplexity per position bucket, one line per length).
+Outputs in eval.out_dir: eval.json (command, commit, checkpoint, model summary, settings, results:
+perplexity, layer_modes and one entry per task of eval.tasks), eval.md (the same as Markdown tables),
+passkey_heatmap.png and multikey_heatmap.png (accuracy, length x depth; for the tasks evaluated),
+vartrack_accuracy.png (accuracy per length) and perplexity_by_position.png (perplexity per position
+bucket, one line per length).
 
 Every length is checked before any model work: one line `ltrain: config error: eval.lengths[i]=...`
 names a length the model's attention kinds cannot run (not a multiple of a kind's block size), or
@@ -57,6 +66,8 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from ltrain.errors import ConfigError, config_error  # noqa: E402
 
 HELDOUT_INDEX = 2**48  # first synthetic sample index of the loss sequences: far beyond any training run
+EVAL_TASKS = ("passkey", "multikey", "vartrack")  # probe tasks of eval.tasks
+DEPTH_TASKS = ("passkey", "multikey")  # graded by needle depth (eval.depths)
 MODEL_STATES = "mp_rank_00_model_states.pt"  # = ltrain.eval.MODEL_STATES (not imported: torch loads late)
 # Hydra settings of every run: no outputs/ directory, no log files, ltrain's own lines only.
 HYDRA_ARGS = ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none"]
@@ -70,7 +81,10 @@ class EvalSection:
     out_dir: str = ""  # where eval.json, eval.md and the plots go (created)
     lengths: list[int] = field(default_factory=lambda: [256, 512, 1024])
     depths: list[float] = field(default_factory=lambda: [0.1, 0.5, 0.9])
-    n: int = 20  # sequences per length for the loss, probes per (length, depth) for passkey
+    n: int = 20  # sequences per length for the loss, probes per (task, length[, depth])
+    tasks: list[str] = field(default_factory=lambda: list(EVAL_TASKS))  # probe tasks: passkey, multikey, vartrack
+    keys: int = 4  # multikey: needles per probe (one queried)
+    variables: int = 4  # vartrack: variables in the chain
     seed: int = 1234
     device: str = "auto"  # auto | cpu | cuda | cuda:<i>
     data_path: str = ""  # memmap directory (ltrain-prepare) for the loss; "" = synthetic
@@ -200,13 +214,18 @@ def validate(e: EvalSection):
         raise ConfigError("eval.out_dir is not set: give eval.out_dir=<directory for eval.json, eval.md, plots>")
     if Path(e.out_dir).exists() and not Path(e.out_dir).is_dir():
         raise config_error("eval.out_dir", e.out_dir, "exists and is not a directory")
-    for key in ("n", "buckets", "batch_size"):
+    for key in ("n", "buckets", "batch_size", "keys", "variables"):
         if getattr(e, key) < 1:
             raise config_error(f"eval.{key}", getattr(e, key), "must be a positive integer")
     if not e.lengths:
         raise config_error("eval.lengths", list(e.lengths), "give at least one context length")
     if len(set(e.lengths)) != len(e.lengths):
         raise config_error("eval.lengths", list(e.lengths), "lists a length twice")
+    for i, task in enumerate(e.tasks):
+        if task not in EVAL_TASKS:
+            raise config_error(f"eval.tasks[{i}]", task, f"allowed values are {', '.join(EVAL_TASKS)}")
+    if len(set(e.tasks)) != len(e.tasks):
+        raise config_error("eval.tasks", list(e.tasks), "lists a task twice")
     if not e.depths:
         raise config_error("eval.depths", list(e.depths), "give at least one needle depth")
     for i, d in enumerate(e.depths):
@@ -250,7 +269,10 @@ def validate(e: EvalSection):
         if max(meta["vocab_size"] - 1, top) >= cfg.model.vocab_size:
             raise config_error("eval.data_path", e.data_path, f"its tokenizer has {meta['vocab_size']} tokens "
                                f"(largest id {top}) but the model's vocab_size is {cfg.model.vocab_size}")
-    probe_min = min_seq_len(dataclasses.replace(cfg.data, task="passkey"))
+    probe_min = {task: min_seq_len(dataclasses.replace(cfg.data, task=task, multikey_keys=e.keys,
+                                                        vartrack_vars=e.variables)) for task in e.tasks}
+    probe_what = {"passkey": "a passkey probe", "multikey": f"a multikey probe with eval.keys={e.keys}",
+                  "vartrack": f"a vartrack probe with eval.variables={e.variables}"}
     stream_min = 0 if meta else min_seq_len(cfg.data)
     for i, length in enumerate(e.lengths):
         key = f"eval.lengths[{i}]"
@@ -260,8 +282,11 @@ def validate(e: EvalSection):
             if length % block:
                 raise config_error(key, length, f"must be a multiple of {block}, the attention block size of "
                                    f"the model's {name} layers (attention.{name}.block_size)")
-        if length < probe_min:
-            raise config_error(key, length, f"a passkey probe needs at least {probe_min} tokens")
+        for task, need in probe_min.items():
+            if length < need:
+                setting = {"multikey": "eval.keys", "vartrack": "eval.variables"}.get(task)
+                hint = f" (lower {setting} or leave {task} out of eval.tasks)" if setting else ""
+                raise config_error(key, length, f"{probe_what[task]} needs at least {need} tokens{hint}")
         if length < stream_min:
             raise config_error(key, length, f"the run's data.task={cfg.data.task} needs at least {stream_min} tokens")
         if length < e.buckets:
@@ -340,7 +365,8 @@ def evaluate(e: EvalSection, args: list[str]) -> dict:
     import torch
     from tqdm import tqdm
 
-    from ltrain.eval import load_model, passkey_by_depth, token_losses
+    from ltrain.data.synthetic import vartrack_accuracy
+    from ltrain.eval import load_model, multikey_by_depth, passkey_by_depth, token_losses
 
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if e.device == "auto" else e.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -357,9 +383,10 @@ def evaluate(e: EvalSection, args: list[str]) -> dict:
     def logits(ids):
         return model(ids.to(device))
 
-    results = {"perplexity": {}, "passkey": {}, "layer_modes": {}}
+    results = {"perplexity": {}, **{task: {} for task in e.tasks}, "layer_modes": {}}
     data = {}
-    work = [(length, task) for length in e.lengths for task in ("perplexity", "passkey")]
+    digits = cfg.data.passkey_digits
+    work = [(length, task) for length in e.lengths for task in ("perplexity", *e.tasks)]
     bar = tqdm(work, desc="ltrain-eval", unit="item", file=sys.stderr,
                disable=not e.progress or not sys.stderr.isatty())
     for length, task in bar:
@@ -372,9 +399,15 @@ def evaluate(e: EvalSection, args: list[str]) -> dict:
                                                   "sequences": len(tokens),
                                                   "buckets": position_buckets(losses, e.buckets)}
             results["layer_modes"][str(length)] = [v for k, v in model.attn_stats.items() if k.endswith("/mode")]
-        else:
+        elif task == "passkey":
             results["passkey"][str(length)] = passkey_by_depth(logits, length, e.n, list(e.depths), e.seed,
-                                                               digits=cfg.data.passkey_digits)
+                                                               digits=digits)
+        elif task == "multikey":
+            results["multikey"][str(length)] = multikey_by_depth(logits, length, e.n, list(e.depths), e.seed,
+                                                                 keys=e.keys, digits=digits)
+        else:
+            results["vartrack"][str(length)] = {"accuracy": vartrack_accuracy(
+                logits, seq_len=length, n=e.n, seed=e.seed, variables=e.variables, digits=digits)}
     bar.close()
     step = re.fullmatch(r"step_(\d+)", ckpt.resolve().name)
     record = {
@@ -385,6 +418,7 @@ def evaluate(e: EvalSection, args: list[str]) -> dict:
         "step": int(step.group(1)) if step else None,
         "model": model_summary(model, cfg, layer_kinds, e.overrides),
         "settings": {"lengths": list(e.lengths), "depths": list(e.depths), "n": e.n, "seed": e.seed,
+                     "tasks": list(e.tasks), "keys": e.keys, "variables": e.variables,
                      "buckets": e.buckets, "batch_size": e.batch_size, "device": str(device),
                      "data_path": e.data_path or None},
         "loss_data": data,
@@ -415,12 +449,25 @@ def markdown(record: dict) -> str:
              + (f"; overrides: `{' '.join(m['overrides'])}`" if m["overrides"] else ""),
              f"- device: {s['device']}; n = {s['n']}, seed = {s['seed']}", ""]
     depths = [f"{d:g}" for d in s["depths"]]
-    lines += ["## Passkey retrieval accuracy", "",
-              f"Greedy accuracy of {s['n']} probes per cell (the needle at a fraction `depth` of the filler).", "",
-              "| length | " + " | ".join(f"depth {d}" for d in depths) + " | mean |",
-              "|---:|" + "---:|" * (len(depths) + 1)]
-    for length, acc in r["passkey"].items():
-        lines.append(f"| {length} | " + " | ".join(f"{acc[d]:.2f}" for d in depths) + f" | {acc['mean']:.2f} |")
+    titles = {"passkey": ("Passkey retrieval accuracy", "the needle at a fraction `depth` of the filler"),
+              "multikey": ("Multi-key needle accuracy", f"{s.get('keys')} key/value needles, the queried one at "
+                                                        "a fraction `depth` of the filler")}
+    for task in (t for t in DEPTH_TASKS if t in r):
+        title, what = titles[task]
+        lines += [f"## {title}", "", f"Greedy accuracy of {s['n']} probes per cell ({what}).", "",
+                  "| length | " + " | ".join(f"depth {d}" for d in depths) + " | mean |",
+                  "|---:|" + "---:|" * (len(depths) + 1)]
+        for length, acc in r[task].items():
+            lines.append(f"| {length} | " + " | ".join(f"{acc[d]:.2f}" for d in depths) + f" | {acc['mean']:.2f} |")
+        lines.append("")
+    if "vartrack" in r:
+        lines += ["## Variable tracking accuracy", "",
+                  f"Greedy accuracy of {s['n']} probes per length (a chain of {s.get('variables')} variable "
+                  "assignments in the filler; the answer is every variable name of the chain, in order).", "",
+                  "| length | accuracy |", "|---:|---:|"]
+        lines += [f"| {length} | {acc['accuracy']:.2f} |" for length, acc in r["vartrack"].items()]
+        lines.append("")
+    lines.pop()
     first = next(iter(record["loss_data"].values()))
     source = (f"the last windows of `{first['path']}`" if first["kind"] == "memmap"
               else f"held-out synthetic `{first['task']}` samples (seed {first['seed']})")
@@ -448,21 +495,38 @@ def plot(out: Path, record: dict) -> None:
 
     s, r = record["settings"], record["results"]
     depths, lengths = [f"{d:g}" for d in s["depths"]], [str(length) for length in s["lengths"]]
-    acc = [[r["passkey"][length][d] for d in depths] for length in lengths]
-    fig, ax = plt.subplots(figsize=(1.2 * len(depths) + 2.5, 0.6 * len(lengths) + 2))
-    im = ax.imshow(acc, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto", origin="lower")
-    ax.set_xticks(range(len(depths)), depths)
-    ax.set_yticks(range(len(lengths)), lengths)
-    ax.set_xlabel("needle depth")
-    ax.set_ylabel("context length (tokens)")
-    ax.set_title(f"passkey accuracy (n={s['n']})")
-    for i, row in enumerate(acc):
-        for j, v in enumerate(row):
-            ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="white" if v < 0.5 else "black")
-    fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    fig.savefig(out / "passkey_heatmap.png", dpi=100)
-    plt.close(fig)
+    for task in (t for t in DEPTH_TASKS if t in r):
+        acc = [[r[task][length][d] for d in depths] for length in lengths]
+        fig, ax = plt.subplots(figsize=(1.2 * len(depths) + 2.5, 0.6 * len(lengths) + 2))
+        im = ax.imshow(acc, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto", origin="lower")
+        ax.set_xticks(range(len(depths)), depths)
+        ax.set_yticks(range(len(lengths)), lengths)
+        ax.set_xlabel("needle depth")
+        ax.set_ylabel("context length (tokens)")
+        ax.set_title(f"{task} accuracy (n={s['n']}" + (f", {s.get('keys')} keys)" if task == "multikey" else ")"))
+        for i, row in enumerate(acc):
+            for j, v in enumerate(row):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="white" if v < 0.5 else "black")
+        fig.colorbar(im, ax=ax)
+        fig.tight_layout()
+        fig.savefig(out / f"{task}_heatmap.png", dpi=100)
+        plt.close(fig)
+
+    if "vartrack" in r:
+        acc = [r["vartrack"][length]["accuracy"] for length in lengths]
+        fig, ax = plt.subplots(figsize=(0.8 * len(lengths) + 3, 3.5))
+        ax.bar(range(len(lengths)), acc, color="tab:blue")
+        for i, v in enumerate(acc):
+            ax.text(i, v + 0.02, f"{v:.2f}", ha="center", va="bottom")
+        ax.set_xticks(range(len(lengths)), lengths)
+        ax.set_ylim(0.0, 1.1)
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel("accuracy")
+        ax.set_title(f"vartrack accuracy (n={s['n']}, {s.get('variables')} variables)")
+        ax.grid(axis="y", alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out / "vartrack_accuracy.png", dpi=100)
+        plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for length in lengths:
@@ -503,13 +567,16 @@ def hydra_main(dcfg: DictConfig) -> None:
         sys.exit(2)
     r = record["results"]
     for length in r["perplexity"]:
-        p, a = r["perplexity"][length], r["passkey"][length]
+        p = r["perplexity"][length]
+        probes = [f"{task} mean {r[task][length]['mean']:.2f}" for task in DEPTH_TASKS if task in r]
+        probes += [f"vartrack {r['vartrack'][length]['accuracy']:.2f}"] if "vartrack" in r else []
         print(f"L={length}: loss {p['loss']:.4f}, perplexity {p['perplexity']:.3f} "
-              f"(first bucket {p['buckets'][0]['perplexity']:.3f}, last {p['buckets'][-1]['perplexity']:.3f}); "
-              f"passkey mean {a['mean']:.2f}")
+              f"(first bucket {p['buckets'][0]['perplexity']:.3f}, last {p['buckets'][-1]['perplexity']:.3f})"
+              + "".join(f"; {x}" for x in probes))
     out = Path(e.out_dir)
-    print(f"wrote {out / 'eval.json'}, {out / 'eval.md'}, {out / 'passkey_heatmap.png'}, "
-          f"{out / 'perplexity_by_position.png'}")
+    files = ["eval.json", "eval.md", *(f"{t}_heatmap.png" for t in DEPTH_TASKS if t in r),
+             *(["vartrack_accuracy.png"] if "vartrack" in r else []), "perplexity_by_position.png"]
+    print("wrote " + ", ".join(str(out / f) for f in files))
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 KINDS = ("synthetic", "memmap")
-TASKS = ("passkey", "recall", "mixed")
+TASKS = ("passkey", "recall", "mixed", "multikey", "vartrack")
 
 
 class DataConfigError(ValueError):
@@ -20,7 +20,7 @@ class DataConfigError(ValueError):
 @dataclass
 class DataConfig:
     kind: str = "synthetic"  # synthetic | memmap
-    task: str = "passkey"  # synthetic task: passkey | recall | mixed (half each)
+    task: str = "passkey"  # synthetic task: passkey | recall | mixed (passkey/recall, half each) | multikey | vartrack
     path: Optional[str] = None  # memmap: directory written by ltrain-prepare
     seq_len: int = 256
     micro_batch_size: int = 8  # sequences per data-parallel rank per micro step
@@ -38,6 +38,15 @@ class DataConfig:
     recall_pairs: int = 0
     recall_key_len: int = 4
     recall_value_len: int = 4
+
+    # multikey: `multikey_keys` "The number for <key> is <value>." needles (keys 4
+    # lowercase letters, values passkey_digits digits), the queried one at a depth
+    # drawn as for passkey, the others anywhere; the query asks one key's value.
+    multikey_keys: int = 4
+    # vartrack: a chain VAR A = <number>. VAR B = A. ... of `vartrack_vars` variables
+    # (4 uppercase letters) scattered in filler; the query asks which variables hold
+    # the number, answered with their names in chain order.
+    vartrack_vars: int = 4
 
 
 def positive_int(cfg: DataConfig, key: str) -> None:

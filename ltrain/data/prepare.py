@@ -1,6 +1,6 @@
 """ltrain-prepare: tokenize text files into the memmap layout read by ltrain.data.memmap.
 
-    python -m ltrain.data.prepare SRC_DIR_OR_FILE... OUT_DIR [--tokenizer byte|tokenizer.json]
+    python -m ltrain.data.prepare SRC_DIR_OR_FILE... OUT_DIR [--tokenizer byte|tokenizer.json|HF_DIR]
         [--workers N] [--ext .py,.txt] [--exclude GLOB] [--force]
 
 Every file is one document followed by <eos>. Directories are walked
@@ -261,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ltrain-prepare", description=__doc__.split("\n")[0])
     parser.add_argument("sources", nargs="+", metavar="SRC", help="source file or directory (walked recursively)")
     parser.add_argument("out", metavar="OUT_DIR", help="output directory")
-    parser.add_argument("--tokenizer", default="byte", help="'byte' (default, vocab 258) or a local tokenizer.json")
+    parser.add_argument("--tokenizer", default="byte", help="'byte' (default, vocab 258), a local tokenizer.json, or a Hugging Face "
+                        "checkpoint directory holding one")
     parser.add_argument("--workers", type=int, default=1, help="tokenizer processes (output is identical for any value)")
     parser.add_argument("--ext", action="append", help="only files ending in these extensions when walking directories, e.g. .py,.txt")
     parser.add_argument("--exclude", action="append", default=[], help="skip files and directories with this name (glob; repeatable), e.g. site-packages")

@@ -1,4 +1,5 @@
-"""Tokenizers: a byte-level one that needs no files, or a local Hugging Face tokenizer.json.
+"""Tokenizers: a byte-level one that needs no files, or a local Hugging Face tokenizer.json (the file, or
+a Hugging Face checkpoint directory holding it).
 
 Byte tokenizer ids: 0..255 are the UTF-8 bytes themselves, 256 is <eos>
 (appended after every document), 257 is <pad> (reserved for padding ragged
@@ -79,9 +80,15 @@ class HFTokenizer:
 
 
 def load_tokenizer(spec: str) -> ByteTokenizer | HFTokenizer:
-    """`"byte"` or a path to a Hugging Face tokenizer.json."""
+    """`"byte"`, a path to a Hugging Face tokenizer.json, or a directory holding one (a Hugging Face
+    checkpoint or tokenizer directory, as save_pretrained writes it)."""
     if spec == "byte":
         return ByteTokenizer()
+    if Path(spec).is_dir():
+        if not (Path(spec) / "tokenizer.json").is_file():
+            raise ValueError(f"--tokenizer {spec!r} is a directory without a tokenizer.json (a Hugging Face "
+                             "checkpoint directory saved with a fast tokenizer holds one)")
+        return HFTokenizer(Path(spec) / "tokenizer.json")
     if not Path(spec).is_file():
         raise ValueError(f"--tokenizer {spec!r} is neither 'byte' nor an existing tokenizer.json file")
     return HFTokenizer(spec)

@@ -24,6 +24,7 @@ from ltrain.models.transformer import Transformer
 TINY = ["model.dim=32", "model.n_layers=2", "model.n_heads=2", "model.n_kv_heads=1", "model.vocab_size=258",
         "attention.pattern=DI", "trainer.run_name=t", "data.seq_len=128"]
 LENGTHS, DEPTHS, BUCKETS, N = [128, 256], [0.0, 0.5, 1.0], 4, 3
+KEYS, VARIABLES = 2, 3  # multikey needles, vartrack chain: small enough for 128 tokens
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -43,7 +44,8 @@ def run(tmp_path_factory):
     torch.save({"module": model.state_dict()}, ckpt / MODEL_STATES)
     out = root / "out"
     proc = _cli(f"eval.checkpoint={ckpt}", f"eval.out_dir={out}", f"eval.lengths=[{','.join(map(str, LENGTHS))}]",
-                f"eval.depths=[{','.join(map(str, DEPTHS))}]", f"eval.n={N}", f"eval.buckets={BUCKETS}", "eval.seed=5")
+                f"eval.depths=[{','.join(map(str, DEPTHS))}]", f"eval.n={N}", f"eval.buckets={BUCKETS}", "eval.seed=5",
+                f"eval.keys={KEYS}", f"eval.variables={VARIABLES}")
     assert proc.returncode == 0, proc.stderr
     return {"ckpt": ckpt, "out": out, "model": model.eval(), "stdout": proc.stdout, "root": root}
 
@@ -55,7 +57,11 @@ def _cli(*args):
 
 def _check_results(record, lengths=LENGTHS, n=N):
     r = record["results"]
-    assert list(r["perplexity"]) == list(r["passkey"]) == [str(x) for x in lengths]
+    assert list(r) == ["perplexity", "passkey", "multikey", "vartrack", "layer_modes"]
+    assert record["settings"]["tasks"] == ["passkey", "multikey", "vartrack"]
+    assert (record["settings"]["keys"], record["settings"]["variables"]) == (KEYS, VARIABLES)
+    for task in ("passkey", "multikey", "vartrack"):
+        assert list(r[task]) == list(r["perplexity"]) == [str(x) for x in lengths]
     for length in lengths:
         p = r["perplexity"][str(length)]
         assert p["sequences"] == n and p["perplexity"] == pytest.approx(math.exp(p["loss"]), rel=1e-12)
@@ -66,10 +72,12 @@ def _check_results(record, lengths=LENGTHS, n=N):
             assert b["perplexity"] == pytest.approx(math.exp(b["loss"]), rel=1e-12)
         # equal buckets: their mean loss is the length's loss
         assert sum(b["loss"] for b in p["buckets"]) / BUCKETS == pytest.approx(p["loss"], rel=1e-6)
-        acc = r["passkey"][str(length)]
-        assert set(acc) == {f"{d:g}" for d in DEPTHS} | {"mean"}
-        assert all(0.0 <= v <= 1.0 for v in acc.values())
-        assert acc["mean"] == pytest.approx(sum(acc[f"{d:g}"] for d in DEPTHS) / len(DEPTHS))
+        for task in ("passkey", "multikey"):
+            acc = r[task][str(length)]
+            assert set(acc) == {f"{d:g}" for d in DEPTHS} | {"mean"}
+            assert all(0.0 <= v <= 1.0 for v in acc.values())
+            assert acc["mean"] == pytest.approx(sum(acc[f"{d:g}"] for d in DEPTHS) / len(DEPTHS))
+        assert set(r["vartrack"][str(length)]) == {"accuracy"} and 0.0 <= r["vartrack"][str(length)]["accuracy"] <= 1.0
         assert r["layer_modes"][str(length)] == ["dense", "dense"]
 
 
@@ -84,18 +92,21 @@ def test_outputs_and_their_numbers(run):
     assert record["loss_data"]["128"]["kind"] == "synthetic"
     _check_results(record)
     md = (run["out"] / "eval.md").read_text()
-    assert "## Passkey retrieval accuracy" in md and "## Perplexity by position" in md
+    for title in ("Passkey retrieval", "Multi-key needle", "Variable tracking"):
+        assert f"## {title} accuracy" in md
+    assert "## Perplexity by position" in md and "| length | accuracy |" in md
     assert "| 256 |" in md and "depth 0.5" in md
-    for name in ("passkey_heatmap.png", "perplexity_by_position.png"):
+    for name in ("passkey_heatmap.png", "multikey_heatmap.png", "vartrack_accuracy.png", "perplexity_by_position.png"):
         data = (run["out"] / name).read_bytes()
         assert data[:8] == PNG and len(data) > 1000
-    assert "L=128: loss" in run["stdout"] and "wrote" in run["stdout"]
+    assert "L=128: loss" in run["stdout"] and "multikey mean" in run["stdout"] and "vartrack_accuracy.png" in run["stdout"]
 
 
 def test_a_second_run_gives_identical_results_and_the_loss_is_the_models(run, tmp_path):
     first = json.loads((run["out"] / "eval.json").read_text())
     e = EvalSection(checkpoint=str(run["ckpt"]), out_dir=str(tmp_path), lengths=LENGTHS, depths=DEPTHS, n=N,
-                    buckets=BUCKETS, seed=5, progress=False)
+                    buckets=BUCKETS, seed=5, progress=False,
+                    keys=KEYS, variables=VARIABLES)
     second = evaluate(e, [])  # in this process: no second start-up
     assert second["results"] == first["results"]
     assert json.loads((tmp_path / "eval.json").read_text())["results"] == first["results"]
@@ -123,7 +134,8 @@ def test_memmap_loss_comes_from_the_last_windows(run, tmp_path):
     prepare([str(src)], data)
     meta = json.loads((data / "meta.json").read_text())
     e = EvalSection(checkpoint=str(run["ckpt"]), out_dir=str(tmp_path / "out"), lengths=[128], depths=DEPTHS, n=2,
-                    buckets=BUCKETS, data_path=str(data), progress=False)
+                    buckets=BUCKETS, data_path=str(data), progress=False,
+                    keys=KEYS, variables=VARIABLES)
     record = evaluate(e, [])
     assert record["loss_data"]["128"]["kind"] == "memmap" and record["loss_data"]["128"]["sequences"] == 2
     flat = np.memmap(data / "tokens.bin", dtype=meta["dtype"], mode="r")
@@ -137,7 +149,8 @@ def test_memmap_loss_comes_from_the_last_windows(run, tmp_path):
 
 def test_bad_inputs_answer_one_line(run, tmp_path):
     ckpt = run["ckpt"]
-    bad = _cli(f"eval.checkpoint={ckpt}", f"eval.out_dir={tmp_path / 'o'}", "eval.lengths=[128,200]")
+    bad = _cli(f"eval.checkpoint={ckpt}", f"eval.out_dir={tmp_path / 'o'}", "eval.lengths=[128,200]",
+               f"eval.keys={KEYS}")
     assert bad.returncode == 2
     assert bad.stderr.strip() == ("ltrain: config error: eval.lengths[1]=200 is invalid: must be a multiple of 64, "
                                   "the attention block size of the model's infllm_v2 layers "
@@ -156,9 +169,14 @@ def test_bad_inputs_answer_one_line(run, tmp_path):
 def test_validation_in_process(run, tmp_path):
     from ltrain.errors import ConfigError
 
-    base = dict(checkpoint=str(run["ckpt"]), out_dir=str(tmp_path), progress=False)
+    base = dict(checkpoint=str(run["ckpt"]), out_dir=str(tmp_path), progress=False, keys=KEYS, variables=VARIABLES)
     with pytest.raises(ConfigError, match=r"eval.lengths\[0\]=64 is invalid: a passkey probe needs at least"):
         evaluate(EvalSection(**base, lengths=[64]), [])
+    with pytest.raises(ConfigError, match=r"eval.lengths\[0\]=128 is invalid: a multikey probe with eval.keys=4 "
+                                          r"needs at least 160 tokens \(lower eval.keys or leave multikey out of eval.tasks\)"):
+        evaluate(EvalSection(**{**base, "keys": 4}, lengths=[128]), [])
+    with pytest.raises(ConfigError, match=r"eval.tasks\[1\]='ruler' is invalid: allowed values are passkey, multikey, vartrack"):
+        evaluate(EvalSection(**base, tasks=["passkey", "ruler"]), [])
     with pytest.raises(ConfigError, match=r"eval.depths\[0\]=1.5"):
         evaluate(EvalSection(**base, depths=[1.5]), [])
     with pytest.raises(ConfigError, match="eval.overrides: attention.patern is not a setting"):
@@ -171,6 +189,13 @@ def test_validation_in_process(run, tmp_path):
     record = evaluate(EvalSection(**base, lengths=[120], depths=[0.5], n=1, buckets=BUCKETS,
                                   overrides=["attention.pattern=D"]), [])
     assert record["model"]["attention"]["layers"] == ["dense", "dense"] and "120" in record["results"]["passkey"]
+    # eval.tasks picks the probe tasks: vartrack alone, no passkey or multikey results or heatmaps.
+    only = evaluate(EvalSection(**{**base, "out_dir": str(tmp_path / "vt")}, lengths=[128], n=1, buckets=BUCKETS,
+                                tasks=["vartrack"]), [])
+    assert list(only["results"]) == ["perplexity", "vartrack", "layer_modes"]
+    assert sorted(p.name for p in (tmp_path / "vt").iterdir()) == ["eval.json", "eval.md", "perplexity_by_position.png",
+                                                                  "vartrack_accuracy.png"]
+    assert "Passkey" not in (tmp_path / "vt" / "eval.md").read_text()
 
 
 def test_unknown_keys_are_refused_before_hydra():

@@ -154,3 +154,65 @@ def test_stdlib_subset_trains_through_the_memmap_loader(tmp_path):
                           seed=0, dp_rank=0, dp_size=1)
     assert loader.vocab_size == 258
     assert loader.next_batch()["input_ids"].shape == (2, 512)
+
+
+def hf_checkpoint_dir(path):
+    """A Hugging Face checkpoint directory as save_pretrained leaves it, without weights: a tiny
+    LlamaConfig and a byte-level BPE tokenizer trained here on a few strings (no network)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 5 + ["hello world, hello tokenizer"],
+                            trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+    fast.save_pretrained(str(path))
+    LlamaConfig(vocab_size=len(fast), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                num_attention_heads=2, num_key_value_heads=1).save_pretrained(str(path))
+    assert (path / "tokenizer.json").is_file() and (path / "config.json").is_file()
+    return path, tok
+
+
+def test_prepare_with_the_tokenizer_json_of_a_hf_checkpoint_dir(tmp_path):
+    import subprocess
+    import sys
+
+    from transformers import AutoConfig
+
+    ckpt, hf = hf_checkpoint_dir(tmp_path / "hf_ckpt")
+    src = tmp_path / "src"
+    src.mkdir()
+    texts = ["the quick brown fox\njumps over the lazy dog\n", "hello world, hello tokenizer é 😀\n", "zebra xylophone"]
+    for i, t in enumerate(texts):
+        (src / f"d{i}.txt").write_text(t)
+    outs = {}
+    for name, spec in (("file", ckpt / "tokenizer.json"), ("dir", ckpt)):
+        out = tmp_path / f"out_{name}"
+        proc = subprocess.run([sys.executable, "-m", "ltrain.data.prepare", str(src), str(out), "--tokenizer", str(spec)],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        outs[name] = out
+    meta, docs = read_docs(outs["file"])
+    vocab = hf.get_vocab_size(with_added_tokens=True)
+    assert meta["vocab_size"] == vocab == AutoConfig.from_pretrained(str(ckpt)).vocab_size
+    assert meta["eos_id"] == hf.token_to_id("<|endoftext|>") and meta["tokenizer"] == str((ckpt / "tokenizer.json").resolve())
+    assert meta["num_docs"] == 3 and all(d[-1] == meta["eos_id"] for d in docs)
+    assert max(int(d.max()) for d in docs) < vocab
+    assert [hf.decode(d[:-1].tolist()) for d in docs] == texts  # byte-level BPE: an exact round trip
+    assert [d[:-1].tolist() for d in docs] == [hf.encode(t, add_special_tokens=False).ids for t in texts]
+    # The checkpoint directory itself names the same tokenizer: the same corpus, byte for byte.
+    for name in ("tokens.bin", "docs.idx", "meta.json"):
+        assert (outs["dir"] / name).read_bytes() == (outs["file"] / name).read_bytes()
+
+
+def test_a_directory_without_tokenizer_json_is_refused(tmp_path, corpus):
+    src, _ = corpus
+    (tmp_path / "empty_ckpt").mkdir()
+    from ltrain.data.prepare import PrepareError
+
+    with pytest.raises(PrepareError, match="is a directory without a tokenizer.json"):
+        prepare([str(src)], tmp_path / "out", tokenizer=str(tmp_path / "empty_ckpt"))

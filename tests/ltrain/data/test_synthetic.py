@@ -109,3 +109,132 @@ def test_one_wrong_answer_digit_fails_the_probe():
         return logits
 
     assert probe_accuracy(almost, [(tokens, start, n)]) == 0.0
+
+
+# ------------------------------------------------------------------ multikey and vartrack (RULER-style)
+import re  # noqa: E402
+
+from ltrain.data.synthetic import (  # noqa: E402
+    make_multikey,
+    make_vartrack,
+    multikey_accuracy,
+    vartrack_accuracy,
+)
+
+
+def read_multikey(s: str) -> str:
+    """The answer a reader of the sequence (without its answer) gives: the queried key's value."""
+    key = re.search(r"\nWhat is the number for ([a-z]+)\? It is \d*$", s).group(1)
+    found = re.findall(rf"The number for {key} is (\d+)\. ", s)
+    assert len(found) == 1
+    return found[0]
+
+
+def read_vartrack(s: str) -> str:
+    """Follow the assignments from the queried number: the chain's names in order."""
+    body, query = s.rsplit("\n", 1)
+    value = re.fullmatch(r"Which variables hold (\d+)\? [A-Z ]*", query).group(1)
+    assigns = re.findall(r"VAR ([A-Z]+) = ([A-Z]+|\d+)\. ", body)
+    held, names = {value}, []
+    for name, rhs in assigns:
+        if rhs in held:
+            held.add(name)
+            names.append(name)
+    return " ".join(names)
+
+
+@pytest.mark.parametrize("seq_len", [160, 256, 1000])
+@pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("keys", [1, 4])
+def test_multikey_structure_and_oracle_reader(seq_len, depth, keys):
+    for i in range(5):
+        tokens, start, n = make_multikey((7, i), seq_len, depth, keys)
+        assert tokens.dtype == torch.long and tokens.shape == (seq_len + 1,)
+        s = text(tokens)
+        assert (start, n) == (seq_len + 1 - 5, 5) and s[start:].isdigit()
+        assert s.count("The number for ") == keys and len(set(re.findall(r"for ([a-z]+) is", s))) == keys
+        assert read_multikey(s) == s[start:]
+        # the queried needle at `depth` of the filler
+        key = re.search(r"\nWhat is the number for ([a-z]+)\?", s).group(1)
+        needle, pos = f"The number for {key} is {s[start:]}. ", s.index(f"The number for {key} is ")
+        before = s[:pos]
+        for other in re.findall(r"The number for [a-z]+ is \d+\. ", before):
+            before = before.replace(other, "", 1)
+        room = seq_len + 1 - keys * len(needle) - len(f"\nWhat is the number for {key}? It is ") - 5
+        assert len(before) == round(depth * room)
+
+
+@pytest.mark.parametrize("seq_len", [116, 256, 1000])
+@pytest.mark.parametrize("variables", [1, 4, 6])
+def test_vartrack_structure_and_oracle_reader(seq_len, variables):
+    if seq_len == 116 and variables == 6:
+        with pytest.raises(ValueError, match="a vartrack probe with 6 variables needs seq_len >= 160, got 116"):
+            make_vartrack(0, seq_len, variables)
+        return
+    for i in range(5):
+        tokens, start, n = make_vartrack((3, i), seq_len, variables)
+        assert tokens.shape == (seq_len + 1,)
+        s = text(tokens)
+        assert n == 5 * variables - 1 and start == seq_len + 1 - n
+        assert s.count("VAR ") == variables and read_vartrack(s) == s[start:]
+
+
+def test_new_tasks_are_deterministic_and_refuse_short_lengths():
+    for make in (lambda seed: make_multikey(seed, 300, 0.4), lambda seed: make_vartrack(seed, 300)):
+        assert torch.equal(make((1, 2))[0], make((1, 2))[0])
+        assert not torch.equal(make((1, 2))[0], make((1, 3))[0])
+        assert not torch.equal(make((1, 2))[0], make((2, 2))[0])
+    with pytest.raises(ValueError, match="a multikey probe with 4 keys needs seq_len >= 160, got 159"):
+        make_multikey(0, 159, 0.5)
+
+
+@pytest.mark.parametrize("task", ["multikey", "vartrack"])
+def test_new_tasks_as_training_streams(task):
+    from ltrain.data.config import DataConfigError
+    from ltrain.data.synthetic import validate_synthetic
+
+    cfg = DataConfig(task=task, seq_len=min_seq_len(DataConfig(task=task)))
+    validate_synthetic(cfg)
+    src = SyntheticSource(cfg, 0)
+    samples = [src.sample(i)[0] for i in range(10)]
+    assert all(len(x) == cfg.seq_len + 1 for x in samples)
+    assert np.array_equal(samples[3], SyntheticSource(cfg, 0).sample(3)[0])
+    reader = read_multikey if task == "multikey" else read_vartrack
+    answer_len = 5 if task == "multikey" else 19
+    for x in samples:
+        s = bytes(x.tolist()).decode("ascii")
+        assert reader(s) == s[-answer_len:]
+    with pytest.raises(DataConfigError, match=f"data.seq_len={cfg.seq_len - 1} is too short for data.task={task}"):
+        validate_synthetic(DataConfig(task=task, seq_len=cfg.seq_len - 1))
+    key = "multikey_keys" if task == "multikey" else "vartrack_vars"
+    with pytest.raises(DataConfigError, match=f"data.{key}=0 must be a positive integer"):
+        validate_synthetic(DataConfig(task=task, seq_len=1000, **{key: 0}))
+    # a task's own settings change its fingerprint; the existing tasks' fingerprints do not see them
+    fp = lambda **kw: SyntheticSource(DataConfig(**kw), seed=0).fingerprint
+    assert fp(task=task) != fp(task=task, **{key: 2})
+    assert fp(task="passkey") == fp(task="passkey", **{key: 2})
+
+
+def full_oracle(probes):
+    """A logits_fn that predicts each probe's next token perfectly (keyed by the whole input: the
+    filler before the first needle is the same in many probes)."""
+    by_input = {tuple(t[:-1].tolist()): t for t, _, _ in probes}
+
+    def logits_fn(input_ids):
+        b, n = input_ids.shape
+        logits = torch.zeros(b, n, 258)
+        for row in range(b):
+            logits[row, torch.arange(n), by_input[tuple(input_ids[row].tolist())][1:]] = 1.0
+        return logits
+
+    return logits_fn
+
+
+def test_new_task_accuracy_is_one_for_an_oracle_and_zero_for_a_constant():
+    zero = lambda x: torch.zeros(*x.shape, 258)
+    probes = [make_multikey((9, i), 256, 0.3, 3) for i in range(4)]
+    assert multikey_accuracy(full_oracle(probes), seq_len=256, n=4, depth=0.3, seed=9, keys=3) == 1.0
+    assert multikey_accuracy(zero, seq_len=256, n=4, depth=0.3, seed=9, keys=3) == 0.0
+    probes = [make_vartrack((2, i), 200, 3) for i in range(4)]
+    assert vartrack_accuracy(full_oracle(probes), seq_len=200, n=4, seed=2, variables=3) == 1.0
+    assert vartrack_accuracy(zero, seq_len=200, n=4, seed=2, variables=3) == 0.0
