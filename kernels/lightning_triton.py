@@ -12,7 +12,7 @@ Forward, three launches:
     _chunk_state_kernel  M_c of every (chunk, batch*head, state tile) at once
     _prefix_kernel       S_c in chunk order, in place over the M_c; elementwise, the
                          only sequential part (one program per batch*head and state tile)
-    _fwd_out_kernel      o of every (chunk, batch*head, Dv tile) at once
+    _chunk_out_kernel    o of every (chunk, batch*head, Dv tile) at once
 
 Backward: the same two passes rebuild S_c, and run in reverse chunk order on
 (q, do) they give dS_c, the gradient reaching chunk c's outgoing state:
@@ -24,7 +24,8 @@ then every (chunk, batch*head, tile) at once:
     _bwd_dqk_kernel  dq_i = lambda^(i+1) S_c do_i + sum_{j<=i} lambda^(i-j) (do_i . v_j) k_j
       (twice: dq, dk_j = lambda^(L-1-j) dS_c v_j + sum_{i>=j} lambda^(i-j) (do_i . v_j) q_i
        FOR_DK)
-    _bwd_dv_kernel   dv_j = lambda^(L-1-j) dS_c^T k_j + sum_{i>=j} lambda^(i-j) (q_i . k_j) do_i
+    _chunk_out_kernel, FOR_DV (the forward's launch with q, k, v, S_c read as k, q, do, dS_c):
+                     dv_j = lambda^(L-1-j) dS_c^T k_j + sum_{i>=j} lambda^(i-j) (q_i . k_j) do_i
 
 dq and dk share do . v^T but are two launches: one program holding both
 accumulators spills on sm_80 and sm_90. The decay gradient (only with
@@ -136,25 +137,34 @@ def _prefix_kernel(STATES, S_START, S_END, LOG_DECAY, H, N, DK, DV, REVERSE: tl.
 
 
 @triton.jit
-def _fwd_out_kernel(Q, K, V, O, STATES, LOG_DECAY, H, N, DK, DV, BLOCK_C: tl.constexpr,
-                    BLOCK_DK: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
-    """o of chunk c, Dv tile: lambda^(i+1) (q S_c)_i + ((q k^T) * intra) v. Grid (chunks, Dv tiles, B*H)."""
+def _chunk_out_kernel(A, B, X, OUT, STATES, LOG_DECAY, H, N, DK, DV, FOR_DV: tl.constexpr, BLOCK_C: tl.constexpr,
+                      BLOCK_DK: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """A chunk's Dv tile from its pair products A B^T and its state S. Grid (chunks, Dv tiles, B*H).
+        forward (A, B, X, S = q, k, v, S_c):  o_i  = lambda^(i+1) (q S_c)_i + sum_j ((q k^T) * intra)_ij v_j
+        FOR_DV  (A, B, X, S = k, q, do, dS_c): dv_j = lambda^(L-1-j) (k dS_c)_j + sum_i ((k q^T) * intra^T)_ji do_i
+    """
     c, iv, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     start = c * BLOCK_C
     g = tl.load(LOG_DECAY + bh % H)
-    base_qk, base_s = bh.to(tl.int64) * N * DK, (bh.to(tl.int64) * tl.num_programs(0) + c) * DK * DV
-    scores = tl.zeros((BLOCK_C, BLOCK_C), dtype=tl.float32)
-    o = tl.zeros((BLOCK_C, BV), dtype=tl.float32)
+    base_ab, base_s = bh.to(tl.int64) * N * DK, (bh.to(tl.int64) * tl.num_programs(0) + c) * DK * DV
+    pairs = tl.zeros((BLOCK_C, BLOCK_C), dtype=tl.float32)
+    out = tl.zeros((BLOCK_C, BV), dtype=tl.float32)  # A S until the decay is applied
     for row0 in tl.static_range(0, BLOCK_DK, BK):
-        off_k, mask_k = _seq_tile(base_qk, start, row0, N, DK, BLOCK_C, BK)
-        q, k = _load(Q, off_k, mask_k), _load(K, off_k, mask_k)
+        off_k, mask_k = _seq_tile(base_ab, start, row0, N, DK, BLOCK_C, BK)
+        a, b = _load(A, off_k, mask_k), _load(B, off_k, mask_k)
         off_s, mask_s = _state_tile(base_s, row0, iv * BV, DK, DV, BK, BV)
-        scores += tl.dot(q, tl.trans(k))
-        o += tl.dot(q, _load(STATES, off_s, mask_s))
-    q_decay, _, _, _ = _decay_vectors(g, start, N, BLOCK_C)
+        pairs += tl.dot(a, tl.trans(b))
+        out += tl.dot(a, _load(STATES, off_s, mask_s))
+    q_decay, k_decay, _, _ = _decay_vectors(g, start, N, BLOCK_C)
+    intra = _intra_decay(g, BLOCK_C)
+    if FOR_DV:
+        out = out * k_decay[:, None]
+        intra = tl.trans(intra)
+    else:
+        out = out * q_decay[:, None]
     off_v, mask_v = _seq_tile(bh.to(tl.int64) * N * DV, start, iv * BV, N, DV, BLOCK_C, BV)
-    o = o * q_decay[:, None] + tl.dot(scores * _intra_decay(g, BLOCK_C), _load(V, off_v, mask_v))
-    tl.store(O + off_v, o.to(O.dtype.element_ty), mask=mask_v)
+    out += tl.dot(pairs * intra, _load(X, off_v, mask_v))
+    tl.store(OUT + off_v, out.to(OUT.dtype.element_ty), mask=mask_v)
 
 
 @triton.jit
@@ -206,38 +216,16 @@ def _bwd_dqk_kernel(Q, K, V, DO, OUT, STATES, D_STATES, DG, LOG_DECAY, H, N, DK,
     tl.store(OUT + off_k, out.to(OUT.dtype.element_ty), mask=mask_k)
 
 
-@triton.jit
-def _bwd_dv_kernel(Q, K, DO, DV_OUT, D_STATES, LOG_DECAY, H, N, DK, DV, BLOCK_C: tl.constexpr,
-                   BLOCK_DK: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
-    """dv of chunk c, Dv tile: ((q k^T) * intra)^T do + lambda^(L-1-j) (k dS_c)_j. Grid (chunks, Dv tiles, B*H)."""
-    c, iv, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    start = c * BLOCK_C
-    g = tl.load(LOG_DECAY + bh % H)
-    base_qk, base_s = bh.to(tl.int64) * N * DK, (bh.to(tl.int64) * tl.num_programs(0) + c) * DK * DV
-    q_k = tl.zeros((BLOCK_C, BLOCK_C), dtype=tl.float32)
-    dv = tl.zeros((BLOCK_C, BV), dtype=tl.float32)  # (k dS_c) until the decay is applied
-    for row0 in tl.static_range(0, BLOCK_DK, BK):
-        off_k, mask_k = _seq_tile(base_qk, start, row0, N, DK, BLOCK_C, BK)
-        q, k = _load(Q, off_k, mask_k), _load(K, off_k, mask_k)
-        off_s, mask_s = _state_tile(base_s, row0, iv * BV, DK, DV, BK, BV)
-        q_k += tl.dot(q, tl.trans(k))
-        dv += tl.dot(k, _load(D_STATES, off_s, mask_s))
-    _, k_decay, _, _ = _decay_vectors(g, start, N, BLOCK_C)
-    off_v, mask_v = _seq_tile(bh.to(tl.int64) * N * DV, start, iv * BV, N, DV, BLOCK_C, BV)
-    dv = tl.dot(tl.trans(q_k * _intra_decay(g, BLOCK_C)), _load(DO, off_v, mask_v)) + dv * k_decay[:, None]
-    tl.store(DV_OUT + off_v, dv.to(DV_OUT.dtype.element_ty), mask=mask_v)
-
-
 # (BK, BV, num_warps) of the state tiles per arch and kernel: the largest that compile without
 # spills for head dims 32 to 128, fp32 and bf16 inputs (benchmarks/triton_resources.py). sm_80's
 # mma.sync keeps both operands in registers where sm_90's wgmma reads them from shared memory,
 # so sm_80 takes narrower tiles and 8 warps. The prefix kernel is elementwise: its 32 x 32 tiles
 # give the one sequential pass more programs (B = 1, H = 16, D = 128: 256).
 _TILES = {
-    90: {"lightning_chunk_state": (64, 64, 4), "lightning_prefix": (32, 32, 4), "lightning_fwd_out": (64, 64, 4),
-         "lightning_bwd_dqk": (64, 64, 4), "lightning_bwd_dv": (64, 64, 4)},
-    80: {"lightning_chunk_state": (64, 64, 4), "lightning_prefix": (32, 32, 4), "lightning_fwd_out": (32, 64, 8),
-         "lightning_bwd_dqk": (32, 32, 8), "lightning_bwd_dv": (32, 64, 8)},
+    90: {"lightning_chunk_state": (64, 64, 4), "lightning_prefix": (32, 32, 4), "lightning_chunk_out": (64, 64, 4),
+         "lightning_bwd_dqk": (64, 64, 4)},
+    80: {"lightning_chunk_state": (64, 64, 4), "lightning_prefix": (32, 32, 4), "lightning_chunk_out": (32, 64, 8),
+         "lightning_bwd_dqk": (32, 32, 8)},
 }
 # The kernels' chunk: [C, C] score tiles beyond 64 x 64 spill. The result does not depend on the
 # chunking (every chunk size computes the same recurrence), so a larger chunk_size runs as 64.
@@ -251,7 +239,7 @@ def launch_params(dk: int, dv: int, chunk_size: int, arch: int) -> dict:
     params = {}
     for name, (bk, bv, warps) in _TILES[arch].items():
         tiles = dict(BLOCK_C=min(chunk_size, MAX_BLOCK_C), BK=min(bk, block_dk), BV=min(bv, block_dv))
-        if name in ("lightning_fwd_out", "lightning_bwd_dv"):
+        if name == "lightning_chunk_out":
             tiles["BLOCK_DK"] = block_dk
         if name == "lightning_bwd_dqk":
             tiles["BLOCK_DV"] = block_dv
@@ -299,9 +287,10 @@ def lightning_triton_fwd(q, k, v, log_decay, initial_state, chunk_size=64):
     g = _log_decay(log_decay, H, q.device)
     states, final = _chain(k, v, g, initial_state, False, params)
     o = torch.empty_like(v, dtype=q.dtype)
-    tiles, warps, stages = params["lightning_fwd_out"]
+    tiles, warps, stages = params["lightning_chunk_out"]
     grid = (states.shape[1], triton.cdiv(v.shape[-1], tiles["BV"]), B * H)
-    _fwd_out_kernel[grid](q, k, v, o, states, g, H, N, Dk, v.shape[-1], **tiles, num_warps=warps, num_stages=stages)
+    _chunk_out_kernel[grid](q, k, v, o, states, g, H, N, Dk, v.shape[-1], FOR_DV=False, **tiles, num_warps=warps,
+                            num_stages=stages)
     return o, final
 
 
@@ -325,19 +314,20 @@ def lightning_triton_bwd(q, k, v, log_decay, initial_state, do, d_final, chunk_s
         _bwd_dqk_kernel[grid](q, k, v, do, out, states, d_states, dg[for_dk], g, H, N, Dk, Dv,
                               FOR_DK=bool(for_dk), DECAY_GRAD=decay_grad, **tiles, num_warps=warps,
                               num_stages=stages)
-    tiles, warps, stages = params["lightning_bwd_dv"]
-    _bwd_dv_kernel[(n_chunks, triton.cdiv(Dv, tiles["BV"]), B * H)](q, k, do, dv, d_states, g, H, N, Dk, Dv,
-                                                                    **tiles, num_warps=warps, num_stages=stages)
+    tiles, warps, stages = params["lightning_chunk_out"]
+    _chunk_out_kernel[(n_chunks, triton.cdiv(Dv, tiles["BV"]), B * H)](k, q, do, dv, d_states, g, H, N, Dk, Dv,
+                                                                       FOR_DV=True, **tiles, num_warps=warps,
+                                                                       num_stages=stages)
     d_log_decay = dg.view(2, B, H, -1).sum((0, 1, 3)) if decay_grad else None
     return dq, dk, dv, d_init, d_log_decay
 
 
 _FNS = {"lightning_chunk_state": _chunk_state_kernel, "lightning_prefix": _prefix_kernel,
-        "lightning_fwd_out": _fwd_out_kernel, "lightning_bwd_dqk": _bwd_dqk_kernel, "lightning_bwd_dv": _bwd_dv_kernel}
+        "lightning_chunk_out": _chunk_out_kernel, "lightning_bwd_dqk": _bwd_dqk_kernel}
 # The flag constexprs of each kernel, every combination of which is launched: REVERSE (state
-# chain / gradient chain), FOR_DK (dq / dk), DECAY_GRAD (learn_decay).
-_FLAGS = {"lightning_chunk_state": ("REVERSE",), "lightning_prefix": ("REVERSE",), "lightning_fwd_out": (),
-          "lightning_bwd_dqk": ("FOR_DK", "DECAY_GRAD"), "lightning_bwd_dv": ()}
+# chain / gradient chain), FOR_DV (o / dv), FOR_DK (dq / dk), DECAY_GRAD (learn_decay).
+_FLAGS = {"lightning_chunk_state": ("REVERSE",), "lightning_prefix": ("REVERSE",), "lightning_chunk_out": ("FOR_DV",),
+          "lightning_bwd_dqk": ("FOR_DK", "DECAY_GRAD")}
 # Pointers that are fp32 whatever the input dtype; the others have q's dtype.
 _FP32_POINTERS = ("STATES", "D_STATES", "S_START", "S_END", "LOG_DECAY", "DG")
 HEAD_DIMS = (32, 64, 128)
@@ -356,7 +346,7 @@ def aot_specs() -> list:
     specs = []
     for arch, head_dim, dtype in itertools.product(ARCHS, HEAD_DIMS, _TRITON_DTYPES):
         pointers = {name: "fp32" if name in _FP32_POINTERS else _TRITON_DTYPES[dtype]
-                    for name in ("Q", "K", "V", "O", "X", "Y", "DO", "OUT", "DV_OUT") + _FP32_POINTERS}
+                    for name in ("Q", "K", "V", "A", "B", "X", "Y", "DO", "OUT") + _FP32_POINTERS}
         for name, (tiles, warps, stages) in launch_params(head_dim, head_dim, 64, arch).items():
             fn = _FNS[name]
             for values in itertools.product((False, True), repeat=len(_FLAGS[name])):
