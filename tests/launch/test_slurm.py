@@ -210,7 +210,6 @@ def test_preempted_job_saves_requeues_and_continues_bit_exact(slurm, tmp_path, r
     assert [row["_step"] for row in history] == list(range(1, 41))
 
 
-@pytest.mark.slow
 def test_unreachable_rendezvous_fails_with_one_line_in_bounded_time(slurm, tmp_path):
     """A rendezvous host the ranks cannot meet at (a TEST-NET-3 address, not the first
     node's): one line from the first node at once, srun ends the other node, the job fails."""

@@ -39,21 +39,23 @@ def assert_close(a, b, tol=1e-4, what="loss", steps=20):
     assert len(a) == len(b) == steps and max(diffs) < tol, f"max |{what} diff| {max(diffs):.2e}: {a} vs {b}"
 
 
-# The hybrid model's step 12 follows a loss spike (grad norm 12, against 3 on the steps around it)
-# that amplifies rounding some 500x: cp=1 against cp=1 with another trainer.loss_chunk (the same
-# sums in another order, <= 5e-7 apart before) differs by 1.4e-4 at step 12 and by ~5e-5 after;
-# cp=2 (LASP-2, LASP-2H: other orders again, <= 3e-6 apart before) by up to 1.2e-3 there. So the
-# steps before the spike are held to 1e-5, the run to the tolerance of a rounding-amplified
-# trajectory (the mixed preset's), and the learned decays (~0.04, which the spike barely moves) to
-# 1e-7 before it and 1e-6 after.
-SPIKE_STEP = 12
+# Where rounding alone moves the trajectory. The hybrid model's step 12 (micro batch 2) follows a
+# loss spike (grad norm 12, against 3 on the steps around it) that amplifies rounding some 500x:
+# cp=1 against cp=1 with another trainer.loss_chunk (the same sums in another order, <= 5e-7
+# apart before) differs by 1.4e-4 at step 12 and by ~5e-5 after; cp=2 (LASP-2, LASP-2H: other
+# orders again, <= 3e-6 apart before) by up to 1.2e-3 there. The 4-rank runs (micro batch 4)
+# drift from step 15 on: ISLD's cp=1 against cp=1 with another loss_chunk is <= 5e-7 apart to
+# step 14, then 1e-6, 1.2e-6, 3.3e-6, 1.3e-5, 1e-5, 2.2e-5 (steps 15-20); cp2 x dp2 adds the dp
+# reduction's order and reached 1.1e-4 by step 20. So the steps before are held to 1e-5, the run
+# to the tolerance of a rounding-amplified trajectory (the mixed preset's), and the learned
+# decays (~0.04, which the spike barely moves) to 1e-7 before and 1e-6 after.
+EXACT_STEPS = {"hybrid": 11}  # the 2-rank runs: steps held to 1e-5 (default: all 20)
+EXACT_STEPS_4_RANKS = {"hybrid": 11, "mixed": 14}
 
 
-def assert_tracks(got, ref, attention):
-    """cp > 1 against cp = 1: 1e-5 per step, or for the hybrid model 1e-5 before its spike, 3e-3 after."""
-    if attention != "hybrid":
-        return assert_close(got, ref, tol=1e-5)
-    assert_close(got[:SPIKE_STEP - 1], ref[:SPIKE_STEP - 1], tol=1e-5, steps=SPIKE_STEP - 1)
+def assert_tracks(got, ref, exact_steps: int = 20):
+    """cp > 1 against cp = 1: the first `exact_steps` steps within 1e-5, the run within 3e-3."""
+    assert_close(got[:exact_steps], ref[:exact_steps], tol=1e-5, steps=exact_steps)
     assert_close(got, ref, tol=3e-3)
 
 
@@ -103,14 +105,15 @@ def test_cp2_matches_cp1(tmp_path, attention, extra):
     summed by the dp x cp reduction) + LASP-2H (dense layer); dense and s2: zigzag ring."""
     ref = metrics(tmp_path, 1, [f"attention={attention}", *extra])
     got = metrics(tmp_path, 2, [f"attention={attention}", "parallel.cp=2", *extra])
-    assert_tracks([r["loss"] for r in got], [r["loss"] for r in ref], attention)
+    exact = EXACT_STEPS.get(attention, 20)
+    assert_tracks([r["loss"] for r in got], [r["loss"] for r in ref], exact)
     # The losses alone barely feel the decay in 20 steps; the learned decays themselves must agree.
     decays = sorted(k for k in ref[0] if k.endswith("/decay_mean") or k.endswith("/decay_min"))
     assert len(decays) == (6 if attention == "hybrid" else 0), ref[0].keys()
     for key in decays:
         assert ref[-1][key] != ref[0][key], key  # the decay did train
         a, b = [r[key] for r in got], [r[key] for r in ref]
-        assert_close(a[:SPIKE_STEP - 1], b[:SPIKE_STEP - 1], tol=1e-7, what=key, steps=SPIKE_STEP - 1)
+        assert_close(a[:exact], b[:exact], tol=1e-7, what=key, steps=exact)
         assert_close(a, b, tol=1e-6, what=key)  # measured 1.4e-7 after the spike (decays ~0.04)
 
 
@@ -123,4 +126,4 @@ def test_cp2_dp2_matches_cp1(tmp_path, attention, extra):
     """4 ranks = cp 2 x dp 2 against 1 rank with the dp ranks' batches concatenated."""
     ref = losses(tmp_path, 1, [f"attention={attention}", "data.micro_batch_size=4", *extra])
     got = losses(tmp_path, 4, [f"attention={attention}", "parallel.cp=2", *extra])
-    assert_tracks(got, ref, attention)
+    assert_tracks(got, ref, EXACT_STEPS_4_RANKS.get(attention, 20))

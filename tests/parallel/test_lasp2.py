@@ -100,7 +100,6 @@ def test_lasp2_two_ranks_and_bad_inputs():
     _check_decay_grad([report for report, _ in results])
 
 
-@pytest.mark.slow
 def test_lasp2_four_ranks():
     reports = run_ranks(_lasp2_vs_single_process, 4, 16)
     for report in reports:

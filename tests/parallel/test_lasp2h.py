@@ -71,7 +71,6 @@ def test_lasp2h_two_ranks_gqa():
     _check(2, 96, Hq=4, Hkv=2)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("Hq,Hkv", [(2, 2), (6, 2)])
 def test_lasp2h_four_ranks(Hq, Hkv):
     _check(4, 32, Hq, Hkv)

@@ -118,7 +118,6 @@ def test_ring_two_ranks():
     _check(2)
 
 
-@pytest.mark.slow
 def test_ring_four_ranks():
     _check(4)
 

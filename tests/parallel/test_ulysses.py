@@ -76,6 +76,5 @@ def test_ulysses_two_ranks():
     _check(2)
 
 
-@pytest.mark.slow
 def test_ulysses_four_ranks_replicates_kv_heads():
     _check(4)

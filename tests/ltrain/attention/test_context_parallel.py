@@ -110,6 +110,5 @@ def test_dispatcher_two_ranks():
     _check(2)
 
 
-@pytest.mark.slow
 def test_dispatcher_four_ranks_ulysses_falls_back_for_per_step_layouts():
     _check(4)
