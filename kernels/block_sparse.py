@@ -28,11 +28,17 @@ _warned_head_dims: set[int] = set()
 class BlockSparseAttention(torch.autograd.Function):
     """(q, k, v) -> (out, lse); the backward takes gradients of both, so a
     caller that merges partial results through lse (ring attention) gets exact
-    gradients: d lse_i / d s_ij = p_ij folds into delta_i = do_i . o_i - dlse_i."""
+    gradients: d lse_i / d s_ij = p_ij folds into delta_i = do_i . o_i - dlse_i.
+
+    Both passes run with autocast off: the implementations fix their own
+    precision from the inputs' dtype (the reference computes in fp32 into fp32
+    buffers, which an autocast bf16 matmul would break), so under autocast the
+    op computes exactly as without it."""
 
     @staticmethod
     def forward(ctx, q, k, v, layout, impl, opts):
-        out, lse = impl.forward(q, k, v, layout, **opts)
+        with torch.autocast(q.device.type, enabled=False):
+            out, lse = impl.forward(q, k, v, layout, **opts)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.layout, ctx.impl, ctx.opts = layout, impl, opts
         ctx.set_materialize_grads(False)
@@ -46,7 +52,9 @@ class BlockSparseAttention(torch.autograd.Function):
         delta = (dout.float() * out.float()).sum(-1)
         if dlse is not None:
             delta = delta - dlse
-        dq, dk, dv = ctx.impl.backward(dout.contiguous(), q, k, v, lse, delta.contiguous(), ctx.layout, **ctx.opts)
+        with torch.autocast(q.device.type, enabled=False):
+            dq, dk, dv = ctx.impl.backward(dout.contiguous(), q, k, v, lse, delta.contiguous(), ctx.layout,
+                                           **ctx.opts)
         return dq, dk, dv, None, None, None
 
 
@@ -154,6 +162,8 @@ def block_sparse_attention_backward(do, q, k, v, lse, delta, layout: BlockLayout
     """
     _check(q, k, v, layout, block_size, impl)
     sm_scale = float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    return _select_impl(q, layout, impl).backward(
-        do.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(), lse.contiguous(), delta.contiguous(),
-        layout, block_size=block_size, causal=causal, sm_scale=sm_scale, q_start=int(q_start), k_start=int(k_start))
+    with torch.autocast(q.device.type, enabled=False):  # as in BlockSparseAttention
+        return _select_impl(q, layout, impl).backward(
+            do.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(), lse.contiguous(), delta.contiguous(),
+            layout, block_size=block_size, causal=causal, sm_scale=sm_scale, q_start=int(q_start),
+            k_start=int(k_start))

@@ -128,3 +128,21 @@ def test_backward_checks_its_inputs():
     q, k, v = inputs()
     with pytest.raises(ValueError, match="block_size=24 has no kernel configuration"):
         block_sparse_attention_backward(q, q, k, v, q[..., 0], q[..., 0], BlockLayout.causal(4, 4), block_size=24)
+
+
+@pytest.mark.parametrize("per_token", [False, True])
+def test_autocast_does_not_change_the_result(per_token):
+    """Under CPU bf16 autocast the op computes as without it (the reference's fp32 buffers once met an
+    autocast bf16 matmul: index_copy_ Float vs BFloat16), forward and gradients, block and token layouts."""
+    q, k, v, do, _ = make_qkv(1, 4, 2, 64, 64, 32, dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(1)
+    mask = torch.rand(1, 2, 64 if per_token else 4, 4, generator=g) < 0.5
+    layout = BlockLayout.from_block_mask(mask)
+
+    def run_once(autocast: bool):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = call(q, k, v, layout)
+            return (out, *torch.autograd.grad(out, (q, k, v), do))
+
+    for got, want in zip(run_once(True), run_once(False)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
