@@ -284,7 +284,7 @@ def test_ctrl_c_during_prepare_leaves_the_corpus_as_it_was(corpus_dir):
         time.sleep(0.005)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 2
+    assert proc.returncode == 2, err[-3000:]
     assert one_line(err) == f"ltrain-prepare: error: interrupted, {out} is as it was before; run the command again"
     assert snapshot(out) == before and sorted(p.name for p in out.parent.iterdir()) == ["corpus", "src"]
 
