@@ -355,19 +355,25 @@ def config_groups() -> set[str]:
     return {p.name for p in files("ltrain.conf").iterdir() if p.is_dir() and not p.name.startswith("__")}
 
 
+def parse_overrides(args: list[str]) -> list:
+    """The command line's key=value / ~key overrides as Hydra parses them, or [] when Hydra's
+    parser rejects them (its own error is then the one to show)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        return OverridesParser.create().parse_overrides(
+            [a for a in args if not a.startswith("-") and ("=" in a or a.startswith("~"))])
+    except HydraException:
+        return []
+
+
 def check_override_keys(args: list[str]) -> None:
     """ConfigError for a command-line override of a key the schema lacks, with or
     without `+`, before Hydra composes (Hydra's own message for `foo=1` says to
     write `+foo=1`, which would then be dropped). Group choices (`model=small`),
     hydra.* and anything Hydra's parser rejects are left to Hydra."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-
-    try:
-        overrides = OverridesParser.create().parse_overrides(
-            [a for a in args if not a.startswith("-") and ("=" in a or a.startswith("~"))])
-    except HydraException:
-        return
+    overrides = parse_overrides(args)
     schema, groups = _schema(), config_groups()
     for o in overrides:
         key = o.key_or_group

@@ -108,16 +108,10 @@ def register_configs() -> None:
 def check_override_keys(args: list[str]) -> None:
     """ConfigError for a command-line key that is not an eval setting, before Hydra (whose message
     suggests `+key=...`, which the schema refuses anyway). hydra.* and unparsable args are Hydra's."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
+    from ltrain.config import parse_overrides
 
-    try:
-        overrides = OverridesParser.create().parse_overrides(
-            [a for a in args if not a.startswith("-") and ("=" in a or a.startswith("~"))])
-    except HydraException:
-        return
     known = [f"eval.{f.name}" for f in dataclasses.fields(EvalSection)]
-    for o in overrides:
+    for o in parse_overrides(args):
         key = o.key_or_group
         if key.split("/")[0].split(".")[0] == "hydra" or key in known:
             continue
