@@ -58,7 +58,32 @@ class BlockSparseAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None
 
 
-def _check(q, k, v, layout, block_size, impl):
+def _check_docs(q, k, q_doc, k_doc):
+    """Document ids: both or neither, q_doc [B, Nq] and k_doc [B, Nk] integers on q's device."""
+    if (q_doc is None) != (k_doc is None):
+        given, missing = ("q_doc", "k_doc") if k_doc is None else ("k_doc", "q_doc")
+        raise ValueError(f"{given} is given but {missing} is None: pass both document-id tensors or neither")
+    if q_doc is None:
+        return
+    for name, ids, x in (("q_doc", q_doc, q), ("k_doc", k_doc, k)):
+        want = (x.shape[0], x.shape[2])
+        if not isinstance(ids, torch.Tensor) or tuple(ids.shape) != want:
+            got = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
+            raise ValueError(f"{name} must be [B, N{name[0]}] = {list(want)} document ids, got {got}")
+        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+            raise ValueError(f"{name} must be an integer tensor (int32 or int64), got {ids.dtype}")
+        if ids.device != q.device:
+            raise ValueError(f"{name} is on {ids.device} but q is on {q.device}")
+
+
+def _doc_opts(q_doc, k_doc) -> dict:
+    """The implementations' doc-id arguments: int32, contiguous (the Triton kernels read them as int32)."""
+    if q_doc is None:
+        return dict(q_doc=None, k_doc=None)
+    return dict(q_doc=q_doc.to(torch.int32).contiguous(), k_doc=k_doc.to(torch.int32).contiguous())
+
+
+def _check(q, k, v, layout, block_size, impl, q_doc=None, k_doc=None):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
             raise ValueError(f"{name} must be [B, H, N, D], got shape {tuple(t.shape)}")
@@ -99,6 +124,7 @@ def _check(q, k, v, layout, block_size, impl):
         raise ValueError(f"layout batch must be 1 or B={B}, got {Bl}")
     if layout.device != q.device:
         raise ValueError(f"layout is on {layout.device} but q is on {q.device}")
+    _check_docs(q, k, q_doc, k_doc)
 
 
 def _select_impl(q, layout, impl):
@@ -122,7 +148,7 @@ def _select_impl(q, layout, impl):
 
 def block_sparse_attention(q, k, v, layout: BlockLayout, *, block_size: int = 64, causal: bool = True,
                            sm_scale: float | None = None, q_start: int = 0, k_start: int = 0,
-                           return_lse: bool = False, impl: str = "auto"):
+                           return_lse: bool = False, impl: str = "auto", q_doc=None, k_doc=None):
     """Block-sparse softmax attention.
 
     q: [B, Hq, Nq, D], k, v: [B, Hkv, Nk, D] (Hq a multiple of Hkv; query head
@@ -134,16 +160,21 @@ def block_sparse_attention(q, k, v, layout: BlockLayout, *, block_size: int = 64
         o_i = sum_{j in the active blocks of i's row, visible} softmax_j(sm_scale * q_i . k_j) v_j
 
     visible means k_start + j <= q_start + i when causal (global positions, so a
-    caller holding chunks of a longer sequence gets the right mask). A row with
-    no visible key gets o_i = 0 and lse_i = -inf, and zero gradients.
+    caller holding chunks of a longer sequence gets the right mask) and, given
+    document ids q_doc [B, Nq] and k_doc [B, Nk] (integers, non-decreasing along
+    each row, as packed documents are numbered; both or neither), q_doc[b, i] ==
+    k_doc[b, j]: a packed row attends within its documents. A (query block, key
+    block) pair whose documents cannot meet is skipped without reading its K/V.
+    A row with no visible key gets o_i = 0 and lse_i = -inf, and zero gradients.
 
     Returns out [B, Hq, Nq, D] in q.dtype, and lse [B, Hq, Nq] fp32 (natural
     log) when return_lse. impl: "auto" (Triton on CUDA, reference on CPU),
     "triton" or "torch".
     """
-    _check(q, k, v, layout, block_size, impl)
+    _check(q, k, v, layout, block_size, impl, q_doc, k_doc)
     opts = dict(block_size=block_size, causal=causal, q_start=int(q_start), k_start=int(k_start),
-                sm_scale=float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(q.shape[-1]))
+                sm_scale=float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(q.shape[-1]),
+                **_doc_opts(q_doc, k_doc))
     out, lse = BlockSparseAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), layout,
                                           _select_impl(q, layout, impl), opts)
     return (out, lse) if return_lse else out
@@ -151,7 +182,7 @@ def block_sparse_attention(q, k, v, layout: BlockLayout, *, block_size: int = 64
 
 def block_sparse_attention_backward(do, q, k, v, lse, delta, layout: BlockLayout, *, block_size: int = 64,
                                     causal: bool = True, sm_scale: float | None = None, q_start: int = 0,
-                                    k_start: int = 0, impl: str = "auto"):
+                                    k_start: int = 0, impl: str = "auto", q_doc=None, k_doc=None):
     """The backward of block_sparse_attention from given row statistics, with no forward re-run.
 
     do, q: [B, Hq, Nq, D]; k, v: [B, Hkv, Nk, D]; lse, delta: [B, Hq, Nq] fp32 -> (dq, dk, dv) in q.dtype.
@@ -159,11 +190,12 @@ def block_sparse_attention_backward(do, q, k, v, lse, delta, layout: BlockLayout
     layout's visible keys: dq_i = sm_scale sum_j ds_ij k_j, dk_j = sm_scale sum_i ds_ij q_i,
     dv_j = sum_i p_ij do_i. Given the lse and delta = do . o of attention over a longer key set,
     these are the exact gradients of that attention restricted to these keys (ring attention's tiles).
+    q_doc [B, Nq], k_doc [B, Nk]: document ids, as in block_sparse_attention.
     """
-    _check(q, k, v, layout, block_size, impl)
+    _check(q, k, v, layout, block_size, impl, q_doc, k_doc)
     sm_scale = float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     with torch.autocast(q.device.type, enabled=False):  # as in BlockSparseAttention
         return _select_impl(q, layout, impl).backward(
             do.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(), lse.contiguous(), delta.contiguous(),
             layout, block_size=block_size, causal=causal, sm_scale=sm_scale, q_start=int(q_start),
-            k_start=int(k_start))
+            k_start=int(k_start), **_doc_opts(q_doc, k_doc))

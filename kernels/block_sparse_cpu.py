@@ -32,6 +32,14 @@ its backward), and the parts are merged exactly through their lse:
             form one dense sub-problem with one shared [R, S] mask, each row
             against its own gathered K/V.
 
+Document ids (packed rows: q_doc [B, Nq], k_doc [B, Nk], non-decreasing)
+split the layout first (doc_split), from each block's first and last id:
+a (query block, key block) pair whose id ranges do not meet is dropped (its
+K/V are never gathered); a pair inside one common document needs no token
+mask and goes to the parts above unchanged; every other pair (a block that
+spans a boundary) is gathered with its own explicit [Rq, S] mask of
+q_doc_i == k_doc_j (and causality), merged through lse like the rest.
+
 In the backward every part uses the row's overall lse and delta, so the
 parts' dq add up and their dK/dV accumulate by block. Memory stays
 proportional to the active blocks (at most GROUP_ELEMENTS K/V elements per
@@ -139,7 +147,7 @@ def _rows(q, k, layout, *, block_size, causal, q_start, k_start) -> _Rows:
 
 
 def _mask(rows_per_query_block: int, nk: int, part_d: list[int], block_size: int, device):
-    """Additive mask [R, nk * bs] for nk blocks whose last len(part_d) are
+    """Additive mask [1, 1, R, nk * bs] for nk blocks whose last len(part_d) are
     partial, and blind [R] bool (queries seeing no key) when all are partial;
     (None, None) without partial blocks."""
     if not part_d:
@@ -151,7 +159,7 @@ def _mask(rows_per_query_block: int, nk: int, part_d: list[int], block_size: int
     for p, dp in enumerate(part_d):
         lo = (nk - len(part_d) + p) * bs
         mask[:, lo:lo + bs].masked_fill_(t - r > dp, float("-inf"))
-    return mask, (torch.isinf(mask).all(-1) if nk == len(part_d) else None)
+    return mask[None, None], (torch.isinf(mask).all(-1) if nk == len(part_d) else None)
 
 
 def _runs(flag: torch.Tensor, starts_new: torch.Tensor):
@@ -259,6 +267,58 @@ def _members(which: torch.Tensor, n: int):
     return order.split(torch.bincount(which, minlength=n).tolist())
 
 
+def doc_split(layout: BlockLayout, q_doc: torch.Tensor, k_doc: torch.Tensor, *, block_size: int, causal: bool,
+              q_start: int, k_start: int) -> tuple[BlockLayout, BlockLayout]:
+    """Block layout [Bl, Hl, Mq, K] and non-decreasing document ids q_doc [B, Nq], k_doc [B, Nk]
+    -> (clean, mixed) layouts [B, Hl, Mq, K] over the pairs whose documents can meet: a block's
+    ids lie in [its first id, its last id], and two blocks can share a document only if those
+    ranges intersect; the others are in neither layout (skipped). clean: query and key block
+    inside one common document (no token mask); mixed: the rest, causally visible."""
+    bs, mk = block_size, layout.num_k_blocks
+    B, (_, Hl, Mq, K) = q_doc.shape[0], layout.indices.shape
+    idx = layout.indices.expand(B, -1, -1, -1)
+    blocks = idx.clamp_min(0).long().reshape(B, -1)
+    klo, khi = (ids.gather(1, blocks).view(idx.shape) for ids in (k_doc[:, ::bs], k_doc[:, bs - 1::bs]))
+    qlo, qhi = q_doc[:, None, ::bs, None], q_doc[:, None, bs - 1::bs, None]
+    meet = (idx >= 0) & (klo <= qhi) & (qlo <= khi)
+    single = (qlo == qhi) & (klo == khi) & (klo == qlo)
+    mixed = meet & ~single
+    if causal:  # the mixed part masks every position itself: leave out blocks wholly in the future
+        q_end = q_start + torch.arange(Mq, device=idx.device)[:, None] * bs + bs - 1
+        mixed &= k_start + idx * bs <= q_end
+    return (BlockLayout.from_indices(torch.where(meet & single, idx, -1), mk),
+            BlockLayout.from_indices(torch.where(mixed, idx, -1), mk))
+
+
+def _doc_gathered(q, k, mixed: BlockLayout, q_doc, k_doc, *, block_size, causal, q_start, k_start):
+    """Yield (rows [n], blocks [n, nk], mask [n, 1, Rq, nk * bs], blind [n, 1, Rq]) for the mixed pairs:
+    rows (of _group(q)) with the same number of mixed blocks, each with its explicit token mask
+    q_doc_i == k_doc_j (and k_start + j <= q_start + i when causal) and its queries seeing no key."""
+    hs, gs, kv_of_s, counts, indices = _plan(q, k, mixed)
+    B, Hkv, Nk, D = k.shape
+    Nq, bs, mk, mq = q.shape[2], block_size, Nk // block_size, counts.shape[2]
+    dev = q.device
+    counts, idx = counts.reshape(-1), indices.long().clamp_min(0).reshape(B * hs * mq, -1)
+    flat = ((torch.arange(B, device=dev)[:, None] * Hkv + kv_of_s) * mk).reshape(-1).repeat_interleave(mq)
+    b_of = torch.arange(B * hs * mq, device=dev) // (hs * mq)
+    qb_of = torch.arange(B * hs * mq, device=dev) % mq
+    sigs, which = torch.unique(counts, return_inverse=True)
+    t = torch.arange(bs, device=dev)
+    for nk, members in zip(sigs.tolist(), _members(which, len(sigs))):
+        if nk == 0:
+            continue
+        chunk = max(1, GROUP_ELEMENTS // (nk * bs * max(D, gs * bs)))
+        for rows in members.split(chunk):
+            b, blocks = b_of[rows, None], idx[rows, :nk]
+            q_tok = qb_of[rows, None] * bs + t.repeat(gs)                       # [n, Rq]
+            k_tok = (blocks[..., None] * bs + t).flatten(1)                     # [n, nk * bs]
+            ok = q_doc.view(-1)[b * Nq + q_tok][..., None] == k_doc.view(-1)[b * Nk + k_tok][:, None]
+            if causal:
+                ok &= k_start + k_tok[:, None] <= q_start + q_tok[..., None]
+            mask = torch.zeros(ok.shape, device=dev).masked_fill_(~ok, float("-inf"))[:, None]
+            yield rows, flat[rows, None] + blocks, mask, ~ok.any(-1)[:, None]
+
+
 class _Parts(NamedTuple):
     bands: list[_Band]
     prefixes: list[_Prefix]
@@ -266,18 +326,25 @@ class _Parts(NamedTuple):
     rows_per_query_block: int
 
 
-def _parts(q, k, layout, *, block_size, causal, q_start, k_start) -> _Parts:
-    """Split every row's kept blocks into band, prefix and gathered parts."""
+def _parts(q, k, layout, *, block_size, causal, q_start, k_start, q_doc=None, k_doc=None) -> _Parts:
+    """Split every row's kept blocks into band, prefix and gathered parts. With document ids only
+    the pairs inside one document go to those; the pairs across a boundary become extra gathered
+    parts with their own masks, and the pairs whose documents cannot meet are dropped (doc_split)."""
     hs, gs = _selection_heads(q, k, layout)
     if layout.indices.shape[3] == 0:
         return _Parts([], [], [], gs * block_size)
-    rows = _rows(q, k, layout, block_size=block_size, causal=causal, q_start=q_start, k_start=k_start)
+    pos = dict(block_size=block_size, causal=causal, q_start=q_start, k_start=k_start)
+    doc_parts = []
+    if q_doc is not None:
+        layout, mixed = doc_split(layout, q_doc, k_doc, **pos)
+        doc_parts = list(_doc_gathered(q, k, mixed, q_doc, k_doc, **pos))
+    rows = _rows(q, k, layout, **pos)
     bands, rest = _bands(rows)
     in_band = rest < rows.n_keep
     prefixes, rest = _prefixes(rows, rest, in_band)
     gathered = list(_gathered(rows, rest, in_band, rows_per_query_block=gs * block_size, block_size=block_size,
                               head_dim=q.shape[-1]))
-    return _Parts(bands, prefixes, gathered, gs * block_size)
+    return _Parts(bands, prefixes, gathered + doc_parts, gs * block_size)
 
 
 def _band_chunks(band: _Band, block_size: int, head_dim: int):
@@ -317,23 +384,25 @@ def _merge(out, lse, rows, o, l):
         lse.index_copy_(0, rows, new)
 
 
-def forward(q, k, v, layout: BlockLayout, *, block_size: int, causal: bool, sm_scale: float, q_start: int, k_start: int):
-    """q: [B, Hq, Nq, D], k, v: [B, Hkv, Nk, D] -> out [B, Hq, Nq, D] (q.dtype), lse [B, Hq, Nq] fp32."""
+def forward(q, k, v, layout: BlockLayout, *, block_size: int, causal: bool, sm_scale: float, q_start: int, k_start: int,
+            q_doc=None, k_doc=None):
+    """q: [B, Hq, Nq, D], k, v: [B, Hkv, Nk, D], document ids q_doc [B, Nq], k_doc [B, Nk] or None
+    -> out [B, Hq, Nq, D] (q.dtype), lse [B, Hq, Nq] fp32."""
     B, D, bs = q.shape[0], q.shape[-1], block_size
     hs, gs = _selection_heads(q, k, layout)
     qg = _group(q.float(), hs, gs, bs)
     kb, vb = k.float().reshape(-1, bs, D), v.float().reshape(-1, bs, D)
     out = torch.zeros(qg.shape, dtype=torch.float32, device=q.device)
     lse = torch.full(qg.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
-    parts = _parts(q, k, layout, block_size=bs, causal=causal, q_start=q_start, k_start=k_start)
+    parts = _parts(q, k, layout, block_size=bs, causal=causal, q_start=q_start, k_start=k_start, q_doc=q_doc,
+                   k_doc=k_doc)
 
     def attend(rows, shape, kx, vx, mask, blind):
         """shape: the kernel's [n, 1, Rq, D] view of the rows' queries."""
         qx = _take(qg, rows)
-        o, l = _flash_fwd(qx.view(shape), kx, vx, 0.0, False, attn_mask=None if mask is None else mask[None, None],
-                          scale=sm_scale)
+        o, l = _flash_fwd(qx.view(shape), kx, vx, 0.0, False, attn_mask=mask, scale=sm_scale)
         if blind is not None:
-            l[:, 0, blind] = float("-inf")  # the kernel gives such a query out 0 but lse 0
+            l.masked_fill_(blind, float("-inf"))  # the kernel gives such a query out 0 but lse 0
         _merge(out, lse, rows, o.view(qx.shape), l.view(qx.shape[:-1]))
 
     for band in parts.bands:
@@ -360,7 +429,7 @@ def _pad(x: torch.Tensor, last: torch.Tensor | None = None) -> torch.Tensor:
 
 
 def backward(do, q, k, v, lse, delta, layout: BlockLayout, *, block_size: int, causal: bool, sm_scale: float,
-             q_start: int, k_start: int):
+             q_start: int, k_start: int, q_doc=None, k_doc=None):
     """Gradients from the saved lse and delta_i = do_i . o_i - dlse_i ([B, Hq, Nq] fp32):
 
         p_ij = exp(s_ij - lse_i),  dv_j = sum_i p_ij do_i,  ds_ij = p_ij (do_i . v_j - delta_i),
@@ -384,14 +453,14 @@ def backward(do, q, k, v, lse, delta, layout: BlockLayout, *, block_size: int, c
     dq = torch.zeros(qg.shape[0], qg.shape[1], D + 1, dtype=torch.float32, device=q.device)
     dk = torch.zeros(kb.shape[0], bs * (D + 1), dtype=torch.float32, device=q.device)
     dv = torch.zeros_like(dk)
-    parts = _parts(q, k, layout, block_size=bs, causal=causal, q_start=q_start, k_start=k_start)
+    parts = _parts(q, k, layout, block_size=bs, causal=causal, q_start=q_start, k_start=k_start, q_doc=q_doc,
+                   k_doc=k_doc)
 
     def grads(rows, shape, kx, vx, mask):
         """(dk, dv) of kx, vx; adds dq into rows. shape: the kernel's [n, 1, Rq, D + 1] view of the rows."""
         qx = _take(qg, rows).view(shape)
         g_q, g_k, g_v = _flash_bwd(_take(dog, rows).view(shape), qx, kx, vx, out_ones.expand(qx.shape),
-                                   _take(lseg, rows).view(qx.shape[:-1]), 0.0, False,
-                                   attn_mask=None if mask is None else mask[None, None], scale=sm_scale)
+                                   _take(lseg, rows).view(qx.shape[:-1]), 0.0, False, attn_mask=mask, scale=sm_scale)
         _add(dq, rows, g_q.view(-1, *dq.shape[1:]))
         return g_k, g_v
 

@@ -3,6 +3,7 @@
 For query i (global position q_start + i) and key j (global k_start + j):
 
     visible_ij = block of j active in i's row of the layout  and  (not causal or k_start + j <= q_start + i)
+                 and (no doc ids or q_doc_i == k_doc_j)
     s_ij = sm_scale * q_i . k_j  where visible, -inf elsewhere
     lse_i = log sum_j exp(s_ij),  o_i = sum_j exp(s_ij - lse_i) v_j
 
@@ -26,8 +27,10 @@ from .layout import BlockLayout
 
 
 def layout_mask(layout: BlockLayout, B: int, Hq: int, Nq: int, Nk: int, *, causal: bool = True, q_start: int = 0,
-                k_start: int = 0) -> torch.Tensor:
-    """bool [B, Hq, Nq, Nk]: the layout's active blocks, and (causal) key position <= query position."""
+                k_start: int = 0, q_doc: Optional[torch.Tensor] = None,
+                k_doc: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """bool [B, Hq, Nq, Nk]: the layout's active blocks, (causal) key position <= query position, and
+    (q_doc [B, Nq], k_doc [B, Nk] document ids given) query and key in one document."""
     m = layout.to_mask(Nq, Nk)
     m = m if m.dim() == 4 else m[None]
     m = m.expand(B, -1, -1, -1).repeat_interleave(Hq // m.shape[1], dim=1)
@@ -35,6 +38,8 @@ def layout_mask(layout: BlockLayout, B: int, Hq: int, Nq: int, Nk: int, *, causa
         qpos = q_start + torch.arange(Nq, device=m.device)[:, None]
         kpos = k_start + torch.arange(Nk, device=m.device)[None, :]
         m = m & (kpos <= qpos)
+    if q_doc is not None:
+        m = m & (q_doc[:, None, :, None] == k_doc[:, None, None, :])
     return m
 
 
@@ -54,8 +59,11 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
 
 def block_sparse_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout, *,
                            causal: bool = True, sm_scale: Optional[float] = None, q_start: int = 0,
-                           k_start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """block_sparse_attention's contract, q: [B, Hq, Nq, D], k, v: [B, Hkv, Nk, D] -> (out, lse)."""
+                           k_start: int = 0, q_doc: Optional[torch.Tensor] = None,
+                           k_doc: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """block_sparse_attention's contract, q: [B, Hq, Nq, D], k, v: [B, Hkv, Nk, D], document ids
+    q_doc: [B, Nq], k_doc: [B, Nk] (or None) -> (out, lse)."""
     B, Hq, Nq, _ = q.shape
-    mask = layout_mask(layout, B, Hq, Nq, k.shape[2], causal=causal, q_start=q_start, k_start=k_start)
+    mask = layout_mask(layout, B, Hq, Nq, k.shape[2], causal=causal, q_start=q_start, k_start=k_start,
+                       q_doc=q_doc, k_doc=k_doc)
     return masked_attention(q, k, v, mask, sm_scale)

@@ -23,6 +23,17 @@ blocks, so it may be a part of a block or span several (a gather of whole
 blocks; past the list's end it reads block 0 and masks it). The causal mask
 is built only on tiles that cross the diagonal.
 
+Document ids (HAS_DOC; q_doc [B, Nq], k_doc [B, Nk] int32, non-decreasing along
+a row): a tile's ids lie between those of its first and last position, and
+two tiles can share a document only if those ranges meet. The looped tiles
+ascend, so the ones that can meet the program's own tile are one run of its
+list: two binary searches over the list (log2 of its length in scalar loads)
+bound the loop to it, and no K/V (or Q/dO) tile of another document is ever
+loaded, while the loop body keeps its loads unconditional (so Triton still
+pipelines them). A tile pair whose ids are all one document needs no token
+mask; any other masks q_doc_i != k_doc_j to -inf. HAS_DOC=False (no doc ids)
+compiles none of it: today's kernels.
+
 An empty row keeps m = -inf; exponents use m_safe = 0 there so exp2(-inf) = 0
 replaces the NaN of -inf - -inf, giving o = 0, lse = -inf and zero gradients.
 """
@@ -108,24 +119,82 @@ def _dot(a, b, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _tile_bounds(idx_ptr, count, t, BLOCK: tl.constexpr, TILE: tl.constexpr):
+    """The first and last real position of tile t of TILE positions in the concatenation of the
+    `count` blocks (BLOCK positions each, ascending) listed at idx_ptr."""
+    if TILE <= BLOCK:
+        first = tl.load(idx_ptr + t // (BLOCK // TILE)) * BLOCK + (t % (BLOCK // TILE)) * TILE
+        last = first + TILE - 1
+    else:
+        slot = t * (TILE // BLOCK)
+        first = tl.load(idx_ptr + slot) * BLOCK
+        last = tl.load(idx_ptr + tl.minimum(slot + TILE // BLOCK, count) - 1) * BLOCK + BLOCK - 1
+    return first, last
+
+
+@triton.jit
 def _listed_tile(idx_ptr, count, t, BLOCK: tl.constexpr, TILE: tl.constexpr):
     """Tile t of TILE positions in the concatenation of the `count` blocks (BLOCK positions each,
     ascending) listed at idx_ptr: the positions, which of them are real (a tile spanning several
     blocks may run past the list; those read block 0), and the first and last real position."""
+    first, last = _tile_bounds(idx_ptr, count, t, BLOCK, TILE)
     if TILE <= BLOCK:
-        start = tl.load(idx_ptr + t // (BLOCK // TILE)) * BLOCK + (t % (BLOCK // TILE)) * TILE
-        offs = start + tl.arange(0, TILE)
+        offs = first + tl.arange(0, TILE)
         real = tl.full([TILE], 1, tl.int1)
-        first = start
-        last = start + TILE - 1
     else:
         pos = t * TILE + tl.arange(0, TILE)
         real = pos // BLOCK < count
         offs = tl.load(idx_ptr + pos // BLOCK, mask=real, other=0) * BLOCK + pos % BLOCK
-        slot = t * (TILE // BLOCK)
-        first = tl.load(idx_ptr + slot) * BLOCK
-        last = tl.load(idx_ptr + tl.minimum(slot + TILE // BLOCK, count) - 1) * BLOCK + BLOCK - 1
     return offs, real, first, last
+
+
+@triton.jit
+def _first_tile(ptr, count, n, Doc, key, AFTER: tl.constexpr, A: tl.constexpr, B: tl.constexpr,
+                BOUNDS: tl.constexpr):
+    """The first of n tiles whose last doc id is >= key (AFTER=False) or whose first id is > key
+    (AFTER=True), n if none; BOUNDS(ptr, count, t, A, B) gives tile t's first and last position.
+    Both ids ascend with the tile: a binary search."""
+    lo = n * 0
+    hi = n
+    while lo < hi:
+        mid = (lo + hi) // 2
+        first, last = BOUNDS(ptr, count, mid, A, B)
+        if AFTER:
+            found = tl.load(Doc + first) > key
+        else:
+            found = tl.load(Doc + last) >= key
+        lo = tl.where(found, lo, mid + 1)
+        hi = tl.where(found, mid, hi)
+    return lo
+
+
+@triton.jit
+def _meeting_tiles(ptr, count, n, Doc, lo, hi, A: tl.constexpr, B: tl.constexpr, BOUNDS: tl.constexpr):
+    """[begin, end): those of the n looped tiles (first and last positions from BOUNDS, as in
+    _first_tile) whose doc ids (at Doc) can meet the other side's ids [lo, hi]. A tile's ids span
+    [Doc[first], Doc[last]] and both ends ascend with the tile (the tiles run through ascending
+    positions, and ids ascend along the row), so those tiles are one run, found by two binary
+    searches; the loop visits only it, and no tile outside it is loaded."""
+    begin = _first_tile(ptr, count, n, Doc, lo, False, A, B, BOUNDS)
+    end = _first_tile(ptr, count, n, Doc, hi, True, A, B, BOUNDS)
+    return begin, tl.maximum(begin, end)
+
+
+@triton.jit
+def _row_docs(Doc, rows):
+    """The doc-id range [lo, hi] of the positions `rows`."""
+    ids = tl.load(Doc + rows)
+    return tl.min(ids, 0), tl.max(ids, 0)
+
+
+@triton.jit
+def _doc_mask(s, q_lo, q_hi, k_lo, k_hi, q_doc_ptrs, k_doc_ptrs):
+    """s with -inf where the query's document (ids at q_doc_ptrs, one per row) differs from the
+    key's (k_doc_ptrs, one per column); read and applied only when the tiles' ids [q_lo, q_hi] and
+    [k_lo, k_hi] are not all one document."""
+    if (q_lo != q_hi) | (k_lo != k_hi) | (q_lo != k_lo):
+        s = tl.where(tl.load(q_doc_ptrs)[:, None] == tl.load(k_doc_ptrs)[None, :], s, float("-inf"))
+    return s
 
 
 @triton.jit
@@ -163,39 +232,54 @@ def _softmax_result(m_i, l_i, acc):
 
 @triton.jit
 def _attend_blocks(q, K, V, kv_base, idx_ptr, count, rows, row_lo, stride_kn, scale_log2, q_start, k_start,
-                   ROWS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
-                   CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+                   QDoc, KDoc, ROWS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+                   CAUSAL: tl.constexpr, HAS_DOC: tl.constexpr, PRECISION: tl.constexpr):
     """(o, lse) of the q rows (query positions `rows`, the first of them row_lo) over the key
-    tiles of the `count` blocks listed at idx_ptr: the forward loop block and token kernels share."""
+    tiles of the `count` blocks listed at idx_ptr (with doc ids QDoc, KDoc of this batch row: those
+    that can meet the rows' documents): the forward loop block and token kernels share."""
     offs_d = tl.arange(0, D)
     m_i = tl.full([ROWS], float("-inf"), tl.float32)
     l_i = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, D], tl.float32)
-    for t in range(tl.cdiv(count * BLOCK, BLOCK_N)):
-        offs_k, real, _, last = _listed_tile(idx_ptr, count, t, BLOCK, BLOCK_N)
+    begin = 0
+    end = tl.cdiv(count * BLOCK, BLOCK_N)
+    if HAS_DOC:
+        q_lo, q_hi = _row_docs(QDoc, rows)
+        begin, end = _meeting_tiles(idx_ptr, count, end, KDoc, q_lo, q_hi, BLOCK, BLOCK_N, _tile_bounds)
+    for t in range(begin, end):
+        offs_k, real, first, last = _listed_tile(idx_ptr, count, t, BLOCK, BLOCK_N)
         kv_off = kv_base + offs_k[:, None] * stride_kn + offs_d[None, :]
         s = _scores(q, tl.load(K + kv_off), rows, offs_k, row_lo, last, scale_log2, q_start, k_start, CAUSAL,
                     PRECISION)
         if BLOCK_N > BLOCK:
             s = tl.where(real[None, :], s, float("-inf"))
+        if HAS_DOC:
+            s = _doc_mask(s, q_lo, q_hi, tl.load(KDoc + first), tl.load(KDoc + last), QDoc + rows, KDoc + offs_k)
         m_i, l_i, acc = _softmax_step(m_i, l_i, acc, s, tl.load(V + kv_off), PRECISION)
     return _softmax_result(m_i, l_i, acc)
 
 
 @triton.jit
 def _dq_blocks(q, do, lse, delta, K, V, kv_base, idx_ptr, count, rows, row_lo, stride_kn, scale_log2, q_start,
-               k_start, ROWS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
-               CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+               k_start, QDoc, KDoc, ROWS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+               CAUSAL: tl.constexpr, HAS_DOC: tl.constexpr, PRECISION: tl.constexpr):
     """sum_j ds_ij k_j (dq before sm_scale) of the q rows over the same key tiles,
     from their saved lse (base 2) and delta: the dq loop block and token kernels share."""
     offs_d = tl.arange(0, D)
     dq = tl.zeros([ROWS, D], tl.float32)
-    for t in range(tl.cdiv(count * BLOCK, BLOCK_N)):
-        offs_k, real, _, last = _listed_tile(idx_ptr, count, t, BLOCK, BLOCK_N)
+    begin = 0
+    end = tl.cdiv(count * BLOCK, BLOCK_N)
+    if HAS_DOC:
+        q_lo, q_hi = _row_docs(QDoc, rows)
+        begin, end = _meeting_tiles(idx_ptr, count, end, KDoc, q_lo, q_hi, BLOCK, BLOCK_N, _tile_bounds)
+    for t in range(begin, end):
+        offs_k, real, first, last = _listed_tile(idx_ptr, count, t, BLOCK, BLOCK_N)
         kv_off = kv_base + offs_k[:, None] * stride_kn + offs_d[None, :]
         k = tl.load(K + kv_off)
         v = tl.load(V + kv_off)
         s = _scores(q, k, rows, offs_k, row_lo, last, scale_log2, q_start, k_start, CAUSAL, PRECISION)
+        if HAS_DOC:
+            s = _doc_mask(s, q_lo, q_hi, tl.load(KDoc + first), tl.load(KDoc + last), QDoc + rows, KDoc + offs_k)
         p = tl.exp2(s - lse[:, None])
         if BLOCK_N > BLOCK:
             p = tl.where(real[None, :], p, 0.0)
@@ -212,11 +296,12 @@ def _row_stats(Lse, Delta, row_off):
 
 
 @triton.jit
-def _query_tile(Counts, Indices, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh,
-                stride_cb, stride_ch, stride_ib, stride_ih, stride_im, H, G, LAYOUT_HEAD_DIV,
+def _query_tile(Counts, Indices, QDoc, KDoc, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh,
+                stride_cb, stride_ch, stride_ib, stride_ih, stride_im, stride_qdb, stride_kdb, H, G, LAYOUT_HEAD_DIV,
                 BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr):
     """The program's query tile (program ids: query tile, batch x query head): its first row,
-    row offsets, q/o tile offsets, its KV head's base offset, and its query block's layout row."""
+    row offsets, q/o tile offsets, its KV head's base offset, its query block's layout row, and
+    its batch row's query and key doc ids."""
     m0 = tl.program_id(0) * BLOCK_M
     qb = m0 // BLOCK
     b = tl.program_id(1) // H
@@ -228,48 +313,49 @@ def _query_tile(Counts, Indices, stride_qb, stride_qh, stride_qn, stride_kb, str
     kv_base = b * stride_kb + (h // G) * stride_kh
     count = tl.load(Counts + b * stride_cb + lh * stride_ch + qb)
     idx_ptr = Indices + b * stride_ib + lh * stride_ih + qb * stride_im
-    return m0, offs_m, q_off, kv_base, count, idx_ptr
+    return m0, offs_m, q_off, kv_base, count, idx_ptr, QDoc + b * stride_qdb, KDoc + b * stride_kdb
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, Out, Lse, Counts, Indices,
+def _fwd_kernel(Q, K, V, Out, Lse, Counts, Indices, QDoc, KDoc,
                 stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-                stride_cb, stride_ch, stride_ib, stride_ih, stride_im,
+                stride_cb, stride_ch, stride_ib, stride_ih, stride_im, stride_qdb, stride_kdb,
                 H, G, LAYOUT_HEAD_DIV, N_Q, scale_log2, q_start, k_start,
                 BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
-                CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
-    m0, offs_m, q_off, kv_base, count, idx_ptr = _query_tile(
-        Counts, Indices, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_cb, stride_ch,
-        stride_ib, stride_ih, stride_im, H, G, LAYOUT_HEAD_DIV, BLOCK, BLOCK_M, D)
+                CAUSAL: tl.constexpr, HAS_DOC: tl.constexpr, PRECISION: tl.constexpr):
+    m0, offs_m, q_off, kv_base, count, idx_ptr, q_doc, k_doc = _query_tile(
+        Counts, Indices, QDoc, KDoc, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_cb, stride_ch,
+        stride_ib, stride_ih, stride_im, stride_qdb, stride_kdb, H, G, LAYOUT_HEAD_DIV, BLOCK, BLOCK_M, D)
     out, lse = _attend_blocks(tl.load(Q + q_off), K, V, kv_base, idx_ptr, count, offs_m, m0, stride_kn, scale_log2,
-                              q_start, k_start, BLOCK_M, BLOCK, BLOCK_N, D, CAUSAL, PRECISION)
+                              q_start, k_start, q_doc, k_doc, BLOCK_M, BLOCK, BLOCK_N, D, CAUSAL, HAS_DOC, PRECISION)
     tl.store(Out + q_off, out.to(Out.dtype.element_ty))
     tl.store(Lse + tl.program_id(1) * N_Q + offs_m, lse)
 
 
 @triton.jit
-def _dq_kernel(Q, K, V, DO, DQ, Lse, Delta, Counts, Indices,
+def _dq_kernel(Q, K, V, DO, DQ, Lse, Delta, Counts, Indices, QDoc, KDoc,
                stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-               stride_cb, stride_ch, stride_ib, stride_ih, stride_im,
+               stride_cb, stride_ch, stride_ib, stride_ih, stride_im, stride_qdb, stride_kdb,
                H, G, LAYOUT_HEAD_DIV, N_Q, sm_scale, scale_log2, q_start, k_start,
                BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
-               CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
-    m0, offs_m, q_off, kv_base, count, idx_ptr = _query_tile(
-        Counts, Indices, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_cb, stride_ch,
-        stride_ib, stride_ih, stride_im, H, G, LAYOUT_HEAD_DIV, BLOCK, BLOCK_M, D)
+               CAUSAL: tl.constexpr, HAS_DOC: tl.constexpr, PRECISION: tl.constexpr):
+    m0, offs_m, q_off, kv_base, count, idx_ptr, q_doc, k_doc = _query_tile(
+        Counts, Indices, QDoc, KDoc, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_cb, stride_ch,
+        stride_ib, stride_ih, stride_im, stride_qdb, stride_kdb, H, G, LAYOUT_HEAD_DIV, BLOCK, BLOCK_M, D)
     lse, delta = _row_stats(Lse, Delta, tl.program_id(1) * N_Q + offs_m)
     dq = _dq_blocks(tl.load(Q + q_off), tl.load(DO + q_off), lse, delta, K, V, kv_base, idx_ptr, count, offs_m, m0,
-                    stride_kn, scale_log2, q_start, k_start, BLOCK_M, BLOCK, BLOCK_N, D, CAUSAL, PRECISION)
+                    stride_kn, scale_log2, q_start, k_start, q_doc, k_doc, BLOCK_M, BLOCK, BLOCK_N, D, CAUSAL,
+                    HAS_DOC, PRECISION)
     tl.store(DQ + q_off, (dq * sm_scale).to(DQ.dtype.element_ty))
 
 
 @triton.jit
-def _dkdv_kernel(Q, K, V, DO, DK, DV, Lse, Delta, RCounts, RIndices,
+def _dkdv_kernel(Q, K, V, DO, DK, DV, Lse, Delta, RCounts, RIndices, QDoc, KDoc,
                  stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-                 stride_cb, stride_ch, stride_ib, stride_ih, stride_im,
+                 stride_cb, stride_ch, stride_ib, stride_ih, stride_im, stride_qdb, stride_kdb,
                  H_KV, G, LAYOUT_HEAD_DIV, N_Q, sm_scale, scale_log2, q_start, k_start,
                  BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
-                 CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+                 CAUSAL: tl.constexpr, HAS_DOC: tl.constexpr, PRECISION: tl.constexpr):
     n0 = tl.program_id(0) * BLOCK_N
     kb = n0 // BLOCK
     b = tl.program_id(1) // H_KV
@@ -279,6 +365,10 @@ def _dkdv_kernel(Q, K, V, DO, DK, DV, Lse, Delta, RCounts, RIndices,
     kv_off = b * stride_kb + hkv * stride_kh + offs_k[:, None] * stride_kn + offs_d[None, :]
     k = tl.load(K + kv_off)
     v = tl.load(V + kv_off)
+    q_doc = QDoc + b * stride_qdb
+    k_doc = KDoc + b * stride_kdb
+    if HAS_DOC:
+        k_lo, k_hi = _row_docs(k_doc, offs_k)
 
     dk = tl.zeros([BLOCK_N, D], tl.float32)
     dv = tl.zeros([BLOCK_N, D], tl.float32)
@@ -288,14 +378,21 @@ def _dkdv_kernel(Q, K, V, DO, DK, DV, Lse, Delta, RCounts, RIndices,
         count = tl.load(RCounts + b * stride_cb + lh * stride_ch + kb)
         idx_ptr = RIndices + b * stride_ib + lh * stride_ih + kb * stride_im
         q_base = b * stride_qb + h * stride_qh
-        for t in range(tl.cdiv(count * BLOCK, BLOCK_M)):
-            offs_m, real, first, _ = _listed_tile(idx_ptr, count, t, BLOCK, BLOCK_M)
+        begin = 0
+        end = tl.cdiv(count * BLOCK, BLOCK_M)
+        if HAS_DOC:
+            begin, end = _meeting_tiles(idx_ptr, count, end, q_doc, k_lo, k_hi, BLOCK, BLOCK_M, _tile_bounds)
+        for t in range(begin, end):
+            offs_m, real, first, last = _listed_tile(idx_ptr, count, t, BLOCK, BLOCK_M)
             q_off = q_base + offs_m[:, None] * stride_qn + offs_d[None, :]
             q = tl.load(Q + q_off)
             do = tl.load(DO + q_off)
             lse, delta = _row_stats(Lse, Delta, (b * H_KV * G + h) * N_Q + offs_m)
             s = _scores(q, k, offs_m, offs_k, first, n0 + BLOCK_N - 1, scale_log2, q_start, k_start, CAUSAL,
                         PRECISION)
+            if HAS_DOC:
+                s = _doc_mask(s, tl.load(q_doc + first), tl.load(q_doc + last), k_lo, k_hi, q_doc + offs_m,
+                              k_doc + offs_k)
             p = tl.exp2(s - lse[:, None])
             if BLOCK_M > BLOCK:
                 p = tl.where(real[:, None], p, 0.0)
@@ -324,61 +421,76 @@ def _common(q, k, layout: BlockLayout):
     return B, Hq, Nq, D, Hkv, G, div, precision(q.dtype, not q.is_cuda)
 
 
-def _meta(kernel, q, block_size, causal, prec):
+def doc_args(q_doc, k_doc, placeholder: torch.Tensor) -> tuple:
+    """(q doc pointer, k doc pointer) and their batch strides; without doc ids an int32
+    placeholder the kernel never reads (HAS_DOC=False) and strides 0."""
+    if q_doc is None:
+        return (placeholder, placeholder), (0, 0)
+    return (q_doc, k_doc), (q_doc.stride(0), k_doc.stride(0))
+
+
+def _meta(kernel, q, block_size, causal, prec, has_doc):
     cfg = launch_config(kernel, arch=launch_arch(q), dtype=q.dtype, head_dim=q.shape[3], block_size=block_size)
-    return dict(BLOCK=block_size, D=q.shape[3], CAUSAL=causal, PRECISION=prec, **cfg)
+    return dict(BLOCK=block_size, D=q.shape[3], CAUSAL=causal, HAS_DOC=has_doc, PRECISION=prec, **cfg)
 
 
-def forward(q, k, v, layout: BlockLayout, *, block_size: int, causal: bool, sm_scale: float, q_start: int, k_start: int):
-    """q: [B, Hq, Nq, D], k, v: [B, Hkv, Nk, D] (contiguous) -> out [B, Hq, Nq, D], lse [B, Hq, Nq] fp32."""
+def forward(q, k, v, layout: BlockLayout, *, block_size: int, causal: bool, sm_scale: float, q_start: int, k_start: int,
+            q_doc=None, k_doc=None):
+    """q: [B, Hq, Nq, D], k, v: [B, Hkv, Nk, D] (contiguous), doc ids q_doc [B, Nq], k_doc [B, Nk] int32
+    contiguous or None -> out [B, Hq, Nq, D], lse [B, Hq, Nq] fp32."""
     B, Hq, Nq, D, Hkv, G, div, prec = _common(q, k, layout)
     out = torch.empty_like(q)
     lse = torch.empty(B, Hq, Nq, dtype=torch.float32, device=q.device)
-    meta = _meta("fwd", q, block_size, causal, prec)
+    docs, doc_strides = doc_args(q_doc, k_doc, layout.counts)
+    meta = _meta("fwd", q, block_size, causal, prec, q_doc is not None)
     _fwd_kernel[(Nq // meta["BLOCK_M"], B * Hq)](
-        q, k, v, out, lse, layout.counts, layout.indices,
+        q, k, v, out, lse, layout.counts, layout.indices, *docs,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        *_layout_args(layout), Hq, G, div, Nq, sm_scale * LOG2E, q_start, k_start, **meta)
+        *_layout_args(layout), *doc_strides, Hq, G, div, Nq, sm_scale * LOG2E, q_start, k_start, **meta)
     return out, lse
 
 
 def backward(do, q, k, v, lse, delta, layout: BlockLayout, *, block_size: int, causal: bool, sm_scale: float,
-             q_start: int, k_start: int):
-    """do: [B, Hq, Nq, D], lse and delta = do . o - dlse: [B, Hq, Nq] fp32 -> dq, dk, dv."""
+             q_start: int, k_start: int, q_doc=None, k_doc=None):
+    """do: [B, Hq, Nq, D], lse and delta = do . o - dlse: [B, Hq, Nq] fp32, doc ids as in forward -> dq, dk, dv."""
     B, Hq, Nq, D, Hkv, G, div, prec = _common(q, k, layout)
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
-    meta = _meta("dq", q, block_size, causal, prec)
+    docs, doc_strides = doc_args(q_doc, k_doc, layout.counts)
+    meta = _meta("dq", q, block_size, causal, prec, q_doc is not None)
     _dq_kernel[(Nq // meta["BLOCK_M"], B * Hq)](
-        q, k, v, do, dq, lse, delta, layout.counts, layout.indices, *strides, *_layout_args(layout),
-        Hq, G, div, Nq, sm_scale, sm_scale * LOG2E, q_start, k_start, **meta)
+        q, k, v, do, dq, lse, delta, layout.counts, layout.indices, *docs, *strides, *_layout_args(layout),
+        *doc_strides, Hq, G, div, Nq, sm_scale, sm_scale * LOG2E, q_start, k_start, **meta)
     rev = layout.transposed
-    meta = _meta("dkdv", q, block_size, causal, prec)
+    meta = _meta("dkdv", q, block_size, causal, prec, q_doc is not None)
     _dkdv_kernel[(k.shape[2] // meta["BLOCK_N"], B * Hkv)](
-        q, k, v, do, dk, dv, lse, delta, rev.counts, rev.indices, *strides, *_layout_args(rev),
-        Hkv, G, div, Nq, sm_scale, sm_scale * LOG2E, q_start, k_start, **meta)
+        q, k, v, do, dk, dv, lse, delta, rev.counts, rev.indices, *docs, *strides, *_layout_args(rev),
+        *doc_strides, Hkv, G, div, Nq, sm_scale, sm_scale * LOG2E, q_start, k_start, **meta)
     return dq, dk, dv
 
 
 _FNS = {"fwd": _fwd_kernel, "dq": _dq_kernel, "dkdv": _dkdv_kernel}
 _POINTERS = {"fwd": ("Q", "K", "V", "Out"), "dq": ("Q", "K", "V", "DO", "DQ"), "dkdv": ("Q", "K", "V", "DO", "DK", "DV")}
-_ALIGNED = ("stride_qb", "stride_qh", "stride_qn", "stride_kb", "stride_kh", "stride_kn")
+# Doc-id strides are Nq and Nk, multiples of the block (>= 16), or 0 without doc ids.
+_ALIGNED = ("stride_qb", "stride_qh", "stride_qn", "stride_kb", "stride_kh", "stride_kn", "stride_qdb", "stride_kdb")
+DOC_POINTERS = ("QDoc", "KDoc")
 
 
 def aot_spec(kernel: str, *, arch: int, dtype: torch.dtype, head_dim: int, block_size: int, causal: bool,
-             default: bool) -> AOTSpec:
-    """The launch forward/backward make on sm_<arch> for these settings, as an AOTSpec."""
-    meta = dict(BLOCK=block_size, D=head_dim, CAUSAL=causal, PRECISION=precision(dtype, False),
+             default: bool, has_doc: bool = False) -> AOTSpec:
+    """The launch forward/backward make on sm_<arch> for these settings (has_doc: with document
+    ids), as an AOTSpec."""
+    meta = dict(BLOCK=block_size, D=head_dim, CAUSAL=causal, HAS_DOC=has_doc, PRECISION=precision(dtype, False),
                 **launch_config(kernel, arch=arch, dtype=dtype, head_dim=head_dim, block_size=block_size))
     num_warps, num_stages = meta.pop("num_warps"), meta.pop("num_stages")
     fn = _FNS[kernel]
     pointers = {name: TRITON_DTYPES[dtype] for name in _POINTERS[kernel]}
     pointers.update({name: "fp32" for name in ("Lse", "Delta")},
-                    **{name: "i32" for name in ("Counts", "Indices", "RCounts", "RIndices")})
+                    **{name: "i32" for name in ("Counts", "Indices", "RCounts", "RIndices", *DOC_POINTERS)})
     config = dict(arch=arch, dtype=TRITON_DTYPES[dtype], head_dim=head_dim, block_size=block_size, causal=causal,
-                  layout="block", BLOCK_M=meta["BLOCK_M"], BLOCK_N=meta["BLOCK_N"])
+                  layout="block", BLOCK_M=meta["BLOCK_M"], BLOCK_N=meta["BLOCK_N"], doc=has_doc)
     return AOTSpec(f"block_sparse_{kernel}", fn, signature(fn, meta, pointers, ("scale_log2", "sm_scale")), meta,
                    num_warps, num_stages, config, default, _ALIGNED)
 
@@ -387,13 +499,16 @@ def aot_specs() -> list[AOTSpec]:
     """The launches of the 3 kernels x ARCHS: the presets' (dtype, head dim, block size), causal
     (default); around bf16 / head dim 64 / block 64 / causal, every other allowed value of one
     setting at a time (dtype, head dim, block size, causal); head dim 128 (Llama-scale models)
-    at every block size in bf16 and fp32."""
+    at every block size in bf16 and fp32. All without doc ids; then the presets' launches again with
+    them (HAS_DOC, packed documents), not flagged default (the token kernels' are not spill-free)."""
     preset_dims = sorted({d for d, _ in PRESET_MODELS})
-    configs = [(dtype, d, bs, True) for dtype, d, bs in itertools.product(PRESET_DTYPES, preset_dims, PRESET_BLOCK_SIZES)]
-    configs += [(dtype, 64, 64, True) for dtype in DTYPES] + [(torch.bfloat16, d, 64, True) for d in HEAD_DIMS]
+    presets = [(dtype, d, bs, True)
+               for dtype, d, bs in itertools.product(PRESET_DTYPES, preset_dims, PRESET_BLOCK_SIZES)]
+    configs = presets + [(dtype, 64, 64, True) for dtype in DTYPES] + [(torch.bfloat16, d, 64, True) for d in HEAD_DIMS]
     configs += [(torch.bfloat16, 64, bs, True) for bs in BLOCK_SIZES] + [(torch.bfloat16, 64, 64, False)]
     configs += [(dtype, 128, bs, True) for dtype, bs in itertools.product(PRESET_DTYPES, BLOCK_SIZES)]
-    configs = list(dict.fromkeys(configs))
-    return [aot_spec(kernel, arch=arch, dtype=dtype, head_dim=d, block_size=bs, causal=causal,
-                     default=causal and dtype in PRESET_DTYPES and d in preset_dims and bs in PRESET_BLOCK_SIZES)
-            for kernel, arch in itertools.product(KERNELS, ARCHS) for dtype, d, bs, causal in configs]
+    configs = [(*c, False) for c in dict.fromkeys(configs)] + [(*c, True) for c in presets]
+    return [aot_spec(kernel, arch=arch, dtype=dtype, head_dim=d, block_size=bs, causal=causal, has_doc=has_doc,
+                     default=not has_doc and causal and dtype in PRESET_DTYPES and d in preset_dims
+                     and bs in PRESET_BLOCK_SIZES)
+            for kernel, arch in itertools.product(KERNELS, ARCHS) for dtype, d, bs, causal, has_doc in configs]

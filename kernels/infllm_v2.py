@@ -12,6 +12,14 @@ ranks key blocks by its own scores summed over the G query heads of its KV
 group, and those G heads attend exactly the token's selected blocks. So the
 output at i never depends on q, k, v past i (the causality contract).
 
+Packed documents (doc_ids [B, N], or q_doc / k_doc for a query chunk against
+all keys): a token attends only earlier tokens of its own document. Summary
+windows that span a boundary count for no query (infllm_v2_ref.chunk_docs),
+selection ranks only blocks holding tokens of the query's document, the init
+blocks are the document's first blocks, and block_sparse_attention masks the
+boundary blocks token by token. The dense-sparse switch reads the row length
+N, not the document lengths: one mode per step for every row and document.
+
 Changed at stop 10: earlier versions selected once per query block from the
 max over the block's queries, which let a later query of a block steer which
 blocks the earlier ones attended (a channel from the future; ~0.78 output
@@ -20,6 +28,8 @@ causal; retrain or continue training with this version.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -61,10 +71,13 @@ def check_infllm_v2_params(*, kernel_size: int, kernel_stride: int, block_size: 
 
 
 def select_topk(scores: torch.Tensor, *, block_size: int, topk: int, init_blocks: int, window_size: int,
-                q_start: int = 0) -> torch.Tensor:
+                q_start: int = 0, first_block: torch.Tensor | int = 0) -> torch.Tensor:
     """scores: [B, Hkv, C, Mk] per-token block scores of queries q_start.. ->
     indices [B, Hkv, C, k] int32, k = topk + window_size/block_size: init and
     local blocks forced (+inf), blocks past the token's own block never picked (-1).
+    first_block: [B, C] the block of each token's document start (packed documents;
+    infllm_v2_ref.doc_first_block), whose init blocks count from it and before
+    which nothing is picked; 0: the row is one document.
 
     Overlapping pooling windows make exact ties (two blocks sharing their best
     chunk); every row is ranked at the full width Mk, so a token's picks do
@@ -74,8 +87,10 @@ def select_topk(scores: torch.Tensor, *, block_size: int, topk: int, init_blocks
     q_blk = ((q_start + torch.arange(C, device=dev)) // block_size)[:, None]
     b = torch.arange(Mk, device=dev)
     local = window_size // block_size
-    forced = (b < init_blocks) | (b >= q_blk - local)
-    s = torch.where(b > q_blk, float("-inf"), torch.where(forced, float("inf"), scores))
+    if torch.is_tensor(first_block):
+        first_block = first_block[:, None, :, None]
+    forced = (b < first_block + init_blocks) | (b >= q_blk - local)
+    s = torch.where((b > q_blk) | (b < first_block), float("-inf"), torch.where(forced, float("inf"), scores))
     vals, idx = s.topk(min(topk + local, Mk), dim=-1)
     return torch.where(vals > float("-inf"), idx, -1).to(torch.int32)
 
@@ -100,6 +115,7 @@ def _check(q, k, *, kernel_size, block_size, q_start, impl):
 @torch.no_grad()
 def infllm_v2_select(q: torch.Tensor, k: torch.Tensor, *, kernel_size: int, kernel_stride: int, block_size: int,
                      topk: int, init_blocks: int, window_size: int, q_start: int = 0, lse: str = "exact",
+                     q_doc: torch.Tensor | None = None, k_doc: torch.Tensor | None = None,
                      impl: str = "auto") -> BlockLayout:
     """Top-k key blocks per KV group and query token (no gradient).
 
@@ -107,7 +123,9 @@ def infllm_v2_select(q: torch.Tensor, k: torch.Tensor, *, kernel_size: int, kern
     (Nq, Nk, q_start multiples of block_size). Returns a token layout (the
     kind block_sparse_attention takes) with counts [B, Hkv, Nq] and indices
     [B, Hkv, Nq, topk + window_size/block_size]. lse: "exact" or "coarse"
-    (infllm_v2_ref). impl: "auto" (Triton on CUDA, PyTorch on CPU), "triton", "torch".
+    (infllm_v2_ref). q_doc [B, Nq], k_doc [B, Nk]: document ids of packed rows
+    (both or neither; see the module doc). impl: "auto" (Triton on CUDA, PyTorch
+    on CPU), "triton", "torch".
 
     Queries are scored and ranked chunk by chunk, so the [Nq, Mk] score
     matrix never exists whole.
@@ -115,6 +133,7 @@ def infllm_v2_select(q: torch.Tensor, k: torch.Tensor, *, kernel_size: int, kern
     check_infllm_v2_params(kernel_size=kernel_size, kernel_stride=kernel_stride, block_size=block_size, topk=topk,
                            init_blocks=init_blocks, window_size=window_size, lse=lse)
     _check(q, k, kernel_size=kernel_size, block_size=block_size, q_start=q_start, impl=impl)
+    _check_docs(q, k, q_doc, k_doc)
     if use_triton(q, impl):
         from . import infllm_v2_triton  # triton is optional on CPU boxes
         block_scores, lse_fn = infllm_v2_triton.block_scores_triton, infllm_v2_triton.lse_triton
@@ -127,18 +146,36 @@ def infllm_v2_select(q: torch.Tensor, k: torch.Tensor, *, kernel_size: int, kern
     kc2 = infllm_v2_ref.compress_keys(k, **coarse) if lse == "coarse" and k.shape[2] >= coarse["kernel_size"] else None
     width = max(kc.shape[2] * Hq, Mk * k.shape[1])
     step = max(block_size, CHUNK_ELEMENTS // max(1, B * width) // block_size * block_size)
+    kc_doc = kc2_doc = first = None
+    if q_doc is not None:  # per summary: the document of its first token; per query: its document's first block
+        kc_doc = infllm_v2_ref.chunk_docs(k_doc, kernel_size, kernel_stride)
+        kc2_doc = infllm_v2_ref.chunk_docs(k_doc, **coarse) if kc2 is not None else None
+        first = infllm_v2_ref.doc_first_block(q_doc, k_doc, block_size)
     picks = []
     for a in range(0, Nq, step):
         qa, start = q[:, :, a:a + step], q_start + a
+        qa_doc, first_a = (q_doc[:, a:a + step], first[:, a:a + step]) if q_doc is not None else (None, 0)
         est = None
         if lse == "coarse":
-            est = lse_fn(qa, kc2, **coarse, q_start=start) if kc2 is not None else \
+            est = lse_fn(qa, kc2, **coarse, q_start=start, q_doc=qa_doc, kc_doc=kc2_doc) if kc2 is not None else \
                 torch.full(qa.shape[:3], float("-inf"), device=q.device)
         scores = block_scores(qa, kc, num_k_blocks=Mk, kernel_size=kernel_size, kernel_stride=kernel_stride,
-                              block_size=block_size, q_start=start, lse=est)
+                              block_size=block_size, q_start=start, lse=est, q_doc=qa_doc, kc_doc=kc_doc)
         picks.append(select_topk(scores, block_size=block_size, topk=topk, init_blocks=init_blocks,
-                                 window_size=window_size, q_start=start))
+                                 window_size=window_size, q_start=start, first_block=first_a))
     return BlockLayout.from_indices(torch.cat(picks, dim=2), Mk)
+
+
+def _check_docs(q, k, q_doc, k_doc) -> None:
+    """q_doc [B, Nq] and k_doc [B, Nk] integer document ids on q's device, both or neither."""
+    if (q_doc is None) != (k_doc is None):
+        raise ValueError("q_doc and k_doc go together: pass both (packed documents) or neither")
+    if q_doc is None:
+        return
+    for name, d, x in (("q_doc", q_doc, q), ("k_doc", k_doc, k)):
+        if d.shape != (x.shape[0], x.shape[2]) or d.dtype.is_floating_point or d.device != x.device:
+            raise ValueError(f"{name} must be integer [B, N] = {(x.shape[0], x.shape[2])} on {x.device}, got "
+                             f"{d.dtype} {tuple(d.shape)} on {d.device}")
 
 
 def causal_pairs(num_tokens: int, block_size: int) -> int:
@@ -155,23 +192,41 @@ def attended_fraction(layout: BlockLayout, block_size: int) -> torch.Tensor:
     return layout.counts.sum(dtype=torch.float64) / (Bl * Hl * causal_pairs(Nq, block_size))
 
 
+@functools.lru_cache(maxsize=16)
+def _causal_layout(num_blocks: int, device: torch.device) -> BlockLayout:
+    """BlockLayout.causal(M, M), built once per (M, device): dense mode over packed documents."""
+    return BlockLayout.causal(num_blocks, num_blocks, device=device)
+
+
 def infllm_v2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kernel_size: int, kernel_stride: int,
                         block_size: int, topk: int, init_blocks: int, window_size: int, dense_len: int,
-                        lse: str = "exact", impl: str = "auto") -> tuple[torch.Tensor, dict]:
+                        lse: str = "exact", doc_ids: torch.Tensor | None = None,
+                        impl: str = "auto") -> tuple[torch.Tensor, dict]:
     """Causal self-attention, q: [B, Hq, N, D], k, v: [B, Hkv, N, D] -> (o [B, Hq, N, D], stats).
 
     N <= dense_len: o = softmax(q k^T / sqrt(D) + causal) v via SDPA, exactly
     as the `dense` kind. Otherwise o_i attends, with exact softmax, to the
     keys of the blocks infllm_v2_select picks for token i and its KV group.
+    doc_ids [B, N]: packed documents (module doc); dense mode is then
+    block_sparse_attention's causal layout with the document mask (N a multiple of block_size).
     stats: {"mode": "dense" | "sparse", "block_fraction": attended / causal (token, key block) pairs},
     the fraction 1.0 when dense, else attended_fraction's 0-dim tensor (reading it syncs with the device).
     """
     check_infllm_v2_params(kernel_size=kernel_size, kernel_stride=kernel_stride, block_size=block_size, topk=topk,
                            init_blocks=init_blocks, window_size=window_size, dense_len=dense_len, lse=lse)
-    if q.shape[2] <= dense_len:
+    docs = {} if doc_ids is None else dict(q_doc=doc_ids, k_doc=doc_ids)
+    if q.shape[2] <= dense_len and doc_ids is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True), \
             {"mode": "dense", "block_fraction": 1.0}
+    if q.shape[2] <= dense_len:
+        if q.shape[2] % block_size:
+            raise ValueError(f"packed documents need the sequence length ({q.shape[2]}) to be a multiple of "
+                             f"block_size={block_size}: pad the sequence")
+        out = block_sparse_attention(q, k, v, _causal_layout(q.shape[2] // block_size, q.device),
+                                     block_size=block_size, impl=impl, **docs)
+        return out, {"mode": "dense", "block_fraction": 1.0}
     layout = infllm_v2_select(q, k, kernel_size=kernel_size, kernel_stride=kernel_stride, block_size=block_size,
-                              topk=topk, init_blocks=init_blocks, window_size=window_size, lse=lse, impl=impl)
-    out = block_sparse_attention(q, k, v, layout, block_size=block_size, impl=impl)
+                              topk=topk, init_blocks=init_blocks, window_size=window_size, lse=lse, impl=impl,
+                              **docs)
+    out = block_sparse_attention(q, k, v, layout, block_size=block_size, impl=impl, **docs)
     return out, {"mode": "sparse", "block_fraction": attended_fraction(layout, block_size)}

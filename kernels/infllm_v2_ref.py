@@ -29,6 +29,13 @@ The normaliser lse_{g,i} is, by `lse`:
 Selection is per query token: every token ranks the key blocks by s[h, i, b]
 alone, so what token i attends never depends on a later query (causality).
 
+Packed documents (q_doc [B, Nq], k_doc [B, Nk] document ids, non-decreasing
+along the row): chunk j is visible to query i only if it also lies wholly in
+i's document. With non-decreasing ids and causality (the window ends at or
+before t_i) that is one comparison, k_doc[j*stride] == q_doc[i] (`chunk_docs`):
+a window that spans a boundary starts in an earlier document. So no summary
+mixes two documents, and a document shorter than kernel_size has none.
+
 Functions: `select_naive`, the per-token oracle written straight from these
 equations (materialises [Nq, n_c]; small shapes only), and `block_scores_torch`
 and `lse_torch`, the production CPU path for one chunk of queries (the caller,
@@ -54,15 +61,26 @@ def compress_keys(k: torch.Tensor, kernel_size: int, kernel_stride: int) -> torc
     return k.float().unfold(2, kernel_size, kernel_stride).mean(-1)
 
 
+def chunk_docs(k_doc: torch.Tensor, kernel_size: int, kernel_stride: int) -> torch.Tensor:
+    """k_doc: [B, Nk] -> [B, n_c], the document of each window's first token (see the module doc)."""
+    n_c = (k_doc.shape[1] - kernel_size) // kernel_stride + 1
+    return k_doc[:, : (n_c - 1) * kernel_stride + 1 : kernel_stride]
+
+
 def pool_geometry(kernel_size: int, kernel_stride: int, block_size: int) -> tuple[int, int]:
     """(S, P): block b pools chunks [S*b - P, S*b + S), those overlapping its tokens."""
     return block_size // kernel_stride, -(-kernel_size // kernel_stride) - 1
 
 
-def visible(n_c: int, positions: torch.Tensor, kernel_size: int, kernel_stride: int) -> torch.Tensor:
-    """bool [len(positions), n_c]: chunk j lies wholly at or before the query."""
+def visible(n_c: int, positions: torch.Tensor, kernel_size: int, kernel_stride: int,
+            q_doc: torch.Tensor | None = None, kc_doc: torch.Tensor | None = None) -> torch.Tensor:
+    """bool [len(positions), n_c]: chunk j lies wholly at or before the query; with
+    q_doc [B, C] and kc_doc [B, n_c] (chunk_docs) also in its document: [B, 1, C, n_c]."""
     j = torch.arange(n_c, device=positions.device)
-    return j[None, :] * kernel_stride + kernel_size - 1 <= positions[:, None]
+    vis = j[None, :] * kernel_stride + kernel_size - 1 <= positions[:, None]
+    if q_doc is None:
+        return vis
+    return (vis & (kc_doc[:, None, :n_c] == q_doc[:, :, None]))[:, None]
 
 
 def _visible_prefix(q_start: int, n: int, n_c: int, kernel_size: int, kernel_stride: int) -> tuple[int, int]:
@@ -73,34 +91,42 @@ def _visible_prefix(q_start: int, n: int, n_c: int, kernel_size: int, kernel_str
 
 
 def _chunk_scores(q: torch.Tensor, kc: torch.Tensor, hi: int, lo: int, q_start: int, kernel_size: int,
-                  kernel_stride: int) -> torch.Tensor:
-    """[B, Hkv, G, C, hi] scaled scores against the visible prefix of chunks, -inf where invisible."""
+                  kernel_stride: int, q_doc=None, kc_doc=None) -> torch.Tensor:
+    """[B, Hkv, G, C, hi] scaled scores against the visible prefix of chunks, -inf where invisible
+    (by position from chunk lo on; with documents, everywhere: earlier documents' chunks too)."""
     B, Hq, C, D = q.shape
     Hkv = kc.shape[1]
     s = torch.matmul((q.float() / math.sqrt(D)).reshape(B, Hkv, Hq // Hkv * C, D), kc[:, :, :hi].transpose(-1, -2))
     s = s.view(B, Hkv, Hq // Hkv, C, hi)
     pos = torch.arange(q_start, q_start + C, device=q.device)
+    if q_doc is not None:
+        return s.masked_fill_(~visible(hi, pos, kernel_size, kernel_stride, q_doc, kc_doc)[:, :, None], float("-inf"))
     s[..., lo:].masked_fill_(~visible(hi, pos, kernel_size, kernel_stride)[:, lo:], float("-inf"))
     return s
 
 
 def lse_torch(q: torch.Tensor, kc: torch.Tensor, *, kernel_size: int, kernel_stride: int,
-              q_start: int = 0) -> torch.Tensor:
+              q_start: int = 0, q_doc: torch.Tensor | None = None,
+              kc_doc: torch.Tensor | None = None) -> torch.Tensor:
     """q: [B, Hq, C, D], kc: [B, Hkv, n_c, D] (windows kernel_size, stride kernel_stride)
-    -> lse [B, Hq, C] fp32 over each query's visible chunks, -inf where none."""
+    -> lse [B, Hq, C] fp32 over each query's visible chunks, -inf where none.
+    q_doc [B, C], kc_doc [B, n_c] (chunk_docs): only chunks of the query's document."""
     B, Hq, C, _ = q.shape
     lo, hi = _visible_prefix(q_start, C, kc.shape[2], kernel_size, kernel_stride)
     if hi == 0:
         return torch.full((B, Hq, C), float("-inf"), device=q.device)
-    return torch.logsumexp(_chunk_scores(q, kc, hi, lo, q_start, kernel_size, kernel_stride), -1).view(B, Hq, C)
+    s = _chunk_scores(q, kc, hi, lo, q_start, kernel_size, kernel_stride, q_doc, kc_doc)
+    return torch.logsumexp(s, -1).view(B, Hq, C)
 
 
 def block_scores_torch(q: torch.Tensor, kc: torch.Tensor, *, num_k_blocks: int, kernel_size: int,
                        kernel_stride: int, block_size: int, q_start: int = 0,
-                       lse: torch.Tensor | None = None) -> torch.Tensor:
+                       lse: torch.Tensor | None = None, q_doc: torch.Tensor | None = None,
+                       kc_doc: torch.Tensor | None = None) -> torch.Tensor:
     """q: [B, Hq, C, D] at q_start.., kc: [B, Hkv, n_c, D] -> s [B, Hkv, C, num_k_blocks]
     fp32, the per-token block scores above. lse [B, Hq, C] (the coarse estimate)
-    or None (exact, from the same scores). Invisible blocks score 0.
+    or None (exact, from the same scores). Invisible blocks score 0. q_doc [B, C],
+    kc_doc [B, n_c] (chunk_docs): only chunks of the query's document are visible.
 
     Scores only the chunks the chunk's last query can see (causal prefix), and
     masks only the band where visibility changes."""
@@ -110,7 +136,7 @@ def block_scores_torch(q: torch.Tensor, kc: torch.Tensor, *, num_k_blocks: int, 
     lo, hi = _visible_prefix(q_start, C, n_c, kernel_size, kernel_stride)
     if hi == 0:
         return torch.zeros(B, Hkv, C, num_k_blocks, device=q.device)
-    s = _chunk_scores(q, kc, hi, lo, q_start, kernel_size, kernel_stride)
+    s = _chunk_scores(q, kc, hi, lo, q_start, kernel_size, kernel_stride, q_doc, kc_doc)
     if lse is None:
         p = torch.softmax(s, dim=-1).nan_to_num_(0.0)  # nan: queries that see no chunk yet
     else:
@@ -125,28 +151,45 @@ def block_scores_torch(q: torch.Tensor, kc: torch.Tensor, *, num_k_blocks: int, 
     return F.max_pool1d(p, S + P, S).view(B, Hkv, C, num_k_blocks)
 
 
+def doc_first_block(q_doc: torch.Tensor, k_doc: torch.Tensor, block_size: int) -> torch.Tensor:
+    """q_doc [B, Nq], k_doc [B, Nk] (keys from position 0, non-decreasing) -> int64 [B, Nq]:
+    the key block holding the first token of each query's document."""
+    return torch.searchsorted(k_doc.contiguous(), q_doc.to(k_doc.dtype).contiguous()) // block_size
+
+
 def select_naive(q: torch.Tensor, k: torch.Tensor, *, kernel_size: int, kernel_stride: int, block_size: int,
-                 topk: int, init_blocks: int, window_size: int, q_start: int = 0, lse: str = "exact") -> torch.Tensor:
+                 topk: int, init_blocks: int, window_size: int, q_start: int = 0, lse: str = "exact",
+                 q_doc: torch.Tensor | None = None, k_doc: torch.Tensor | None = None) -> torch.Tensor:
     """Per-token selection, the oracle: bool [B, Hkv, Nq, Mk], Mk = Nk / block_size.
 
     Per query token: blocks b < init_blocks and q_blk - window_size/block_size <= b <= q_blk
     are forced (+inf), blocks past q_blk are excluded, and the top
-    k = topk + window_size/block_size blocks by s[h, i, b] are kept."""
+    k = topk + window_size/block_size blocks by s[h, i, b] are kept.
+    With documents (q_doc [B, Nq], k_doc [B, Nk]): chunks of other documents are
+    invisible, blocks before the block of the document's first token (f) are
+    excluded, and the init blocks are the document's own, f <= b < f + init_blocks."""
     Nq, Nk = q.shape[2], k.shape[2]
     Mk = Nk // block_size
     kc = compress_keys(k, kernel_size, kernel_stride)
     pos = torch.arange(q_start, q_start + Nq, device=q.device)
     B, Hq, _, D = q.shape
     Hkv, n_c = kc.shape[1], kc.shape[2]
+    docs = q_doc is not None
+
+    def vis(n, ks, stride):  # [.., Nq, n] broadcasting against [B, Hkv, G, Nq, n]
+        if not docs:
+            return visible(n, pos, ks, stride)
+        return visible(n, pos, ks, stride, q_doc, chunk_docs(k_doc, ks, stride))[:, :, None]
+
     qg = q.float().view(B, Hkv, Hq // Hkv, Nq, D)
     scores = torch.einsum("bhgid,bhjd->bhgij", qg, kc) / math.sqrt(D)
-    scores = scores.masked_fill(~visible(n_c, pos, kernel_size, kernel_stride), float("-inf"))
+    scores = scores.masked_fill(~vis(n_c, kernel_size, kernel_stride), float("-inf"))
     if lse == "exact":
         p = torch.softmax(scores, dim=-1).nan_to_num(0.0)
     else:
         kc2 = compress_keys(k, COARSE * kernel_size, COARSE * kernel_stride)
         s2 = torch.einsum("bhgid,bhjd->bhgij", qg, kc2) / math.sqrt(D)
-        s2 = s2.masked_fill(~visible(kc2.shape[2], pos, COARSE * kernel_size, COARSE * kernel_stride), float("-inf"))
+        s2 = s2.masked_fill(~vis(kc2.shape[2], COARSE * kernel_size, COARSE * kernel_stride), float("-inf"))
         l2 = torch.logsumexp(s2, -1, keepdim=True)
         p = torch.exp(scores - l2.masked_fill(l2 == float("-inf"), 0.0))
     p = p.sum(2)  # [B, Hkv, Nq, n_c]
@@ -156,8 +199,9 @@ def select_naive(q: torch.Tensor, k: torch.Tensor, *, kernel_size: int, kernel_s
     s = (p[..., :, None] * overlap).amax(-2)  # [B, Hkv, Nq, Mk]
     local = window_size // block_size
     q_blk = (pos // block_size)[:, None]
-    s = s.masked_fill((b < init_blocks) | ((b >= q_blk - local) & (b <= q_blk)), float("inf"))
-    s = s.masked_fill(b > q_blk, float("-inf"))
+    first = doc_first_block(q_doc, k_doc, block_size)[:, None, :, None] if docs else 0
+    s = s.masked_fill((b < first + init_blocks) | ((b >= q_blk - local) & (b <= q_blk)), float("inf"))
+    s = s.masked_fill((b > q_blk) | (b < first), float("-inf"))
     idx = s.topk(min(topk + local, Mk), dim=-1).indices
     mask = torch.zeros_like(s, dtype=torch.bool).scatter_(-1, idx, True)
     return mask & (s > float("-inf"))

@@ -7,6 +7,11 @@ No softmax and no normalisation: the model layer adds its output norm.
 Function). `lightning_fwd` / `lightning_bwd` are the raw passes, exposed so
 that parallel/lasp2 can wrap them in its own autograd Function.
 
+Packed documents: with doc_ids [B, N] (non-decreasing per row) the state
+resets at every document start, S_t = k_t v_t^T + [doc_t = doc_{t-1}]
+lambda S_{t-1}; initial_state belongs to document initial_doc ([B]; None: it
+continues the row's first document). doc_ids=None is the unmasked kernel.
+
 The decay lambda is usually a fixed per-head constant (TransNormerLLM, like
 ALiBi slopes). A decay that requires grad gets its gradient from the
 backward (`decay_grad=True`), computed only then.
@@ -19,15 +24,18 @@ import torch
 from .impl import use_triton
 from .lightning_ref import lightning_ref_bwd, lightning_ref_fwd
 
-def check_lightning_inputs(q, k, v, decay=None, initial_state=None, chunk_size=64) -> torch.Tensor | None:
-    """Validate shapes, chunk size and decay (its values only off CUDA: no host sync); return
-    log(decay) as fp32 [H] (or None).
+def check_lightning_inputs(q, k, v, decay=None, initial_state=None, chunk_size=64, doc_ids=None,
+                           initial_doc=None) -> torch.Tensor | None:
+    """Validate shapes, chunk size, documents and decay (values only off CUDA: no host sync);
+    return log(decay) as fp32 [H] (or None).
 
     The log keeps decay's autograd graph: a gradient with respect to log(decay)
     reaches decay through it.
 
     q, k: [B, H, N, Dk]; v: [B, H, N, Dv]; decay: [H] in (0, 1];
-    initial_state: [B, H, Dk, Dv]. Raises ValueError naming the argument.
+    initial_state: [B, H, Dk, Dv]; doc_ids: [B, N] integer, non-decreasing per
+    row, on q's device; initial_doc: [B] integer on q's device, only with
+    doc_ids. Raises ValueError naming the argument.
     """
     if chunk_size < 16 or chunk_size & (chunk_size - 1):
         raise ValueError(f"chunk_size must be a power of two >= 16 (Triton block), got {chunk_size}")
@@ -44,6 +52,7 @@ def check_lightning_inputs(q, k, v, decay=None, initial_state=None, chunk_size=6
         raise ValueError(
             f"initial_state must be [B, H, Dk, Dv] = {[B, H, Dk, v.shape[-1]]}, got {tuple(initial_state.shape)}"
         )
+    _check_docs(q, doc_ids, initial_doc)
     if decay is None:
         return None
     if decay.shape != (H,):
@@ -56,60 +65,92 @@ def check_lightning_inputs(q, k, v, decay=None, initial_state=None, chunk_size=6
     return decay.float().log().to(q.device)
 
 
-def lightning_fwd(q, k, v, log_decay, initial_state, chunk_size=64, impl="auto"):
-    """Forward pass, no autograd. Returns o [B, H, N, Dv] and final state [B, H, Dk, Dv] (fp32)."""
+def _is_int(x: torch.Tensor) -> bool:
+    return not x.dtype.is_floating_point and not x.dtype.is_complex and x.dtype != torch.bool
+
+
+def _check_docs(q, doc_ids, initial_doc) -> None:
+    """doc_ids [B, N] / initial_doc [B]: integer tensors on q's device; ValueError naming the
+    argument. Monotonicity is checked off CUDA only (no host sync), like decay's values."""
+    B, N = q.shape[0], q.shape[2]
+    if doc_ids is None:
+        if initial_doc is not None:
+            raise ValueError("initial_doc needs doc_ids (the document of initial_state is compared with doc_ids[:, 0])")
+        return
+    if doc_ids.shape != (B, N) or not _is_int(doc_ids) or doc_ids.device != q.device:
+        raise ValueError(f"doc_ids must be an integer [B, N] = [{B}, {N}] tensor on {q.device}, got "
+                         f"{doc_ids.dtype} {tuple(doc_ids.shape)} on {doc_ids.device}")
+    if initial_doc is not None and (initial_doc.shape != (B,) or not _is_int(initial_doc)
+                                    or initial_doc.device != q.device):
+        raise ValueError(f"initial_doc must be an integer [B] = [{B}] tensor on {q.device}, got "
+                         f"{initial_doc.dtype} {tuple(initial_doc.shape)} on {initial_doc.device}")
+    if not doc_ids.is_cuda and bool((doc_ids[:, 1:] < doc_ids[:, :-1]).any()):
+        raise ValueError("doc_ids must be non-decreasing along each row (documents numbered in order)")
+
+
+def lightning_fwd(q, k, v, log_decay, initial_state, chunk_size=64, impl="auto", doc_ids=None, initial_doc=None):
+    """Forward pass, no autograd. Returns o [B, H, N, Dv] and final state [B, H, Dk, Dv] (fp32),
+    the last document's state. doc_ids: [B, N] or None; initial_doc: [B] or None."""
     if use_triton(q, impl):
         from .lightning_triton import lightning_triton_fwd
 
-        return lightning_triton_fwd(q, k, v, log_decay, initial_state, chunk_size)
-    return lightning_ref_fwd(q, k, v, log_decay, initial_state, chunk_size)
+        return lightning_triton_fwd(q, k, v, log_decay, initial_state, chunk_size, doc_ids, initial_doc)
+    return lightning_ref_fwd(q, k, v, log_decay, initial_state, chunk_size, doc_ids, initial_doc)
 
 
-def lightning_bwd(q, k, v, log_decay, initial_state, do, d_final, chunk_size=64, impl="auto", decay_grad=False):
+def lightning_bwd(q, k, v, log_decay, initial_state, do, d_final, chunk_size=64, impl="auto", decay_grad=False,
+                  doc_ids=None, initial_doc=None):
     """Backward pass: dq, dk, dv, the gradient of initial_state (fp32) and, with
     decay_grad, the gradient of log_decay ([H] fp32, summed over the batch), else None.
 
-    do: [B, H, N, Dv]; d_final: gradient of the final state [B, H, Dk, Dv] or None.
+    do: [B, H, N, Dv]; d_final: gradient of the final state [B, H, Dk, Dv] or None;
+    doc_ids, initial_doc: the forward's.
     """
     if use_triton(q, impl):
         from .lightning_triton import lightning_triton_bwd
 
-        return lightning_triton_bwd(q, k, v, log_decay, initial_state, do, d_final, chunk_size, decay_grad)
-    return lightning_ref_bwd(q, k, v, log_decay, initial_state, do, d_final, chunk_size, decay_grad)
+        return lightning_triton_bwd(q, k, v, log_decay, initial_state, do, d_final, chunk_size, decay_grad,
+                                    doc_ids, initial_doc)
+    return lightning_ref_bwd(q, k, v, log_decay, initial_state, do, d_final, chunk_size, decay_grad, doc_ids,
+                             initial_doc)
 
 
 class _LightningAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, initial_state, log_decay, chunk_size, impl):
-        o, final = lightning_fwd(q, k, v, log_decay, initial_state, chunk_size, impl)
-        ctx.save_for_backward(q, k, v, initial_state, log_decay)
+    def forward(ctx, q, k, v, initial_state, log_decay, chunk_size, impl, doc_ids, initial_doc):
+        o, final = lightning_fwd(q, k, v, log_decay, initial_state, chunk_size, impl, doc_ids, initial_doc)
+        ctx.save_for_backward(q, k, v, initial_state, log_decay, doc_ids, initial_doc)
         ctx.chunk_size, ctx.impl = chunk_size, impl
         ctx.set_materialize_grads(False)
         return o, final
 
     @staticmethod
     def backward(ctx, do, d_final):
-        q, k, v, initial_state, log_decay = ctx.saved_tensors
+        q, k, v, initial_state, log_decay, doc_ids, initial_doc = ctx.saved_tensors
         if do is None:
             do = torch.zeros(*q.shape[:3], v.shape[-1], dtype=q.dtype, device=q.device)
         dq, dk, dv, d_init, d_log_decay = lightning_bwd(q, k, v, log_decay, initial_state, do, d_final,
-                                                        ctx.chunk_size, ctx.impl, decay_grad=ctx.needs_input_grad[4])
+                                                        ctx.chunk_size, ctx.impl, ctx.needs_input_grad[4], doc_ids,
+                                                        initial_doc)
         d_init = None if initial_state is None else d_init.to(initial_state.dtype)
-        return dq, dk, dv, d_init, d_log_decay, None, None
+        return dq, dk, dv, d_init, d_log_decay, None, None, None, None
 
 
 def lightning_attention(q, k, v, *, decay=None, initial_state=None, return_final_state=False,
-                        chunk_size=64, impl="auto"):
+                        chunk_size=64, impl="auto", doc_ids=None, initial_doc=None):
     """Causal linear attention `o_t = q_t^T S_t`, `S_t = lambda_h S_{t-1} + k_t v_t^T`.
 
     q, k: [B, H, N, Dk]; v: [B, H, N, Dv]; decay: [H] with values in (0, 1]
     (None: no decay; differentiable; values checked unless decay is on CUDA);
     initial_state: [B, H, Dk, Dv] (S_0; differentiable). N need not be a
-    multiple of chunk_size.
+    multiple of chunk_size. doc_ids: [B, N] integer document ids,
+    non-decreasing per row (None: one document): the state resets where the
+    id changes; initial_doc: [B], the document initial_state belongs to
+    (None: the row's first document continues it).
     Returns o: [B, H, N, Dv] in q's dtype, and with return_final_state also
-    S_N: [B, H, Dk, Dv] in fp32. impl: "auto" (Triton on CUDA, PyTorch
+    S_N: [B, H, Dk, Dv] in fp32 (the last document's). impl: "auto" (Triton on CUDA, PyTorch
     reference on CPU), "triton" or "torch".
     """
-    log_decay = check_lightning_inputs(q, k, v, decay, initial_state, chunk_size)
-    o, final = _LightningAttention.apply(q, k, v, initial_state, log_decay, chunk_size, impl)
+    log_decay = check_lightning_inputs(q, k, v, decay, initial_state, chunk_size, doc_ids, initial_doc)
+    o, final = _LightningAttention.apply(q, k, v, initial_state, log_decay, chunk_size, impl, doc_ids, initial_doc)
     return (o, final) if return_final_state else o

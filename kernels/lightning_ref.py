@@ -11,6 +11,21 @@ Chunked form used here and in the Triton kernel (chunk of length L, local
     o_i   = lambda^(i+1) q_i^T S_in + sum_{j<=i} lambda^(i-j) (q_i . k_j) v_j
     S_out = lambda^L S_in + sum_j lambda^(L-1-j) k_j v_j^T
 
+Packed documents (doc_ids [B, N], non-decreasing per row): the state resets
+at every document start, S_t = k_t v_t^T + [doc_t = doc_{t-1}] lambda S_{t-1},
+with doc_{-1} = initial_doc (None: the first document continues S_0). With
+p the document of the token before the chunk and d_last its last token's, the
+chunked form above only gains masks, which _doc_masks folds into the decays:
+
+    lambda^(i+1)    x [d_i = p]          a query reads S_in only inside p's document
+    lambda^(i-j)    x [d_i = d_j]        intra-chunk pairs of one document
+    lambda^(L-1-j)  x [d_j = d_last]     S_out holds the chunk's last document only
+    lambda^L        x [d_last = p]       S_in survives a chunk with no document start
+
+(equalities suffice because ids are non-decreasing: d_i = d_j with j <= i means
+no document starts in (j, i]). The backward and the decay gradient are the same
+formulas with the same masked decays.
+
 All arithmetic is fp32; the log-decay g_h = log(lambda_h) is passed so that
 lambda^x = exp(g x) never overflows (g <= 0). `log_decay=None` means lambda = 1.
 The decay gradient is taken with respect to g (dL/dlambda = dL/dg / lambda).
@@ -55,6 +70,37 @@ def _decays(log_decay, H, N, chunk_size, device):
     return q_decay, k_decay.unsqueeze(-1), intra.unsqueeze(1), chunk_decay, lens
 
 
+def _doc_masks(doc_ids, initial_doc, chunk_size):
+    """Document masks of every chunk (docstring of this module), shaped to multiply _decays'
+    factors: (q_mask [B, 1, n, C, 1] = [d_i = p], k_mask [B, 1, n, C, 1] = [d_j = d_last],
+    same [B, 1, n, C, C] = [d_i = d_j], carry [B, 1, n] = [d_last = p]) as fp32.
+
+    doc_ids: [B, N] ints; initial_doc: [B] or None (the first document continues S_0). The
+    padding repeats each row's last id, so d_last of the last chunk is its last real token's.
+    """
+    B, N = doc_ids.shape
+    n_chunks = -(-N // chunk_size)
+    doc = torch.cat([doc_ids, doc_ids[:, -1:].expand(B, n_chunks * chunk_size - N)], dim=1)
+    doc = doc.view(B, n_chunks, chunk_size)
+    first = doc_ids[:, 0] if initial_doc is None else initial_doc.to(doc_ids.device)
+    prev = torch.cat([first.to(doc.dtype).view(B, 1), doc[:, :-1, -1]], dim=1)  # [B, n]: p of each chunk
+    last = doc[:, :, -1]
+    q_mask = (doc == prev.unsqueeze(-1)).float().view(B, 1, n_chunks, chunk_size, 1)
+    k_mask = (doc == last.unsqueeze(-1)).float().view(B, 1, n_chunks, chunk_size, 1)
+    same = (doc.unsqueeze(-1) == doc.unsqueeze(-2)).float().unsqueeze(1)
+    return q_mask, k_mask, same, (last == prev).float().unsqueeze(1)
+
+
+def _masked_decays(log_decay, H, N, chunk_size, device, doc_ids, initial_doc):
+    """_decays, with doc_ids the document masks multiplied in (batch dimension added: q_decay,
+    k_decay [B, H, n, C, 1], intra [B, H, n, C, C], chunk_decay [B, H, n])."""
+    q_decay, k_decay, intra, chunk_decay, lens = _decays(log_decay, H, N, chunk_size, device)
+    if doc_ids is None:
+        return q_decay, k_decay, intra, chunk_decay, lens
+    q_mask, k_mask, same, carry = _doc_masks(doc_ids, initial_doc, chunk_size)
+    return q_decay * q_mask, k_decay * k_mask, intra * same, chunk_decay * carry, lens
+
+
 def _states_in(kc, vc, k_decay, chunk_decay, initial_state):
     """State entering each chunk: [B, H, n, Dk, Dv], and the final state."""
     B, H, n, C, Dk = kc.shape
@@ -64,7 +110,7 @@ def _states_in(kc, vc, k_decay, chunk_decay, initial_state):
     states = []
     for c in range(n):
         states.append(state)
-        state = chunk_decay[:, c].view(1, H, 1, 1) * state + memory[:, :, c]
+        state = chunk_decay[..., c, None, None] * state + memory[:, :, c]
     return torch.stack(states, dim=2), state
 
 
@@ -80,27 +126,30 @@ def _state_grads_out(qc, doc, q_decay, chunk_decay, d_final):
     d_out = [None] * n
     for c in reversed(range(n)):
         d_out[c] = d_state
-        d_state = chunk_decay[:, c].view(1, H, 1, 1) * d_state + q_do[:, :, c]
+        d_state = chunk_decay[..., c, None, None] * d_state + q_do[:, :, c]
     return torch.stack(d_out, dim=2), d_state
 
 
-def lightning_ref_fwd(q, k, v, log_decay=None, initial_state=None, chunk_size=64):
+def lightning_ref_fwd(q, k, v, log_decay=None, initial_state=None, chunk_size=64, doc_ids=None, initial_doc=None):
     """Chunked forward.
 
     q, k: [B, H, N, Dk]; v: [B, H, N, Dv]; log_decay: [H] or None;
-    initial_state: [B, H, Dk, Dv] or None.
+    initial_state: [B, H, Dk, Dv] or None; doc_ids: [B, N] or None;
+    initial_doc: [B] or None (the document initial_state belongs to).
     Returns o: [B, H, N, Dv] (dtype of q) and final state [B, H, Dk, Dv] (fp32).
     """
     B, H, N, _ = q.shape
     qc, kc, vc = (_chunked(x, chunk_size) for x in (q, k, v))
-    q_decay, k_decay, intra, chunk_decay, _ = _decays(log_decay, H, N, chunk_size, q.device)
+    q_decay, k_decay, intra, chunk_decay, _ = _masked_decays(log_decay, H, N, chunk_size, q.device, doc_ids,
+                                                             initial_doc)
     s_in, final = _states_in(kc, vc, k_decay, chunk_decay, initial_state)
     scores = (qc @ kc.transpose(-1, -2)) * intra
     o = scores @ vc + (qc * q_decay) @ s_in
     return o.flatten(2, 3)[:, :, :N].to(q.dtype), final
 
 
-def lightning_ref_bwd(q, k, v, log_decay, initial_state, do, d_final, chunk_size=64, decay_grad=False):
+def lightning_ref_bwd(q, k, v, log_decay, initial_state, do, d_final, chunk_size=64, decay_grad=False,
+                      doc_ids=None, initial_doc=None):
     """Chunked backward of `lightning_ref_fwd`.
 
     With dS_out the gradient reaching a chunk's outgoing state (d_final for the
@@ -116,7 +165,8 @@ def lightning_ref_bwd(q, k, v, log_decay, initial_state, do, d_final, chunk_size
     """
     N = q.shape[2]
     qc, kc, vc, doc = (_chunked(x, chunk_size) for x in (q, k, v, do))
-    q_decay, k_decay, intra, chunk_decay, lens = _decays(log_decay, q.shape[1], N, chunk_size, q.device)
+    q_decay, k_decay, intra, chunk_decay, lens = _masked_decays(log_decay, q.shape[1], N, chunk_size, q.device,
+                                                                doc_ids, initial_doc)
     s_in, _ = _states_in(kc, vc, k_decay, chunk_decay, initial_state)
     ds_out, d_state = _state_grads_out(qc, doc, q_decay, chunk_decay, d_final)
 
@@ -156,7 +206,8 @@ def _log_decay_grad(qc, kc, q_k, do_dot_v, dq_state, dk_state, s_in, ds_out, chu
     sum_t t (q_t . dq_t - k_t . dk_t) weighs terms by global positions that
     then cancel, so its fp32 error grows with N (100x this form's on a
     lambda = 0.9 head at N = 4096, see tests/kernels/test_lightning_ref.py);
-    no term here grows with the position.
+    no term here grows with the position. With documents the masked
+    decays already zero every term that crosses a document start.
     """
     C = qc.shape[3]
     pos = torch.arange(C, device=qc.device, dtype=torch.float32)
@@ -169,10 +220,12 @@ def _log_decay_grad(qc, kc, q_k, do_dot_v, dq_state, dk_state, s_in, ds_out, chu
                                             (to_state, (0, 2, 3, 4)), (carry, (0, 2))])
 
 
-def lightning_recurrent(q, k, v, decay=None, initial_state=None):
+def lightning_recurrent(q, k, v, decay=None, initial_state=None, doc_ids=None, initial_doc=None):
     """Token-by-token recurrence: the oracle for the chunked forms (slow, autograd).
 
-    q, k: [B, H, N, Dk]; v: [B, H, N, Dv]; decay: [H] or None.
+    q, k: [B, H, N, Dk]; v: [B, H, N, Dv]; decay: [H] or None; doc_ids: [B, N]
+    or None: S_t = k_t v_t^T + [doc_t = doc_{t-1}] lambda S_{t-1}, doc_{-1} =
+    initial_doc ([B]; None: the first document continues initial_state).
     Returns o: [B, H, N, Dv] and the final state [B, H, Dk, Dv], both in at
     least fp32 (fp64 inputs stay fp64).
     """
@@ -182,8 +235,13 @@ def lightning_recurrent(q, k, v, decay=None, initial_state=None):
     lam = torch.ones(H, dtype=dtype, device=q.device) if decay is None else decay.to(dtype)
     lam = lam.view(1, H, 1, 1)
     state = q.new_zeros(B, H, Dk, v.shape[-1]) if initial_state is None else initial_state.to(dtype)
+    prev = None if doc_ids is None else (doc_ids[:, 0] if initial_doc is None else initial_doc)
     outs = []
     for t in range(N):
-        state = lam * state + k[:, :, t, :, None] * v[:, :, t, None, :]
+        carry = lam
+        if doc_ids is not None:  # a document start forgets the state
+            carry = lam * (doc_ids[:, t] == prev).to(dtype).view(B, 1, 1, 1)
+            prev = doc_ids[:, t]
+        state = carry * state + k[:, :, t, :, None] * v[:, :, t, None, :]
         outs.append(torch.einsum("bhd,bhde->bhe", q[:, :, t], state))
     return torch.stack(outs, dim=2), state

@@ -39,6 +39,16 @@ No term carries a global position, so there is no fp32 cancellation at long N
 (lightning_ref._log_decay_grad derives it; the tests also check it against
 autograd through the token recurrence).
 
+Packed documents (HAS_DOC, doc ids DOC [B, N] int32 and DOC_IN [B], the
+document of S_0): every kernel multiplies its decay factors by
+lightning_ref's document masks, with p the document of the token before the
+chunk (DOC_IN for chunk 0) and d_last that of its last token:
+lambda^(i+1) by [d_i = p], lambda^(i-j) by [d_i = d_j], lambda^(L-1-j) by
+[d_j = d_last] and the prefix kernel's lambda^L by [d_last = p], so the chain
+restarts from M_c after a chunk with a document start. The same masked factors
+serve the backward and the decay gradient. HAS_DOC=False compiles to the
+unmasked kernels (the doc pointers are then never read).
+
 Inputs are made contiguous [B, H, N, D] and read as fp32 (dots run as tf32 on
 GPUs); Dk and Dv are padded to powers of two >= 16 by masking and cut into
 BK x BV state tiles. The states S_c and dS_c live in fp32 buffers
@@ -94,8 +104,28 @@ def _intra_decay(g, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
-def _chunk_state_kernel(X, Y, STATES, LOG_DECAY, H, N, DK, DV, REVERSE: tl.constexpr, BLOCK_C: tl.constexpr,
-                        BK: tl.constexpr, BV: tl.constexpr):
+def _doc_ends(row, doc_in, start, N, BLOCK_C: tl.constexpr):
+    """(p, d_last) of the chunk at start of a doc-id row: the document of the token before
+    the chunk (doc_in[0] for the first chunk) and of its last token."""
+    prev = tl.where(start > 0, tl.load(row + tl.maximum(start - 1, 0)), tl.load(doc_in))
+    return prev, tl.load(row + tl.minimum(start + BLOCK_C, N) - 1)
+
+
+@triton.jit
+def _doc_masks(DOC, DOC_IN, b, start, N, BLOCK_C: tl.constexpr):
+    """Document masks of the chunk at start of row b: [d_i = p] [C], [d_j = d_last] [C],
+    [d_i = d_j] [C, C] and the scalar [d_last = p] (lightning_ref._doc_masks). Positions past
+    N read id 0: their k, v, do are zero and their outputs are not stored."""
+    row = DOC + b.to(tl.int64) * N
+    pos = start + tl.arange(0, BLOCK_C)
+    doc = tl.load(row + pos, mask=pos < N, other=0)
+    prev, last = _doc_ends(row, DOC_IN + b, start, N, BLOCK_C)
+    return doc == prev, doc == last, doc[:, None] == doc[None, :], last == prev
+
+
+@triton.jit
+def _chunk_state_kernel(X, Y, STATES, LOG_DECAY, DOC, DOC_IN, H, N, DK, DV, REVERSE: tl.constexpr,
+                        HAS_DOC: tl.constexpr, BLOCK_C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
     """STATES[bh, c] tile = sum_j w_j x_j y_j^T over chunk c: w = lambda^(L-1-j) (M_c from k, v),
     REVERSE: w = lambda^(i+1) (the chunk's share of dS_{c-1} from q, do). Grid (chunks, tiles, B*H)."""
     c, tile, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -106,18 +136,22 @@ def _chunk_state_kernel(X, Y, STATES, LOG_DECAY, H, N, DK, DV, REVERSE: tl.const
     x, y = _load(X, off_x, mask_x), _load(Y, off_y, mask_y)
     q_decay, k_decay, _, _ = _decay_vectors(tl.load(LOG_DECAY + bh % H), start, N, BLOCK_C)
     w = q_decay if REVERSE else k_decay
+    if HAS_DOC:
+        q_doc, k_doc, _, _ = _doc_masks(DOC, DOC_IN, bh // H, start, N, BLOCK_C)
+        w = tl.where(q_doc if REVERSE else k_doc, w, 0.0)
     state = tl.dot(tl.trans(x * w[:, None]), y)
     off_s, mask_s = _state_tile((bh.to(tl.int64) * tl.num_programs(0) + c) * DK * DV, row0, col0, DK, DV, BK, BV)
     tl.store(STATES + off_s, state, mask=mask_s)
 
 
 @triton.jit
-def _prefix_kernel(STATES, S_START, S_END, LOG_DECAY, H, N, DK, DV, REVERSE: tl.constexpr, BLOCK_C: tl.constexpr,
-                   BK: tl.constexpr, BV: tl.constexpr):
+def _prefix_kernel(STATES, S_START, S_END, LOG_DECAY, DOC, DOC_IN, H, N, DK, DV, REVERSE: tl.constexpr,
+                   HAS_DOC: tl.constexpr, BLOCK_C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
     """In place over the chunk states: slot c <- the chain's value at chunk c, chain' = lambda^L chain + slot c.
 
     Forward order, from S_START (S_0): slot c becomes S_c, S_END the final state.
-    REVERSE, from S_START (d_final): slot c becomes dS_c, S_END d_initial. Grid (tiles, B*H)."""
+    REVERSE, from S_START (d_final): slot c becomes dS_c, S_END d_initial. HAS_DOC: lambda^L
+    becomes 0 on a chunk with a document start. Grid (tiles, B*H)."""
     tile, bh = tl.program_id(0), tl.program_id(1)
     row0, col0 = (tile // tl.cdiv(DV, BV)) * BK, (tile % tl.cdiv(DV, BV)) * BV
     g = tl.load(LOG_DECAY + bh % H)
@@ -132,13 +166,19 @@ def _prefix_kernel(STATES, S_START, S_END, LOG_DECAY, H, N, DK, DV, REVERSE: tl.
         slot = STATES + (bh.to(tl.int64) * n_chunks + c) * DK * DV
         contribution = _load(slot, off, mask)
         tl.store(slot + off, chain, mask=mask)
-        chain = chain * tl.exp(g * tl.minimum(N - c * BLOCK_C, BLOCK_C).to(tl.float32)) + contribution
+        decay = tl.exp(g * tl.minimum(N - c * BLOCK_C, BLOCK_C).to(tl.float32))
+        if HAS_DOC:
+            b = bh // H
+            prev, last = _doc_ends(DOC + b.to(tl.int64) * N, DOC_IN + b, c * BLOCK_C, N, BLOCK_C)
+            decay = tl.where(last == prev, decay, 0.0)
+        chain = chain * decay + contribution
     tl.store(S_END + head + off, chain, mask=mask)
 
 
 @triton.jit
-def _chunk_out_kernel(A, B, X, OUT, STATES, LOG_DECAY, H, N, DK, DV, FOR_DV: tl.constexpr, BLOCK_C: tl.constexpr,
-                      BLOCK_DK: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+def _chunk_out_kernel(A, B, X, OUT, STATES, LOG_DECAY, DOC, DOC_IN, H, N, DK, DV, FOR_DV: tl.constexpr,
+                      HAS_DOC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_DK: tl.constexpr, BK: tl.constexpr,
+                      BV: tl.constexpr):
     """A chunk's Dv tile from its pair products A B^T and its state S. Grid (chunks, Dv tiles, B*H).
         forward (A, B, X, S = q, k, v, S_c):  o_i  = lambda^(i+1) (q S_c)_i + sum_j ((q k^T) * intra)_ij v_j
         FOR_DV  (A, B, X, S = k, q, do, dS_c): dv_j = lambda^(L-1-j) (k dS_c)_j + sum_i ((k q^T) * intra^T)_ji do_i
@@ -157,6 +197,10 @@ def _chunk_out_kernel(A, B, X, OUT, STATES, LOG_DECAY, H, N, DK, DV, FOR_DV: tl.
         out += tl.dot(a, _load(STATES, off_s, mask_s))
     q_decay, k_decay, _, _ = _decay_vectors(g, start, N, BLOCK_C)
     intra = _intra_decay(g, BLOCK_C)
+    if HAS_DOC:  # [d_i = d_j] is symmetric: FOR_DV's transpose keeps it
+        q_doc, k_doc, same, _ = _doc_masks(DOC, DOC_IN, bh // H, start, N, BLOCK_C)
+        q_decay, k_decay = tl.where(q_doc, q_decay, 0.0), tl.where(k_doc, k_decay, 0.0)
+        intra = tl.where(same, intra, 0.0)
     if FOR_DV:
         out = out * k_decay[:, None]
         intra = tl.trans(intra)
@@ -168,9 +212,9 @@ def _chunk_out_kernel(A, B, X, OUT, STATES, LOG_DECAY, H, N, DK, DV, FOR_DV: tl.
 
 
 @triton.jit
-def _bwd_dqk_kernel(Q, K, V, DO, OUT, STATES, D_STATES, DG, LOG_DECAY, H, N, DK, DV, FOR_DK: tl.constexpr,
-                    DECAY_GRAD: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_DV: tl.constexpr, BK: tl.constexpr,
-                    BV: tl.constexpr):
+def _bwd_dqk_kernel(Q, K, V, DO, OUT, STATES, D_STATES, DG, LOG_DECAY, DOC, DOC_IN, H, N, DK, DV,
+                    FOR_DK: tl.constexpr, DECAY_GRAD: tl.constexpr, HAS_DOC: tl.constexpr, BLOCK_C: tl.constexpr,
+                    BLOCK_DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
     """dq (or with FOR_DK dk) of chunk c, Dk tile into OUT; with DECAY_GRAD also this launch's
     terms of dg into DG[bh, c, tile] (dq: intra pairs, from-state and carry; dk: to-state).
     Grid (chunks, Dk tiles, B*H)."""
@@ -194,9 +238,14 @@ def _bwd_dqk_kernel(Q, K, V, DO, OUT, STATES, D_STATES, DG, LOG_DECAY, H, N, DK,
             if DECAY_GRAD:
                 carry += tl.sum(tl.sum(state * _load(D_STATES, off_s, mask_s), axis=1), axis=0)
     q_decay, k_decay, chunk_decay, length = _decay_vectors(g, start, N, BLOCK_C)
+    intra = _intra_decay(g, BLOCK_C)
+    if HAS_DOC:
+        q_doc, k_doc, same, keeps = _doc_masks(DOC, DOC_IN, bh // H, start, N, BLOCK_C)
+        q_decay, k_decay = tl.where(q_doc, q_decay, 0.0), tl.where(k_doc, k_decay, 0.0)
+        intra, chunk_decay = tl.where(same, intra, 0.0), tl.where(keeps, chunk_decay, 0.0)
     off_k, mask_k = _seq_tile(bh.to(tl.int64) * N * DK, start, ik * BK, N, DK, BLOCK_C, BK)
     q, k = _load(Q, off_k, mask_k), _load(K, off_k, mask_k)
-    do_v = do_v * _intra_decay(g, BLOCK_C)
+    do_v = do_v * intra
     pos = tl.arange(0, BLOCK_C)
     if FOR_DK:
         if DECAY_GRAD:
@@ -258,11 +307,23 @@ def _log_decay(log_decay, H, device):
     return torch.zeros(H, device=device) if log_decay is None else log_decay.float().contiguous()
 
 
-def _chain(x, y, g, start, reverse, params):
+def _doc_args(doc_ids, initial_doc, device) -> tuple:
+    """The kernels' (DOC [B, N] int32, DOC_IN [B] int32, HAS_DOC). Without doc_ids the pointers
+    are a 1-element placeholder the HAS_DOC=False kernels never read; DOC_IN defaults to the
+    row's first id (the first document continues S_0)."""
+    if doc_ids is None:
+        none = torch.empty(1, device=device, dtype=torch.int32)  # no fill launch: never read
+        return none, none, False
+    doc = doc_ids.to(torch.int32).contiguous()
+    doc_in = doc[:, 0] if initial_doc is None else initial_doc.to(torch.int32)
+    return doc, doc_in.contiguous(), True
+
+
+def _chain(x, y, g, docs, start, reverse, params):
     """States of the chunk chain over x [B, H, N, Dk], y [B, H, N, Dv] -> (per-chunk states
     [B*H, n_chunks, Dk, Dv] fp32, end state [B, H, Dk, Dv] fp32): S_c and the final state
     from start = S_0, or with reverse (x = q, y = do, start = d_final) dS_c and d_initial.
-    start None: zeros."""
+    start None: zeros. docs: _doc_args."""
     B, H, N, Dk = x.shape
     Dv = y.shape[-1]
     (tiles, warps, stages), (ptiles, pwarps, pstages) = params["lightning_chunk_state"], params["lightning_prefix"]
@@ -271,30 +332,34 @@ def _chain(x, y, g, start, reverse, params):
     end = torch.empty(B, H, Dk, Dv, device=x.device, dtype=torch.float32)
     start = torch.zeros_like(end) if start is None else start.contiguous()
     n_tiles = triton.cdiv(Dk, tiles["BK"]) * triton.cdiv(Dv, tiles["BV"])
-    _chunk_state_kernel[(n_chunks, n_tiles, B * H)](x, y, states, g, H, N, Dk, Dv, REVERSE=reverse, **tiles,
-                                                    num_warps=warps, num_stages=stages)
+    doc, doc_in, has_doc = docs
+    _chunk_state_kernel[(n_chunks, n_tiles, B * H)](x, y, states, g, doc, doc_in, H, N, Dk, Dv, REVERSE=reverse,
+                                                    HAS_DOC=has_doc, **tiles, num_warps=warps, num_stages=stages)
     n_tiles = triton.cdiv(Dk, ptiles["BK"]) * triton.cdiv(Dv, ptiles["BV"])
-    _prefix_kernel[(n_tiles, B * H)](states, start, end, g, H, N, Dk, Dv, REVERSE=reverse, **ptiles,
-                                     num_warps=pwarps, num_stages=pstages)
+    _prefix_kernel[(n_tiles, B * H)](states, start, end, g, doc, doc_in, H, N, Dk, Dv, REVERSE=reverse,
+                                     HAS_DOC=has_doc, **ptiles, num_warps=pwarps, num_stages=pstages)
     return states, end
 
 
-def lightning_triton_fwd(q, k, v, log_decay, initial_state, chunk_size=64):
-    """q, k: [B, H, N, Dk]; v: [B, H, N, Dv] -> o [B, H, N, Dv], final state [B, H, Dk, Dv] fp32."""
+def lightning_triton_fwd(q, k, v, log_decay, initial_state, chunk_size=64, doc_ids=None, initial_doc=None):
+    """q, k: [B, H, N, Dk]; v: [B, H, N, Dv]; doc_ids [B, N], initial_doc [B] or None
+    -> o [B, H, N, Dv], final state [B, H, Dk, Dv] fp32."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     B, H, N, Dk = q.shape
     params = _params(q, v, chunk_size)
     g = _log_decay(log_decay, H, q.device)
-    states, final = _chain(k, v, g, initial_state, False, params)
+    docs = _doc_args(doc_ids, initial_doc, q.device)
+    states, final = _chain(k, v, g, docs, initial_state, False, params)
     o = torch.empty_like(v, dtype=q.dtype)
     tiles, warps, stages = params["lightning_chunk_out"]
     grid = (states.shape[1], triton.cdiv(v.shape[-1], tiles["BV"]), B * H)
-    _chunk_out_kernel[grid](q, k, v, o, states, g, H, N, Dk, v.shape[-1], FOR_DV=False, **tiles, num_warps=warps,
-                            num_stages=stages)
+    _chunk_out_kernel[grid](q, k, v, o, states, g, docs[0], docs[1], H, N, Dk, v.shape[-1], FOR_DV=False,
+                            HAS_DOC=docs[2], **tiles, num_warps=warps, num_stages=stages)
     return o, final
 
 
-def lightning_triton_bwd(q, k, v, log_decay, initial_state, do, d_final, chunk_size=64, decay_grad=False):
+def lightning_triton_bwd(q, k, v, log_decay, initial_state, do, d_final, chunk_size=64, decay_grad=False,
+                         doc_ids=None, initial_doc=None):
     """Gradients dq, dk, dv (input dtypes), d_initial [B, H, Dk, Dv] fp32, and with decay_grad
     the gradient with respect to log_decay ([H] fp32, summed over the batch), else None."""
     q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), do.contiguous()
@@ -302,8 +367,9 @@ def lightning_triton_bwd(q, k, v, log_decay, initial_state, do, d_final, chunk_s
     Dv = v.shape[-1]
     params = _params(q, v, chunk_size)
     g = _log_decay(log_decay, H, q.device)
-    states, _ = _chain(k, v, g, initial_state, False, params)
-    d_states, d_init = _chain(q, do, g, d_final, True, params)
+    docs = _doc_args(doc_ids, initial_doc, q.device)
+    states, _ = _chain(k, v, g, docs, initial_state, False, params)
+    d_states, d_init = _chain(q, do, g, docs, d_final, True, params)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     n_chunks = states.shape[1]
     tiles, warps, stages = params["lightning_bwd_dqk"]
@@ -311,13 +377,13 @@ def lightning_triton_bwd(q, k, v, log_decay, initial_state, do, d_final, chunk_s
     # dq and dk are two launches of one kernel: together they would spill (do v^T and two accumulators).
     dg = torch.empty(2, B * H * n_chunks * grid[1] if decay_grad else 1, device=q.device, dtype=torch.float32)
     for for_dk, out in enumerate((dq, dk)):
-        _bwd_dqk_kernel[grid](q, k, v, do, out, states, d_states, dg[for_dk], g, H, N, Dk, Dv,
-                              FOR_DK=bool(for_dk), DECAY_GRAD=decay_grad, **tiles, num_warps=warps,
-                              num_stages=stages)
+        _bwd_dqk_kernel[grid](q, k, v, do, out, states, d_states, dg[for_dk], g, docs[0], docs[1], H, N, Dk, Dv,
+                              FOR_DK=bool(for_dk), DECAY_GRAD=decay_grad, HAS_DOC=docs[2], **tiles,
+                              num_warps=warps, num_stages=stages)
     tiles, warps, stages = params["lightning_chunk_out"]
-    _chunk_out_kernel[(n_chunks, triton.cdiv(Dv, tiles["BV"]), B * H)](k, q, do, dv, d_states, g, H, N, Dk, Dv,
-                                                                       FOR_DV=True, **tiles, num_warps=warps,
-                                                                       num_stages=stages)
+    _chunk_out_kernel[(n_chunks, triton.cdiv(Dv, tiles["BV"]), B * H)](k, q, do, dv, d_states, g, docs[0], docs[1],
+                                                                       H, N, Dk, Dv, FOR_DV=True, HAS_DOC=docs[2],
+                                                                       **tiles, num_warps=warps, num_stages=stages)
     d_log_decay = dg.view(2, B, H, -1).sum((0, 1, 3)) if decay_grad else None
     return dq, dk, dv, d_init, d_log_decay
 
@@ -325,11 +391,13 @@ def lightning_triton_bwd(q, k, v, log_decay, initial_state, do, d_final, chunk_s
 _FNS = {"lightning_chunk_state": _chunk_state_kernel, "lightning_prefix": _prefix_kernel,
         "lightning_chunk_out": _chunk_out_kernel, "lightning_bwd_dqk": _bwd_dqk_kernel}
 # The flag constexprs of each kernel, every combination of which is launched: REVERSE (state
-# chain / gradient chain), FOR_DV (o / dv), FOR_DK (dq / dk), DECAY_GRAD (learn_decay).
-_FLAGS = {"lightning_chunk_state": ("REVERSE",), "lightning_prefix": ("REVERSE",), "lightning_chunk_out": ("FOR_DV",),
-          "lightning_bwd_dqk": ("FOR_DK", "DECAY_GRAD")}
-# Pointers that are fp32 whatever the input dtype; the others have q's dtype.
+# chain / gradient chain), FOR_DV (o / dv), FOR_DK (dq / dk), DECAY_GRAD (learn_decay),
+# HAS_DOC (packed documents).
+_FLAGS = {"lightning_chunk_state": ("REVERSE", "HAS_DOC"), "lightning_prefix": ("REVERSE", "HAS_DOC"),
+          "lightning_chunk_out": ("FOR_DV", "HAS_DOC"), "lightning_bwd_dqk": ("FOR_DK", "DECAY_GRAD", "HAS_DOC")}
+# Pointers that are fp32 whatever the input dtype, and the int32 document ids; the others have q's dtype.
 _FP32_POINTERS = ("STATES", "D_STATES", "S_START", "S_END", "LOG_DECAY", "DG")
+_INT32_POINTERS = ("DOC", "DOC_IN")
 HEAD_DIMS = (32, 64, 128)
 _TRITON_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 
@@ -347,6 +415,7 @@ def aot_specs() -> list:
     for arch, head_dim, dtype in itertools.product(ARCHS, HEAD_DIMS, _TRITON_DTYPES):
         pointers = {name: "fp32" if name in _FP32_POINTERS else _TRITON_DTYPES[dtype]
                     for name in ("Q", "K", "V", "A", "B", "X", "Y", "DO", "OUT") + _FP32_POINTERS}
+        pointers.update(dict.fromkeys(_INT32_POINTERS, "i32"))
         for name, (tiles, warps, stages) in launch_params(head_dim, head_dim, 64, arch).items():
             fn = _FNS[name]
             for values in itertools.product((False, True), repeat=len(_FLAGS[name])):

@@ -17,6 +17,10 @@ similar blocks), so the selection of each token is split into
     rest:   the token's other blocks, gathered per token ([G, R * bs] scores
             per token and KV group, only for tokens that have any).
 
+With document ids (q_doc [B, Nq], k_doc [B, Nk]) the common part skips and
+masks by block as block_sparse_cpu does (doc_split), and the rest part adds
+q_doc_i == k_doc_j to its per-token visibility mask.
+
 Both are exact for their keys; the two (out, lse) pairs merge through lse,
 and in the backward both take the overall lse and delta, so their dq add up
 and their dK/dV accumulate by block. Nothing of size Nq x Nk exists; the
@@ -68,9 +72,10 @@ class _Rest:
     """The rest part as rows (b, KV head, token) with at least one block:
     rows [n] into [B * Hkv * Nq], blocks [n, R] flat ids into the K/V blocks
     [B * Hkv * Mk] (-1 padding mapped to block 0 and masked), and the key
-    positions' visibility mask [n, R * bs]."""
+    positions' visibility mask [n, R * bs] (causality and, given q_doc [B, Nq] and k_doc [B, Nk],
+    one document)."""
 
-    def __init__(self, q, k, rest: BlockLayout, *, block_size, causal, q_start, k_start):
+    def __init__(self, q, k, rest: BlockLayout, *, block_size, causal, q_start, k_start, q_doc=None, k_doc=None):
         B, Hkv, Nk, _ = k.shape
         Nq, mk, bs = q.shape[2], rest.num_k_blocks, block_size
         counts = rest.counts.expand(B, Hkv, Nq).reshape(-1)
@@ -82,6 +87,9 @@ class _Rest:
         ok = (idx >= 0).repeat_interleave(bs, 1)
         if causal:
             ok &= k_start + key <= (q_start + self.rows % Nq)[:, None]
+        if q_doc is not None:
+            b = self.rows // (Hkv * Nq)
+            ok &= k_doc.view(-1)[b[:, None] * Nk + key] == q_doc.view(-1)[b * Nq + self.rows % Nq][:, None]
         self.ok = ok
 
     def chunks(self, head_dim: int, block_size: int):
@@ -126,32 +134,36 @@ def _rest_forward(q, k, v, part: _Rest, *, block_size, sm_scale):
     return out, lse
 
 
-def forward(q, k, v, layout: BlockLayout, *, block_size: int, causal: bool, sm_scale: float, q_start: int, k_start: int):
-    """q: [B, Hq, Nq, D], k, v: [B, Hkv, Nk, D], per-token layout -> out [B, Hq, Nq, D] (q.dtype), lse [B, Hq, Nq] fp32."""
+def forward(q, k, v, layout: BlockLayout, *, block_size: int, causal: bool, sm_scale: float, q_start: int, k_start: int,
+            q_doc=None, k_doc=None):
+    """q: [B, Hq, Nq, D], k, v: [B, Hkv, Nk, D], per-token layout, document ids q_doc [B, Nq], k_doc [B, Nk]
+    or None -> out [B, Hq, Nq, D] (q.dtype), lse [B, Hq, Nq] fp32."""
     B, Nq, G = q.shape[0], q.shape[2], q.shape[1] // k.shape[1]
-    opts = dict(block_size=block_size, causal=causal, sm_scale=sm_scale, q_start=q_start, k_start=k_start)
+    pos = dict(block_size=block_size, causal=causal, q_start=q_start, k_start=k_start, q_doc=q_doc, k_doc=k_doc)
+    opts = dict(sm_scale=sm_scale, **pos)
     common, rest = split_cached(layout, block_size)
     qf, kf, vf = q.float(), k.float(), v.float()  # the reference computes in fp32; its parts stay fp32 until the end
     o1, l1 = block_sparse_cpu.forward(qf, kf, vf, common, **opts)
-    part = _Rest(qf, kf, rest, block_size=block_size, causal=causal, q_start=q_start, k_start=k_start)
+    part = _Rest(qf, kf, rest, **pos)
     o2, l2 = _rest_forward(qf, kf, vf, part, block_size=block_size, sm_scale=sm_scale)
     out, lse = merge_lse(_rows(o1, G), _rows(l1, G), o2, l2)
     return _unrows(out, B, Nq).to(q.dtype), _unrows(lse, B, Nq)
 
 
 def backward(do, q, k, v, lse, delta, layout: BlockLayout, *, block_size: int, causal: bool, sm_scale: float,
-             q_start: int, k_start: int):
+             q_start: int, k_start: int, q_doc=None, k_doc=None):
     """Gradients from the overall lse and delta_i = do_i . o_i - dlse_i ([B, Hq, Nq] fp32), for both parts:
 
         p_ij = exp(s_ij - lse_i),  dv_j += sum_i p_ij do_i,  ds_ij = p_ij (do_i . v_j - delta_i),
         dq_i += sm_scale sum_j ds_ij k_j,  dk_j += sm_scale sum_i ds_ij q_i
     """
     B, Nq, D, G = q.shape[0], q.shape[2], q.shape[3], q.shape[1] // k.shape[1]
-    opts = dict(block_size=block_size, causal=causal, sm_scale=sm_scale, q_start=q_start, k_start=k_start)
+    pos = dict(block_size=block_size, causal=causal, q_start=q_start, k_start=k_start, q_doc=q_doc, k_doc=k_doc)
+    opts = dict(sm_scale=sm_scale, **pos)
     common, rest = split_cached(layout, block_size)
     qf, kf, vf = q.float(), k.float(), v.float()
     dq, dk, dv = (t.contiguous() for t in block_sparse_cpu.backward(do.float(), qf, kf, vf, lse, delta, common, **opts))
-    part = _Rest(qf, kf, rest, block_size=block_size, causal=causal, q_start=q_start, k_start=k_start)
+    part = _Rest(qf, kf, rest, **pos)
     qr, dor = _rows(qf, G), _rows(do.float(), G)
     lser, deltar = _rows(lse.masked_fill(lse == float("-inf"), 0.0), G), _rows(delta, G)
     dqr = torch.zeros_like(qr)

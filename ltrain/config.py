@@ -25,10 +25,11 @@ from typing import List, Optional
 
 from ltrain.attention.registry import kinds as attention_kinds
 from ltrain.attention.registry import resolve_layer_kinds
-from ltrain.data.config import DataConfig, DataConfigError
+from ltrain.data.config import DataConfig, DataConfigError, doc_masking
 from ltrain.errors import ConfigError, config_error
 
 INIT_WEIGHTS = "ltrain_weights.safetensors"  # trainer.init_from's file (ltrain.convert writes it)
+CHECKPOINT_MANIFEST = "ltrain_complete.json"  # = ltrain.checkpoint.MANIFEST (not imported: torch loads late)
 
 
 @dataclass
@@ -113,7 +114,7 @@ class TrainerConfig:
     ckpt_every: int = 100  # 0: only at the end
     keep_last: int = 2
     resume: str = "auto"  # auto (newest complete checkpoint in ckpt_dir, if any) | none | PATH
-    init_from: str = ""  # "": random init | a dir written by `ltrain-convert hf-to-ltrain` (weights only)
+    init_from: str = ""  # "": random init | a dir written by `ltrain-convert hf-to-ltrain` | a checkpoint step dir (weights only)
     loss_chunk: int = 1024  # tokens per fp32 logits block of the loss (ltrain.loss.chunked_lm_loss)
     peak_tflops: float = 0.0  # one device's peak for MFU; 0: by GPU name (A100/H100/H200 bf16), none on CPU
 
@@ -231,9 +232,11 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
     if resume not in ("auto", "none") and not os.path.isdir(resume):
         _fail("trainer.resume", resume, "allowed: auto, none, or an existing checkpoint directory")
     init_from = cfg.trainer.init_from
-    if init_from and not os.path.isfile(os.path.join(init_from, INIT_WEIGHTS)):
-        _fail("trainer.init_from", init_from, f"must be \"\" (random init) or a directory holding {INIT_WEIGHTS} "
-              "(written by `ltrain-convert hf-to-ltrain`)")
+    if init_from and not (os.path.isfile(os.path.join(init_from, INIT_WEIGHTS))
+                          or os.path.isfile(os.path.join(init_from, CHECKPOINT_MANIFEST))):
+        _fail("trainer.init_from", init_from, f"must be \"\" (random init), a directory holding {INIT_WEIGHTS} "
+              "(written by `ltrain-convert hf-to-ltrain`) or a finished checkpoint step directory "
+              "(<run>/checkpoints/step_<N>)")
 
     # The data checks read files with numpy: loaded here, so the schema imports without it.
     from ltrain.data.memmap import max_token_id, read_meta
@@ -265,8 +268,10 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
     for name in sorted(kinds):  # each kind checks its own section (and what it needs of model, data, cp)
         if registered[name].validate is not None:
             registered[name].validate(cfg, kinds)
+    layer_kinds = [registered[name] for name in sorted(kinds)]
+    _validate_documents(cfg, layer_kinds)
     if p.cp > 1:
-        _validate_cp_split(cfg, [registered[name] for name in sorted(kinds)])
+        _validate_cp_split(cfg, layer_kinds)
 
 
 def _validate_environment(cfg: TrainConfig) -> None:
@@ -291,13 +296,29 @@ def resolve_run_paths(cfg: TrainConfig, run_dir: str) -> None:
         cfg.trainer.ckpt_dir = os.path.join(run_dir, "checkpoints")
 
 
+def _attention_block(cfg: TrainConfig, layer_kinds: list) -> int:
+    """Tokens per attention block that fit every kind the model has (16 tokens at least)."""
+    return max([16] + [kind.block_size(cfg) for kind in layer_kinds if kind.block_size is not None])
+
+
+def _validate_documents(cfg: TrainConfig, layer_kinds: list) -> None:
+    """Packed documents (data.doc_boundaries, on by default for packed memmap rows) are
+    masked inside the block-sparse kernels, whose blocks must tile the row. A document
+    shorter than a block, or than one InfLLM-V2 summary window, is fine (kernels/infllm_v2.py)."""
+    n = cfg.data.seq_len
+    block = _attention_block(cfg, layer_kinds)
+    if doc_masking(cfg.data) and n % block:
+        _fail("data.seq_len", n, f"packed documents are masked per attention block (data.doc_boundaries): use a "
+              f"multiple of {block}, or data.doc_boundaries=false to attend across documents")
+
+
 def _validate_cp_split(cfg: TrainConfig, layer_kinds: list) -> None:
     """Context parallelism: every model splits zigzag into 2 x cp chunks (one split
     for every layer, whatever its kind: ring / Ulysses / LASP-2H for softmax kinds,
     LASP-2 for linear ones); the chunks hold whole attention blocks of every kind
     the model has (16 tokens at least)."""
     n, cp = cfg.data.seq_len, cfg.parallel.cp
-    block = max([16] + [kind.block_size(cfg) for kind in layer_kinds if kind.block_size is not None])
+    block = _attention_block(cfg, layer_kinds)
     if n % (2 * cp * block):
         _fail("data.seq_len", n, f"must be divisible by 2 x parallel.cp x block_size = 2 x {cp} x {block} "
               f"= {2 * cp * block} (zigzag split into whole attention blocks)")

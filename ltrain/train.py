@@ -67,7 +67,9 @@ def grad_norm_before_step(model: torch.nn.Module) -> float | None:
 def shard_batch(batch: dict, topo, mode: str) -> dict:
     """This rank's part of a batch: every dp rank's cp group splits the same sequences.
 
-    -> input_ids, labels, position_ids (global positions, [B, N / cp]) on the device.
+    -> input_ids, labels, position_ids (global positions, [B, N / cp]) on the device, and
+    doc_ids (int32, split the same way) when the loader made them (data.doc_boundaries):
+    every attention layer then masks across documents (ltrain.attention.context.AttnContext).
     """
     from ltrain.parallel.sharding import shard_sequence  # after validation, like every collective
 
@@ -76,6 +78,8 @@ def shard_batch(batch: dict, topo, mode: str) -> dict:
     if positions is None:
         positions = torch.arange(ids.shape[1]).expand_as(ids)
     out = {"input_ids": ids, "labels": batch["labels"], "position_ids": positions}
+    if "doc_ids" in batch:  # int32: what the kernels compare, half the bytes to copy
+        out["doc_ids"] = batch["doc_ids"].to(torch.int32)
     if topo.cp > 1:
         out = {k: shard_sequence(v, topo.cp_rank, topo.cp, mode=mode) for k, v in out.items()}
     return {k: v.to(topo.device) for k, v in out.items()}
@@ -108,6 +112,7 @@ def train(cfg: TrainConfig, run_dir: str) -> list[float]:
     # Heavy imports after validation, so a config error answers fast: DeepSpeed, megatron-core,
     # the model, its kernels and collectives (validation loads only the parameter checks of the
     # kernels the configured kinds use).
+    from ltrain.data.config import doc_masking
     from ltrain.data.loader import build_loader
     from ltrain.engine import apply_config_lr, build_engine
     from ltrain.flops import flops_per_token, peak_tflops, throughput
@@ -148,6 +153,8 @@ def train(cfg: TrainConfig, run_dir: str) -> list[float]:
     universal = resume_from and checkpoint.universal_for(resume_from, cfg.parallel.zero_stage)
     engine = build_engine(model, cfg, load_universal=bool(universal))
     loader = build_loader(cfg.data, seed=cfg.trainer.seed, dp_rank=topo.dp_rank, dp_size=topo.dp)
+    if doc_masking(cfg.data):
+        log.info("packed documents: every attention layer attends within its document (data.doc_boundaries)")
     resumed = checkpoint.load(engine, loader, resume_from, universal) if resume_from else None
     if resumed and (saved_lr := apply_config_lr(engine, cfg.optim.lr)):
         log.warning("optim.lr=%g differs from the checkpoint's %g: the schedule continues with optim.lr "
@@ -180,7 +187,7 @@ def train(cfg: TrainConfig, run_dir: str) -> list[float]:
                 loss, loss_sum, count = engine(
                     batch["input_ids"], batch["position_ids"], topo.cp_group, cfg.parallel.cp_impl,
                     output=partial(chunked_lm_loss, labels=batch["labels"], cp_group=topo.cp_group,
-                                   chunk=cfg.trainer.loss_chunk))
+                                   chunk=cfg.trainer.loss_chunk), doc_ids=batch.get("doc_ids"))
                 engine.backward(loss)
                 if engine.is_gradient_accumulation_boundary():
                     pre_clip_norm = grad_norm_before_step(model) if log_step else None  # a host sync: log steps only

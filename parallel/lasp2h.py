@@ -17,6 +17,12 @@ dK and dV of its own keys, reduced in fp32 (GatherKV).
 
 lasp2h_sparse_attention is the same gather with a layout chosen per step from
 all keys (InfLLM-V2's selection).
+
+Packed documents (doc_ids, this rank's shard [B, n]): one more small
+all-gather of the ids gives the whole row; each query chunk attends with
+q_doc = its own ids and k_doc = the row's (block_sparse_attention skips key
+blocks of other documents and masks boundary blocks), and a per-step select
+gets the same q_doc / k_doc.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from ltrain.kernels.layout import BlockLayout
 from . import comm
 from .lasp2 import check_mode
 from .ring import chunk_ids
-from .sharding import check_sharded_qkv, check_split, dense_block_size
+from .sharding import check_sharded_qkv, check_split, dense_block_size, gather_doc_ids
 
 # Each query chunk must hold whole blocks of block_sparse_attention's smallest size.
 MIN_BLOCK = min(BLOCK_SIZES)
@@ -53,18 +59,22 @@ def causal_layout(q_start: int, num_q_blocks: int, num_k_blocks: int, block_size
     return BlockLayout.from_block_mask(mask[None, None], max_active=width)
 
 
-def _gathered_attention(q, k, v, group, mode, q_starts, layout_of, block_size, sm_scale=None, impl="auto"):
+def _gathered_attention(q, k, v, group, mode, q_starts, layout_of, block_size, sm_scale=None, impl="auto",
+                        doc_ids=None):
     """All-gather K/V once (GatherKV), then each of this rank's query chunks (len(q_starts)
     equal pieces of q, at global q_starts) attends the gathered keys through
-    block_sparse_attention with layout_of(q_c, k_all detached, q_start)."""
+    block_sparse_attention with layout_of(q_c, k_all detached, q_start), and with
+    doc_ids (this rank's [B, n]) layout_of(..., q_doc=, k_doc=) and the same document mask."""
     k_all, v_all = GatherKV.apply(k, v, group, mode)
+    row = gather_doc_ids(doc_ids, q, group, mode=mode, who="lasp2h_attention")
     c = q.shape[2] // len(q_starts)
     outs = []
     for a, q0 in enumerate(q_starts):
         q_c = q[:, :, a * c:(a + 1) * c]
-        outs.append(block_sparse_attention(q_c, k_all, v_all, layout_of(q_c, k_all.detach(), q0),
+        docs = {} if row is None else dict(q_doc=row[:, q0:q0 + c], k_doc=row)
+        outs.append(block_sparse_attention(q_c, k_all, v_all, layout_of(q_c, k_all.detach(), q0, **docs),
                                            block_size=block_size, sm_scale=sm_scale, q_start=q0, k_start=0,
-                                           impl=impl))
+                                           impl=impl, **docs))
     return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
 
 
@@ -149,7 +159,7 @@ def _shard(x, shape, P, mode):
 
 
 def lasp2h_attention(q, k, v, *, group=None, q_start=None, sm_scale=None, check_shards=False,
-                     mode="contiguous", impl="auto"):
+                     mode="contiguous", impl="auto", doc_ids=None):
     """Causal softmax attention over a sequence split across `group`.
 
     q: [B, Hq, n, D]; k, v: [B, Hkv, n, D] -- this rank's shard, Hq a multiple
@@ -162,8 +172,10 @@ def lasp2h_attention(q, k, v, *, group=None, q_start=None, sm_scale=None, check_
     sm_scale: softmax scale (default 1/sqrt(D)). check_shards: verify with one
     extra small all-gather that every rank's q, k, v have the same shape.
     impl: block_sparse_attention's ("auto": Triton on CUDA, PyTorch on CPU).
+    doc_ids: [B, n] this rank's shard of packed rows' document ids (split like q),
+    or None (one document per row).
     Returns o: [B, Hq, n, D], o_i = softmax(q_i K^T sm_scale, keys at
-    global positions <= that of query i) V.
+    global positions <= that of query i, and of i's document) V.
     """
     group = group if group is not None else dist.group.WORLD
     check_sharded_qkv(q, k, v, mode)
@@ -186,13 +198,14 @@ def lasp2h_attention(q, k, v, *, group=None, q_start=None, sm_scale=None, check_
     check_split(C * P, P, mode, MIN_BLOCK, who="lasp2h_attention")
     bs = dense_block_size(C // len(q_starts))
 
-    def layout_of(q_c, k_all, q0):
+    def layout_of(q_c, k_all, q0, **docs):  # the causal layout serves every document split
         return causal_layout(q0, q_c.shape[2] // bs, k_all.shape[2] // bs, bs, q_c.device)
 
-    return _gathered_attention(q, k, v, group, mode, q_starts, layout_of, bs, sm_scale, impl)
+    return _gathered_attention(q, k, v, group, mode, q_starts, layout_of, bs, sm_scale, impl, doc_ids)
 
 
-def lasp2h_sparse_attention(q, k, v, *, select, group=None, mode="zigzag", block_size: int, impl: str = "auto"):
+def lasp2h_sparse_attention(q, k, v, *, select, group=None, mode="zigzag", block_size: int, impl: str = "auto",
+                            doc_ids=None):
     """LASP-2H's one K/V all-gather with a sparse layout chosen per step from all keys
     (InfLLM-V2: a query's top-k blocks may lie anywhere before it, so no rank can pick
     without every key).
@@ -202,6 +215,9 @@ def lasp2h_sparse_attention(q, k, v, *, select, group=None, mode="zigzag", block
     select(q_c [B, Hq, c, D], k_all [B, Hkv, N, D] (detached, sequence order), q_start)
     returns its BlockLayout (block or token layout, keys from position 0), and
         o_c = block_sparse_attention(q_c, k_all, v_all, layout, q_start, k_start=0).
+    doc_ids: [B, n] this rank's shard of packed rows' document ids: select is then
+    called with q_doc= (the chunk's ids) and k_doc= (the row's), and the attention
+    masks documents likewise.
     Returns o: [B, Hq, n, D]. Backward: block_sparse_attention's, then one
     reduce-scatter of dK/dV (GatherKV). N must divide into chunks of whole blocks.
     """
@@ -211,4 +227,5 @@ def lasp2h_sparse_attention(q, k, v, *, select, group=None, mode="zigzag", block
     check_split(q.shape[2] * P, P, mode, block_size, who="lasp2h_sparse_attention")
     ids = chunk_ids(rank, P, mode)
     c = q.shape[2] // len(ids)
-    return _gathered_attention(q, k, v, group, mode, tuple(ci * c for ci in ids), select, block_size, impl=impl)
+    return _gathered_attention(q, k, v, group, mode, tuple(ci * c for ci in ids), select, block_size, impl=impl,
+                               doc_ids=doc_ids)

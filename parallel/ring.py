@@ -14,6 +14,16 @@ A (query chunk, key chunk) tile is skipped when the key chunk lies wholly in
 the causal future or the layout activates no block of it (S2 heads never
 visit most distant chunks), so the work follows the sparsity pattern.
 
+Packed documents (doc_ids, this rank's shard [B, n] of non-decreasing ids):
+one all-gather of the ids per call gives the whole row, and every tile's
+kernel call (forward and tile backward) gets the ids of its query and key
+chunks as q_doc / k_doc. A tile whose key chunk holds no document of its query
+chunk is left to the kernel, which skips every block pair of it before
+loading K/V (on the GPU each program's binary search over its key list finds
+no tile to visit; the CPU path drops the pairs when it plans): deciding it here
+would read the ids on the host, a device sync per call on CUDA, and the plan is
+cached per layout while the ids change every step.
+
 Planning the tiles reads the layout on the host; the plan is kept with the
 layout per (device, rank, P, mode, block size) (`cached_plan`), so a static
 layout is planned once per sequence length and a later call reads nothing
@@ -34,7 +44,7 @@ from ltrain.kernels import BlockLayout, block_sparse_attention, block_sparse_att
 from ltrain.kernels.lse import merge_lse
 
 from . import comm
-from .sharding import check_sharded_qkv, check_split
+from .sharding import check_sharded_qkv, check_split, gather_doc_ids
 
 # A ring step that waits longer than this on its neighbour has lost a rank (or
 # gloo p2p hung, as reported elsewhere): fail with a message, not a silent hang.
@@ -132,9 +142,17 @@ def _ring_broken(group, what: str, exc: RuntimeError) -> RuntimeError:
                         f"{(r + 1) % P} (a rank left the ring or p2p hung; the rank's own log says why)")
 
 
+def _tile_docs(docs, t: Tile) -> dict:
+    """q_doc / k_doc of tile t from the whole row's doc ids docs [B, N] (None: no documents)."""
+    if docs is None:
+        return {}
+    return dict(q_doc=docs[:, t.q_start:t.q_start + t.q.stop - t.q.start],
+                k_doc=docs[:, t.k_start:t.k_start + t.k.stop - t.k.start])
+
+
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, plan, group, opts):
+    def forward(ctx, q, k, v, plan, group, opts, docs):
         P, r = dist.get_world_size(group), dist.get_rank(group)
         out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         lse = torch.full(q.shape[:3], float("-inf"), device=q.device)
@@ -144,13 +162,14 @@ class _RingAttention(torch.autograd.Function):
             pending = _shift(kv, group, _KV_TAG, "K/V") if step < P - 1 else None
             for t in plan[(r - step) % P]:
                 out_t, lse_t = block_sparse_attention(q[:, :, t.q], kv[0][:, :, t.k], kv[1][:, :, t.k], t.layout,
-                                                      q_start=t.q_start, k_start=t.k_start, return_lse=True, **opts)
+                                                      q_start=t.q_start, k_start=t.k_start, return_lse=True,
+                                                      **opts, **_tile_docs(docs, t))
                 out[:, :, t.q], lse[:, :, t.q] = merge_lse(out[:, :, t.q], lse[:, :, t.q], out_t.float(), lse_t)
             if pending is not None:
                 kv = _wait(pending, group, "K/V")
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.plan, ctx.group, ctx.opts = plan, group, opts
+        ctx.plan, ctx.group, ctx.opts, ctx.docs = plan, group, opts, docs
         return out
 
     @staticmethod
@@ -175,7 +194,7 @@ class _RingAttention(torch.autograd.Function):
             pending = _shift(kv, group, _KV_TAG, "K/V") if step < P - 1 else None
             dkv = torch.zeros(kv.shape, dtype=torch.float32, device=q.device)
             for t in ctx.plan[(r - step) % P]:
-                dq_t, dk_t, dv_t = _tile_backward(do, q, kv, lse, delta, t, opts)
+                dq_t, dk_t, dv_t = _tile_backward(do, q, kv, lse, delta, t, {**opts, **_tile_docs(ctx.docs, t)})
                 dq[:, :, t.q] += dq_t
                 dkv[0][:, :, t.k] += dk_t
                 dkv[1][:, :, t.k] += dv_t
@@ -187,19 +206,20 @@ class _RingAttention(torch.autograd.Function):
                 in_flight = _shift(dkv, group, _DKV_TAG, "dK/dV")
         if in_flight is not None:
             dkv = _wait(in_flight, group, "dK/dV")
-        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None
+        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None
 
 
 def _tile_backward(do, q, kv, lse, delta, t: Tile, opts):
     """(dq, dk, dv) of one tile from the whole sequence's lse and delta.
-    do, q: [B, Hq, n, D] (q.dtype); kv: [2, B, Hkv, n, D] the visiting K/V; lse, delta: [B, Hq, n] fp32."""
+    do, q: [B, Hq, n, D] (q.dtype); kv: [2, B, Hkv, n, D] the visiting K/V; lse, delta: [B, Hq, n] fp32;
+    opts: the kernel's options, the tile's q_doc / k_doc included."""
     return block_sparse_attention_backward(do[:, :, t.q], q[:, :, t.q], kv[0][:, :, t.k], kv[1][:, :, t.k],
                                            lse[:, :, t.q], delta[:, :, t.q], t.layout, causal=True,
                                            q_start=t.q_start, k_start=t.k_start, **opts)
 
 
 def ring_attention(q, k, v, *, layout_fn: Callable[[int], BlockLayout], group, block_size: int = 64,
-                   sm_scale: float | None = None, mode: str = "zigzag", impl: str = "auto"):
+                   sm_scale: float | None = None, mode: str = "zigzag", impl: str = "auto", doc_ids=None):
     """Causal block-sparse attention over a sequence sharded across `group`.
 
     q: [B, Hq, n, D], k, v: [B, Hkv, n, D] -- this rank's shard of a sequence
@@ -213,7 +233,9 @@ def ring_attention(q, k, v, *, layout_fn: Callable[[int], BlockLayout], group, b
 
         o_i = sum_{j visible, block active} softmax_j(sm_scale * q_i . k_j) v_j
 
-    with visibility by global position. Returns o [B, Hq, n, D] in q.dtype, in
+    with visibility by global position and, given doc_ids (this rank's shard [B, n]
+    of the packed row's document ids, non-decreasing along the whole row, split
+    like q), within one document. Returns o [B, Hq, n, D] in q.dtype, in
     the same (sharded) order as q. N must divide into 2P (zigzag) or P
     (contiguous) chunks of whole blocks.
     """
@@ -229,4 +251,5 @@ def ring_attention(q, k, v, *, layout_fn: Callable[[int], BlockLayout], group, b
                          f"it must cover the whole sequence: {M} x {M} blocks of {block_size}")
     plan = cached_plan(layout, q.device, dist.get_rank(group), P, mode, block_size)
     opts = dict(block_size=block_size, sm_scale=sm_scale, impl=impl)
-    return _RingAttention.apply(q, k, v, plan, group, opts)
+    docs = gather_doc_ids(doc_ids, q, group, mode=mode, who="ring_attention")  # the whole row [B, N]
+    return _RingAttention.apply(q, k, v, plan, group, opts, docs)

@@ -62,6 +62,21 @@ def gather_sequence(x: torch.Tensor, group: dist.ProcessGroup, *, mode: str = "z
     return torch.cat(order, dim=dim)
 
 
+def gather_doc_ids(doc_ids, q: torch.Tensor, group, *, mode: str, who: str):
+    """doc_ids: this rank's shard [B, n] of packed rows' document ids (split like q
+    [B, H, n, D]), or None -> the whole row [B, N] int32 in natural order (one small
+    all-gather), or None. ValueError naming `who` for a wrong shape or a non-integer dtype."""
+    if doc_ids is None:
+        return None
+    want = (q.shape[0], q.shape[2])
+    if not isinstance(doc_ids, torch.Tensor) or tuple(doc_ids.shape) != want:
+        got = tuple(doc_ids.shape) if isinstance(doc_ids, torch.Tensor) else type(doc_ids).__name__
+        raise ValueError(f"{who}: doc_ids must be this rank's shard [B, n] = {list(want)}, got {got}")
+    if doc_ids.dtype.is_floating_point or doc_ids.dtype.is_complex or doc_ids.dtype == torch.bool:
+        raise ValueError(f"{who}: doc_ids must be an integer tensor, got {doc_ids.dtype}")
+    return gather_sequence(doc_ids.to(torch.int32), group, mode=mode)
+
+
 def check_sharded_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: str) -> None:
     """The argument checks every sequence-parallel attention shares: ValueError naming what is wrong."""
     if mode not in MODES:

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from . import comm
-from .sharding import check_sharded_qkv
+from .sharding import check_sharded_qkv, gather_doc_ids
 
 
 def _seq_to_heads(x: torch.Tensor, group, mode: str) -> torch.Tensor:
@@ -69,7 +69,8 @@ class _AllToAll(torch.autograd.Function):
         return _INVERSE[ctx.fn](dy, ctx.group, ctx.mode), None, None, None
 
 
-def ulysses_attention(q, k, v, *, attn_fn: Callable[..., torch.Tensor], group, mode: str = "zigzag"):
+def ulysses_attention(q, k, v, *, attn_fn: Callable[..., torch.Tensor], group, mode: str = "zigzag",
+                      doc_ids: torch.Tensor | None = None):
     """Attention over a sequence sharded across `group`, by head-parallel all-to-all.
 
     q: [B, Hq, n, D], k, v: [B, Hkv, n, D] -- this rank's shard of N = n * P
@@ -82,6 +83,9 @@ def ulysses_attention(q, k, v, *, attn_fn: Callable[..., torch.Tensor], group, m
     for query heads [h0, h0 + Hq/P), h0 = rank * Hq / P, so a per-head layout
     (S2) takes its heads' rows: counts[:, h0:h0 + Hq/P]. attn_fn returns
     [B, Hq/P, N, D]; the result is o [B, Hq, n, D] in q's shard order.
+    doc_ids: [B, n] this rank's shard of packed rows' document ids (split like q):
+    one small all-gather gives the whole row [B, N], natural order, and attn_fn is
+    called with doc_ids= it (only then, so an attn_fn for unpacked rows need not take it).
     group: the context-parallel group (None: the default group).
     """
     group = group if group is not None else dist.group.WORLD
@@ -98,6 +102,8 @@ def ulysses_attention(q, k, v, *, attn_fn: Callable[..., torch.Tensor], group, m
         k, v = (x.repeat_interleave(P // Hkv, dim=1) for x in (k, v))
     if mode == "zigzag" and n % 2:
         raise ValueError(f"ulysses_attention: a zigzag shard holds two equal chunks, got n = {n} tokens")
+    row = gather_doc_ids(doc_ids, q, group, mode=mode, who="ulysses_attention")
+    docs = {} if row is None else {"doc_ids": row}
     q_h, k_h, v_h = (_AllToAll.apply(x, _seq_to_heads, group, mode) for x in (q, k, v))
-    o_h = attn_fn(q_h, k_h, v_h, head_start=dist.get_rank(group) * (Hq // P))
+    o_h = attn_fn(q_h, k_h, v_h, head_start=dist.get_rank(group) * (Hq // P), **docs)
     return _AllToAll.apply(o_h, _heads_to_seq, group, mode)

@@ -17,7 +17,9 @@ class AttnContext:
     model splits zigzag, one split for every kind);
     cp_impl: "ring" or "ulysses" for softmax layers;
     hybrid: the model has linear layers, so its dense layers use LASP-2H;
-    stats: per-layer numbers a kind reports to the tracker (mode, density)."""
+    stats: per-layer numbers a kind reports to the tracker (mode, density);
+    doc_ids: [B, n] this rank's shard of the document ids (non-decreasing per row;
+    a token attends only earlier tokens of its own document), None: no masking."""
 
     cos: torch.Tensor
     sin: torch.Tensor
@@ -26,3 +28,4 @@ class AttnContext:
     cp_impl: str = "ring"
     hybrid: bool = False
     stats: dict = field(default_factory=dict)
+    doc_ids: Optional[torch.Tensor] = None

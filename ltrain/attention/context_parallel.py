@@ -1,14 +1,19 @@
 """The one context-parallel dispatch of the softmax kinds (dense, s2, infllm_v2).
 
-A kind supplies its whole-sequence core, `full_sequence(q, k, v, head_start)`
-(what one device runs), and its layout, one of:
+A kind supplies its whole-sequence core, `full_sequence(q, k, v, head_start,
+doc_ids=...)` (what one device runs), and its layout, one of:
 
     neither            dense causal attention
     layout_fn(M)       a static BlockLayout of the whole sequence, M blocks of block_size (S2)
-    select(q_c, k_all, q_start)
+    select(q_c, k_all, q_start, q_doc=..., k_doc=...)
                        a layout chosen per step from all keys for the query chunk q_c at
                        global position q_start (InfLLM-V2's top-k: a query's blocks may lie
                        anywhere before it)
+
+Packed documents (ctx.doc_ids, this rank's shard [B, n]): full_sequence gets the
+whole row's ids as `doc_ids=` and select the chunk's and all keys' as `q_doc=`,
+`k_doc=`, both only when there are documents (a core for unpacked rows need not
+take them); ring, Ulysses and LASP-2H take the shard and gather what they need.
 
 and this module decides how the sharded sequence reaches them:
 
@@ -70,23 +75,25 @@ def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: At
 
     block_size: the kind's attention block (the ring's tile, the gathered path's block);
     dense may leave it None."""
-    group = ctx.cp_group
+    group, docs = ctx.cp_group, ctx.doc_ids
     if group is None:
-        return full_sequence(q, k, v)
+        return full_sequence(q, k, v) if docs is None else full_sequence(q, k, v, doc_ids=docs)
     dense = layout_fn is None and select is None
     if dense and ctx.hybrid:
-        return lasp2h_attention(q, k, v, group=group, mode=ctx.cp_mode)
+        return lasp2h_attention(q, k, v, group=group, mode=ctx.cp_mode, doc_ids=docs)
     P = dist.get_world_size(group)
     if ctx.cp_impl == "ulysses":
         if select is None or k.shape[1] % P == 0:
-            return ulysses_attention(q, k, v, attn_fn=full_sequence, group=group, mode=ctx.cp_mode)
+            return ulysses_attention(q, k, v, attn_fn=full_sequence, group=group, mode=ctx.cp_mode, doc_ids=docs)
         _log_once(f"Ulysses needs whole KV groups per rank for a per-step selection ({k.shape[1]} KV heads, "
                   f"cp={P}); this layer all-gathers K/V instead")
     if select is not None:
         _log_once("a per-step sparse layout under context parallelism all-gathers K/V "
                   "(fetching only the selected blocks is not implemented yet)")
-        return lasp2h_sparse_attention(q, k, v, select=select, group=group, mode=ctx.cp_mode, block_size=block_size)
+        return lasp2h_sparse_attention(q, k, v, select=select, group=group, mode=ctx.cp_mode, block_size=block_size,
+                                       doc_ids=docs)
     if dense:
         block_size = dense_block_size(q.shape[2] // (2 if ctx.cp_mode == "zigzag" else 1))
         layout_fn = functools.partial(causal_layout, device=q.device)
-    return ring_attention(q, k, v, layout_fn=layout_fn, group=group, block_size=block_size, mode=ctx.cp_mode)
+    return ring_attention(q, k, v, layout_fn=layout_fn, group=group, block_size=block_size, mode=ctx.cp_mode,
+                          doc_ids=docs)

@@ -10,6 +10,12 @@ token exactly as on one device (ltrain/attention/context_parallel.py).
 Each forward records the layer's mode and attended (token, block) fraction of
 the whole sequence in ctx.stats: 1.0 when dense, else a 0-dim tensor that the
 training loop reads at log steps (no host sync in the layer).
+
+Packed documents (ctx.doc_ids): every token attends its own document only, in
+both modes; summaries never span two documents, selection ranks only the
+query's document's blocks and its init blocks are the document's first ones,
+and dense_len applies to the row (one mode per step), not to each document
+(kernels/infllm_v2.py).
 """
 
 from __future__ import annotations
@@ -80,14 +86,14 @@ def infllm_v2_core(layer_idx: int, section):
         # calls' fractions. Tensors throughout: the fraction is read (a host sync) only when logged.
         attended, fractions = [], []
 
-        def full_sequence(q_h, k_h, v_h, head_start: int = 0):
-            out, stats = infllm_v2_attention(q_h, k_h, v_h, **params)
+        def full_sequence(q_h, k_h, v_h, head_start: int = 0, doc_ids=None):
+            out, stats = infllm_v2_attention(q_h, k_h, v_h, **params, doc_ids=doc_ids)
             fractions.append(stats["block_fraction"])
             attended.append(stats["block_fraction"] * (q_h.shape[0] * k_h.shape[1] * pairs))
             return out
 
-        def select(q_c, k_all, q_start: int):
-            layout = infllm_v2_select(q_c, k_all, q_start=q_start, **select_params)
+        def select(q_c, k_all, q_start: int, q_doc=None, k_doc=None):
+            layout = infllm_v2_select(q_c, k_all, q_start=q_start, q_doc=q_doc, k_doc=k_doc, **select_params)
             attended.append(layout.counts.sum(dtype=torch.float64))
             return layout
 

@@ -15,6 +15,9 @@ state S is kept per query head.
 With learn_decay the schedule is only the initialisation: each head learns
 its rate r_h = exp(a_h) > 0, lambda_h = exp(-r_h) (the A_log parametrisation
 of Mamba), so that every optimiser step keeps lambda_h in (0, 1).
+
+Packed documents (ctx.doc_ids): the state resets at every document start, so
+no token reads an earlier document (kernels/lightning.py, parallel/lasp2.py).
 """
 
 from __future__ import annotations
@@ -93,9 +96,10 @@ class LinearAttention(Projections):
         from ltrain.parallel.lasp2 import lasp2_linear_attention
 
         if ctx.cp_group is None:
-            o = lightning_attention(q, k, v, decay=decay, chunk_size=self.chunk_size)
+            o = lightning_attention(q, k, v, decay=decay, chunk_size=self.chunk_size, doc_ids=ctx.doc_ids)
         else:  # two zigzag chunks per rank, one state all-gather each way
-            o = lasp2_linear_attention(q, k, v, decay, ctx.cp_group, chunk_size=self.chunk_size, mode=ctx.cp_mode)
+            o = lasp2_linear_attention(q, k, v, decay, ctx.cp_group, chunk_size=self.chunk_size, mode=ctx.cp_mode,
+                                       doc_ids=ctx.doc_ids)
         return self.out(self.out_norm(o))
 
 

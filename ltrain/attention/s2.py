@@ -11,6 +11,14 @@ distinct patterns (model.n_heads, or 1 with homo_head) or one is dense
 (num_dense_heads > 0); otherwise distant context is dropped: config
 validation logs a warning naming the keys, and kernels.s2.s2_layout warns
 (UserWarning) when a layout built for an actual sequence length misses a pair.
+
+Packed documents: I, J, the local band and the stripes count blocks of the
+whole row (global block indices), and the document mask applies on top
+(block_sparse_attention's q_doc / k_doc: key blocks of other documents are
+skipped, boundary blocks masked token by token). So the layout stays static,
+built and cached once per sequence length with its ring plans and head slices,
+and a step does no host work for its documents; a document's stripes are
+therefore at the row's stripe positions, not at offsets from its own start.
 """
 
 from __future__ import annotations
@@ -146,14 +154,16 @@ class S2Core:
             )
         return self._layouts[key]
 
-    def full_sequence(self, q, k, v, head_start: int = 0) -> torch.Tensor:
-        """S2 over a whole sequence for query heads [head_start, head_start + Hq)."""
+    def full_sequence(self, q, k, v, head_start: int = 0, doc_ids=None) -> torch.Tensor:
+        """S2 over a whole sequence for query heads [head_start, head_start + Hq);
+        doc_ids [B, N]: within each token's document too (the module doc)."""
         from ltrain.kernels.block_sparse import block_sparse_attention
 
         layout = whole = self.layout(q.shape[2], q.device)
         if whole.counts.shape[1] > 1:  # per-head layout: this call's heads only (Ulysses), kept like the layout
             layout = whole.cached(("heads", head_start, q.shape[1]), lambda: whole.heads(head_start, q.shape[1]))
-        return block_sparse_attention(q, k, v, layout, block_size=self.cfg.block_size, causal=True)
+        return block_sparse_attention(q, k, v, layout, block_size=self.cfg.block_size, causal=True,
+                                      q_doc=doc_ids, k_doc=doc_ids)
 
     def record_stats(self, seq_len: int, device: torch.device, ctx: AttnContext) -> None:
         if seq_len not in self._fractions:

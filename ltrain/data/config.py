@@ -25,7 +25,11 @@ class DataConfig:
     seq_len: int = 256
     micro_batch_size: int = 8  # sequences per data-parallel rank per micro step
     pack: bool = True  # memmap: pack documents; False: one sequence per long-enough document
-    doc_boundaries: bool = False  # also emit position_ids / doc_ids, mask cross-document labels
+    # Packed documents: emit doc_ids and per-document position_ids, mask the labels across a
+    # boundary, and every attention layer attends within a token's own document only (the
+    # model takes doc_ids). None: on exactly where a row packs several documents (memmap with
+    # pack=true); synthetic rows and pack=false rows are one document each (doc_masking()).
+    doc_boundaries: Optional[bool] = None
 
     # passkey: a `passkey_digits` number hidden at a depth drawn uniformly from
     # [depth_min, depth_max] (fraction of the filler before it).
@@ -47,6 +51,13 @@ class DataConfig:
     # (4 uppercase letters) scattered in filler; the query asks which variables hold
     # the number, answered with their names in chain order.
     vartrack_vars: int = 4
+
+
+def doc_masking(cfg: DataConfig) -> bool:
+    """data.doc_boundaries resolved: an explicit true / false, else (None) on for packed memmap rows."""
+    if cfg.doc_boundaries is not None:
+        return bool(cfg.doc_boundaries)
+    return cfg.kind == "memmap" and cfg.pack
 
 
 def positive_int(cfg: DataConfig, key: str) -> None:

@@ -17,7 +17,7 @@ import logging
 import numpy as np
 import torch
 
-from ltrain.data.config import DataConfig
+from ltrain.data.config import DataConfig, doc_masking
 from ltrain.data.memmap import open_memmap
 from ltrain.data.sampler import Sampler
 from ltrain.data.synthetic import SyntheticSource
@@ -75,7 +75,7 @@ class Loader:
         indices = self.sampler.take(b * self.dp_size)[self.dp_rank * b : (self.dp_rank + 1) * b]
         rows = [self.source.sample(int(i)) for i in indices]
         docs = None
-        if self.cfg.doc_boundaries:
+        if doc_masking(self.cfg):
             docs = np.stack([d if d is not None else np.zeros_like(t) for t, d in rows])
         return make_batch(np.stack([t for t, _ in rows]), docs)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ltrain.data.config import DataConfig, DataConfigError
+from ltrain.data.config import DataConfig, DataConfigError, doc_masking
 
 META_VERSION = 1
 META, TOKENS, DOCS = "meta.json", "tokens.bin", "docs.idx"
@@ -93,11 +93,12 @@ class MemmapSource:
                 )
 
     def sample(self, index: int) -> tuple[np.ndarray, np.ndarray | None]:
-        """int64 tokens [seq_len+1] and, with doc_boundaries, their document numbers [seq_len+1]."""
+        """int64 tokens [seq_len+1] and, with document masking (data.doc_boundaries), their
+        document numbers [seq_len+1]."""
         n = self.cfg.seq_len + 1
         start = index * self.cfg.seq_len if self.cfg.pack else int(self.starts[index])
         tokens = np.asarray(self.tokens[start : start + n], dtype=np.int64)
-        if not self.cfg.doc_boundaries:
+        if not doc_masking(self.cfg):
             return tokens, None
         docs = np.searchsorted(self.doc_offsets, np.arange(start, start + n), side="right") - 1
         return tokens, docs.astype(np.int64, copy=False)

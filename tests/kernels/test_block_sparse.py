@@ -146,3 +146,51 @@ def test_autocast_does_not_change_the_result(per_token):
 
     for got, want in zip(run_once(True), run_once(False)):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_doc_ids_both_or_neither():
+    q, k, v = inputs()
+    docs = torch.zeros(1, 64, dtype=torch.int64)
+    with pytest.raises(ValueError, match="q_doc is given but k_doc is None"):
+        call(q, k, v, q_doc=docs)
+    with pytest.raises(ValueError, match="k_doc is given but q_doc is None"):
+        block_sparse_attention_backward(q, q, k, v, q[..., 0], q[..., 0], BlockLayout.causal(4, 4), block_size=16,
+                                        k_doc=docs)
+
+
+@pytest.mark.parametrize("q_doc,k_doc,match", [
+    (torch.zeros(1, 48, dtype=torch.int32), torch.zeros(1, 64, dtype=torch.int32),
+     r"q_doc must be \[B, Nq\] = \[1, 64\]"),
+    (torch.zeros(1, 64, dtype=torch.int32), torch.zeros(2, 64, dtype=torch.int32),
+     r"k_doc must be \[B, Nk\] = \[1, 64\]"),
+    (torch.zeros(1, 64), torch.zeros(1, 64), "q_doc must be an integer tensor"),
+    (torch.zeros(1, 64, dtype=torch.int64), torch.zeros(1, 64, dtype=torch.bool), "k_doc must be an integer tensor"),
+    (torch.zeros(64, dtype=torch.int64), torch.zeros(1, 64, dtype=torch.int64), r"q_doc must be \[B, Nq\]"),
+])
+def test_doc_ids_shape_and_dtype(q_doc, k_doc, match):
+    with pytest.raises(ValueError, match=match):
+        call(*inputs(), q_doc=q_doc, k_doc=k_doc)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_one_document_is_no_document(impl):
+    """A row that is one document attends exactly as without doc ids (int64 ids accepted)."""
+    q, k, v, do, dlse = make_qkv(1, 2, 1, 64, 64, 32)
+    docs = torch.full((1, 64), 7)
+    fn = lambda **kw: (lambda q, k, v: call(q, k, v, return_lse=True, impl=impl, **kw))
+    assert_close(run(fn(q_doc=docs, k_doc=docs), q, k, v, do, dlse), run(fn(), q, k, v, do, dlse), NAMES)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_causal_with_documents(impl):
+    """Changing q, k, v or the document ids at and after position 40 never changes an earlier output."""
+    q, k, v = (t.detach() for t in inputs(B=1, Hq=2, Hkv=1))
+    docs = torch.tensor([[0] * 5 + [1] * 30 + [2] * 29])
+    out = call(q, k, v, impl=impl, q_doc=docs, k_doc=docs)
+    later = [t.clone() for t in (q, k, v)]
+    for t in later:
+        t[:, :, 40:] = torch.randn(t[:, :, 40:].shape)
+    new_docs = docs.clone()
+    new_docs[:, 40:] = 5  # the third document ends at 39 now: a new one starts
+    torch.testing.assert_close(call(*later, impl=impl, q_doc=new_docs, k_doc=new_docs)[:, :, :40], out[:, :, :40],
+                               rtol=0, atol=0)

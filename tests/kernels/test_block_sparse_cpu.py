@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from ltrain.kernels import BlockLayout, block_sparse_attention
 from ltrain.kernels import block_sparse_cpu
 from ltrain.kernels.block_sparse_ref import layout_mask as dense_mask
+from ltrain.kernels.block_sparse_ref import block_sparse_reference
 from ltrain.kernels.block_sparse_ref import masked_attention as sdpa_reference
 
 
@@ -173,3 +174,143 @@ def test_half_precision_within_sdpa_error(dtype):
     assert got[0] <= 2 * base[0], (got, base)
     for g, b in zip(got[1:], base[1:]):
         assert g <= 3 * b, (got, base)
+
+
+# ---- packed documents (q_doc / k_doc) ---------------------------------------
+
+# Document lengths of the packed rows of the doc tests (N = 64, blocks of 16): documents shorter
+# than a block (5, 1, 6), boundaries inside blocks and on one (row 1: 16 + 16), a document spanning blocks.
+DOC_LENGTHS = ([5, 37, 16, 6], [16, 16, 1, 31])
+
+
+def doc_ids(lengths_per_row=DOC_LENGTHS) -> torch.Tensor:
+    """int64 [B, N] non-decreasing document ids of packed rows with these document lengths."""
+    return torch.stack([torch.repeat_interleave(torch.arange(len(ls)), torch.tensor(ls)) for ls in lengths_per_row])
+
+
+def check_docs_against_reference(fn, B, Hq, Hkv, Nq, Nk, D, layout, q_doc, k_doc, *, causal=True, q_start=0,
+                                 k_start=0, seed=0, rtol=1e-5, atol=1e-5):
+    """fn(q, k, v, layout, causal=, q_start=, k_start=, q_doc=, k_doc=) -> (out, lse) against the oracle
+    with the same documents, forward and gradients."""
+    q, k, v, do, dlse = make_qkv(B, Hq, Hkv, Nq, Nk, D, seed=seed)
+    kw = dict(causal=causal, q_start=q_start, k_start=k_start, q_doc=q_doc, k_doc=k_doc)
+    got = run(lambda q, k, v: fn(q, k, v, layout, **kw), q, k, v, do, dlse)
+    want = run(lambda q, k, v: block_sparse_reference(q, k, v, layout, **kw), q, k, v, do, dlse)
+    assert_close(got, want, NAMES, rtol=rtol, atol=atol)
+    return got
+
+
+def own_document_token_layout(docs: torch.Tensor, block_size: int) -> BlockLayout:
+    """Token layout [B, 1, N, M]: each token lists exactly the causal key blocks that hold a token of
+    its document, so tokens of a block that spans a boundary select differently."""
+    B, N = docs.shape
+    holds = (docs[:, :, None, None] == docs.view(B, 1, N // block_size, block_size)).any(-1)  # [B, N, M]
+    causal = torch.arange(N // block_size)[None, :] * block_size <= torch.arange(N)[:, None]
+    return BlockLayout.from_block_mask((holds & causal)[:, None])
+
+
+def check_packed_row_equals_documents_alone(fn, Hq, Hkv, D, block_size, lengths_per_row=DOC_LENGTHS, *,
+                                            token_layout=False, atol=1e-5):
+    """Each document of a packed row gets the outputs and gradients of its own row, run alone from
+    position 0 with the dense causal layout (padded after its end to whole blocks: causal, so the
+    padding is seen by no token of the document, and its zero do / dlse gives it no gradient). The
+    packed row runs with the dense causal layout, or (token_layout) with each token's own
+    document's blocks as a token layout."""
+    docs = doc_ids(lengths_per_row)
+    B, N = docs.shape
+    q, k, v, do, dlse = make_qkv(B, Hq, Hkv, N, N, D)
+    m = N // block_size
+    layout = own_document_token_layout(docs, block_size) if token_layout else BlockLayout.causal(m, m)
+    packed = run(lambda q, k, v: fn(q, k, v, layout, block_size=block_size, q_doc=docs, k_doc=docs), q, k, v, do,
+                 dlse)
+    for b, lengths in enumerate(lengths_per_row):
+        start = 0
+        for length in lengths:
+            n = -(-length // block_size) * block_size
+            own = slice(start, start + length)
+            pad = lambda x: F.pad(x[b:b + 1, :, own].detach(), (0, 0, 0, n - length)) if x.dim() == 4 else \
+                F.pad(x[b:b + 1, :, own], (0, n - length))
+            alone = run(lambda q, k, v: fn(q, k, v, BlockLayout.causal(n // block_size, n // block_size),
+                                           block_size=block_size),
+                        *(pad(t).requires_grad_() for t in (q, k, v)), pad(do), pad(dlse))
+            for got, want, name in zip(packed, alone, NAMES):
+                torch.testing.assert_close(got[b:b + 1, :, own], want[:, :, :length], rtol=1e-5, atol=atol,
+                                           msg=lambda msg: f"{name}, row {b}, document at {start}: {msg}")
+            start += length
+
+
+def cpu(q, k, v, layout, block_size=16, **kw):
+    return block_sparse_attention(q, k, v, layout, block_size=block_size, return_lse=True, impl="torch", **kw)
+
+
+@pytest.mark.parametrize("Hq,Hkv,Bl,Hl", [(4, 2, 1, 4), (4, 2, 2, 2), (2, 2, 1, 1)])
+@pytest.mark.parametrize("causal", [True, False])
+def test_documents_match_the_reference(Hq, Hkv, Bl, Hl, causal):
+    layout = random_layout(Bl, Hl, 4, 4, density=0.7, seed=Hq + Bl)
+    docs = doc_ids()
+    check_docs_against_reference(cpu, 2, Hq, Hkv, 64, 64, 32, layout, docs, docs, causal=causal)
+
+
+def test_documents_with_global_offsets_and_rectangular_chunks():
+    """A ring tile: queries 32..63 of the row against keys 0..47, each with its slice of the ids."""
+    docs = doc_ids()
+    layout = random_layout(1, 2, 2, 3, density=0.8, seed=4)
+    check_docs_against_reference(cpu, 2, 2, 1, 32, 48, 32, layout, docs[:, 32:], docs[:, :48], q_start=32)
+
+
+@pytest.mark.parametrize("Hq,Hkv", [(2, 2), (4, 2)])
+def test_packed_row_equals_each_document_alone(Hq, Hkv):
+    check_packed_row_equals_documents_alone(cpu, Hq, Hkv, 32, 16)
+    check_packed_row_equals_documents_alone(cpu, Hq, Hkv, 32, 32)
+
+
+def test_queries_seeing_no_key_of_their_document():
+    """Queries of documents 1 and 2 against keys of document 0 only: o = 0, lse = -inf, zero gradients."""
+    q_doc, k_doc = torch.tensor([[1] * 16 + [2] * 16]), torch.zeros(1, 32, dtype=torch.int64)
+    out, lse, dq, dk, dv = check_docs_against_reference(cpu, 1, 2, 1, 32, 32, 32, BlockLayout.full(2, 2), q_doc,
+                                                        k_doc, q_start=32)
+    assert (out == 0).all() and (lse == float("-inf")).all()
+    assert not dq.any() and not dk.any() and not dv.any()
+
+
+def test_doc_split_keeps_every_pair_that_can_meet_and_masks_only_mixed_ones():
+    docs = doc_ids()
+    layout = random_layout(1, 2, 4, 4, density=0.8, seed=6)
+    clean, mixed = block_sparse_cpu.doc_split(layout, docs, docs, block_size=16, causal=True, q_start=0, k_start=0)
+    same = (docs[:, :, None] == docs[:, None, :]) & torch.ones(64, 64, dtype=torch.bool).tril()
+    meets = same.view(2, 4, 16, 4, 16).any(4).any(2)[:, None] & layout.block_mask()   # [B, Hl, Mq, Mk]
+    one_doc = (docs[:, ::16] == docs[:, 15::16])
+    single = one_doc[:, :, None] & one_doc[:, None, :] & (docs[:, None, ::16] == docs[:, ::16, None])
+    c, x = clean.block_mask(), mixed.block_mask()
+    assert not (c & x).any()
+    assert torch.equal(c, meets & single[:, None])   # one common document: no token mask
+    assert torch.equal((c | x) & meets, meets)      # no pair with a visible key is dropped
+    dropped = layout.block_mask() & ~(c | x)
+    assert dropped.any() and not (dropped & meets).any()
+
+
+def test_invisible_documents_are_skipped_not_masked():
+    """NaN in document 1 never reaches document 2: the pairs are skipped before anything is read
+    (a masked NaN would still give 0 * NaN = NaN in p @ v)."""
+    check_invisible_documents_are_skipped(cpu, block_size=16)
+    check_invisible_documents_are_skipped(cpu, block_size=16, token_layout=True)
+
+
+def check_invisible_documents_are_skipped(fn, block_size, token_layout=False):
+    """Documents 0, 1, 2 at tokens 0..15, 16..31, 32..63, NaN in document 1's q, k, v and do, a layout
+    (block, or token) listing every block, future ones too: document 2's outputs and gradients are
+    those of clean inputs, so no tile pair of documents 1 and 2 was loaded, in the forward (K/V),
+    dq (K/V) or dK/dV (q, do). Document 1 is not block 0, which a Triton tile running past its
+    list's end reads, masked."""
+    docs = torch.tensor([[0] * 16 + [1] * 16 + [2] * 32])
+    q, k, v, do, dlse = make_qkv(1, 2, 1, 64, 64, 32)
+    m = 64 // block_size
+    layout = BlockLayout.from_block_mask(torch.ones(1, 1, 64 if token_layout else m, m, dtype=torch.bool))
+    call = lambda q, k, v: fn(q, k, v, layout, block_size=block_size, q_doc=docs, k_doc=docs)
+    clean = run(call, q, k, v, do, dlse)
+    poisoned = [t.detach().clone() for t in (q, k, v, do)]
+    for t in poisoned:
+        t[:, :, 16:32] = float("nan")
+    got = run(call, *(t.requires_grad_() for t in poisoned[:3]), poisoned[3], dlse)
+    for g, c, name in zip(got, clean, NAMES):
+        torch.testing.assert_close(g[:, :, 32:], c[:, :, 32:], rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")

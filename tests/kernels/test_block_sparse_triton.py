@@ -9,7 +9,10 @@ from ltrain.kernels import BlockLayout, block_sparse_attention
 from ltrain.kernels import block_sparse_triton as bst
 from ltrain.kernels.aot import ARCHS
 from ltrain.kernels.block_sparse_ref import block_sparse_reference
-from tests.kernels.test_block_sparse_cpu import NAMES, assert_close, half_precision_errors, make_qkv, random_layout, run
+from tests.kernels.test_block_sparse_cpu import (NAMES, assert_close, check_docs_against_reference,
+                                                 check_invisible_documents_are_skipped,
+                                                 check_packed_row_equals_documents_alone, doc_ids,
+                                                 half_precision_errors, make_qkv, random_layout, run)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -72,3 +75,34 @@ def test_bf16_tiles_of_each_arch_at_head_dim_128(arch, monkeypatch):
               q, k, v, do, dlse)
     want = run(lambda q, k, v: block_sparse_reference(q.float(), k.float(), v.float(), layout), q, k, v, do, dlse)
     assert_close(got, want, NAMES, rtol=3e-2, atol=3e-2)
+
+
+def triton_impl(q, k, v, layout, block_size=16, q_doc=None, k_doc=None, **kw):
+    """block_sparse_attention with impl="triton" on DEVICE, results back on the CPU (block or token layout)."""
+    docs = {} if q_doc is None else dict(q_doc=q_doc.to(DEVICE), k_doc=k_doc.to(DEVICE))
+    out, lse = block_sparse_attention(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), layout.to(DEVICE),
+                                      block_size=block_size, return_lse=True, impl="triton", **docs, **kw)
+    return out.cpu(), lse.cpu()
+
+
+def test_documents_match_the_reference_gqa_per_head_layout():
+    docs = doc_ids()
+    layout = random_layout(1, 4, 4, 4, density=0.7, seed=7)
+    check_docs_against_reference(triton_impl, 2, 4, 2, 64, 64, 32, layout, docs, docs)
+
+
+def test_documents_in_a_ring_tile():
+    """Queries 32..63 against keys 0..47 (rectangular, global offsets), each with its slice of the ids."""
+    docs = doc_ids()
+    check_docs_against_reference(triton_impl, 2, 2, 1, 32, 48, 32, random_layout(2, 1, 2, 3, density=0.8, seed=8),
+                                 docs[:, 32:], docs[:, :48], q_start=32)
+
+
+def test_packed_row_equals_each_document_alone():
+    check_packed_row_equals_documents_alone(triton_impl, 2, 1, 32, 16)
+
+
+def test_invisible_documents_are_skipped_not_masked():
+    """NaN K/V of one document never reach a later document's outputs or gradients: its key tiles
+    are skipped before they are loaded (a masked NaN would give 0 * NaN = NaN)."""
+    check_invisible_documents_are_skipped(triton_impl, block_size=16)

@@ -174,3 +174,140 @@ def test_bad_shapes():
     q, k = qk()
     with pytest.raises(ValueError, match="q_start=8 must be a multiple of block_size=16"):
         infllm_v2_select(q, k, q_start=8, **CPU)
+
+
+# ---- packed documents ----------------------------------------------------
+
+def packed(lengths, B=1, device="cpu"):
+    """int32 [B, sum(lengths)] document ids 0, 1, ... of consecutive documents of the given lengths
+    (row b's lengths rotated by b, so the rows differ)."""
+    rows = []
+    for b in range(B):
+        ls = lengths[b % len(lengths):] + lengths[:b % len(lengths)]
+        rows.append(torch.repeat_interleave(torch.arange(len(ls)), torch.tensor(ls)))
+    return torch.stack(rows).to(torch.int32).to(device)
+
+
+# Boundaries inside blocks of 16, one document shorter than a block and than a summary window (5 < 8).
+LENGTHS = [40, 5, 100, 111]
+
+
+@pytest.mark.parametrize("lse", ["exact", "coarse"])
+@pytest.mark.parametrize("params", [CPU, dict(CPU, kernel_size=12, init_blocks=2, window_size=48, topk=6)])
+def test_selection_with_documents_equals_naive_reference(params, lse):
+    q, k = qk()
+    doc = packed(LENGTHS, B=2)
+    layout = infllm_v2_select(q, k, impl="torch", lse=lse, q_doc=doc, k_doc=doc, **params)
+    assert torch.equal(layout.block_mask(), select_naive(q, k, lse=lse, q_doc=doc, k_doc=doc, **params))
+    q_c = q[:, :, 192:]  # a query chunk against all keys (the context-parallel gathered path)
+    layout = infllm_v2_select(q_c, k, q_start=192, impl="torch", lse=lse, q_doc=doc[:, 192:], k_doc=doc, **params)
+    assert torch.equal(layout.block_mask(),
+                       select_naive(q_c, k, q_start=192, lse=lse, q_doc=doc[:, 192:], k_doc=doc, **params))
+
+
+def test_selection_sees_only_the_querys_document_and_forces_its_first_blocks():
+    q, k = qk(B=1)
+    doc = packed(LENGTHS)
+    mask = infllm_v2_select(q, k, impl="torch", q_doc=doc, k_doc=doc, **CPU).block_mask()[0]  # [Hkv, N, Mk]
+    t = torch.arange(256)
+    start = torch.searchsorted(doc[0], doc[0], right=False)  # first token of each token's document
+    b = torch.arange(16)
+    holds_own_doc = (b[None] >= (start // 16)[:, None]) & (b[None] <= (t // 16)[:, None])
+    assert not (mask & ~holds_own_doc).any()
+    first_block = (b[None] == (start // 16)[:, None])  # init_blocks=1: the document's first block
+    local = (b[None] >= (t // 16 - 2)[:, None]) & holds_own_doc
+    assert (mask | ~(first_block | local)).all()
+
+
+@pytest.mark.parametrize("lse", ["exact", "coarse"])
+def test_selection_of_a_document_ignores_the_other_documents(lse):
+    """Summaries never span two documents: a document's picks are the same whatever the
+    other documents' keys are (here: all other keys replaced)."""
+    q, k = qk(B=1)
+    doc = packed(LENGTHS)
+    base = infllm_v2_select(q, k, impl="torch", lse=lse, q_doc=doc, k_doc=doc, **CPU).block_mask()
+    for d in range(len(LENGTHS)):
+        mine = doc[0] == d
+        k2 = torch.where(mine[None, None, :, None], k, torch.randn_like(k) * 3)
+        got = infllm_v2_select(q, k2, impl="torch", lse=lse, q_doc=doc, k_doc=doc, **CPU).block_mask()
+        assert torch.equal(got[:, :, mine], base[:, :, mine]), d
+
+
+def test_document_shorter_than_a_summary_window_attends_its_own_blocks():
+    """A 5-token document (kernel_size 8) has no summary: no error, its tokens attend
+    their document's blocks (all forced: init and local), nothing of other documents."""
+    q, k = qk(B=1)
+    doc = packed(LENGTHS)
+    mask = infllm_v2_select(q, k, impl="torch", q_doc=doc, k_doc=doc, **CPU).block_mask()[0]
+    short = torch.nonzero(doc[0] == 1).flatten()  # tokens 40..44, all in block 2
+    assert mask[:, short].any(-2).nonzero()[:, 1].unique().tolist() == [2]
+
+
+def _per_document(fn, x_lists, lengths):
+    """fn over each document alone (its own row from position 0), concatenated along the sequence."""
+    outs, start = [], 0
+    for n in lengths:
+        outs.append(fn(*(x[:, :, start:start + n] for x in x_lists)))
+        start += n
+    return torch.cat(outs, dim=2)
+
+
+def _doc_oracle_case(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    N = sum(lengths)
+    q, k, v = (torch.randn(1, h, N, 32, generator=g).requires_grad_() for h in (4, 2, 2))
+    return q, k, v, torch.randn(1, 4, N, 32, generator=g), packed(lengths)
+
+
+@pytest.mark.parametrize("dense_len", [1024, 0])  # dense mode, and sparse mode whose top-k covers each document
+def test_packed_documents_equal_each_document_alone(dense_len):
+    """Documents with boundaries inside blocks: each document's outputs and gradients
+    are those of dense causal attention over it alone (topk + local cover its blocks)."""
+    q, k, v, do, doc = _doc_oracle_case(LENGTHS)
+    out, stats = infllm_v2_attention(q, k, v, impl="torch", doc_ids=doc, **dict(CPU, topk=8, dense_len=dense_len))
+    assert stats["mode"] == ("dense" if dense_len else "sparse")
+    sdpa = lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True, enable_gqa=True)  # noqa: E731
+    ref = _per_document(sdpa, (q, k, v), LENGTHS)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), do), torch.autograd.grad(ref, (q, k, v), do)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_block_aligned_documents_select_and_attend_as_alone():
+    """Documents starting on block boundaries get exactly their alone selection (same summaries,
+    init and local blocks, scores) at a top-k that drops blocks, so the same outputs and gradients.
+    Windows that do not overlap (kernel_size = kernel_stride), so no two blocks tie on a shared
+    chunk: topk breaks ties by position, which differs between the packed row and the document alone."""
+    lengths = [96, 64, 160]
+    q, k, v, do, doc = _doc_oracle_case(lengths, seed=3)
+    params = dict(CPU, kernel_size=4, kernel_stride=4, topk=5, dense_len=0)
+    out, stats = infllm_v2_attention(q, k, v, impl="torch", doc_ids=doc, **params)
+    assert stats["block_fraction"] < 1
+    ref = _per_document(lambda a, b, c: infllm_v2_attention(a, b, c, impl="torch", **params)[0], (q, k, v), lengths)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), do), torch.autograd.grad(ref, (q, k, v), do)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_sparse_path_with_documents_is_causal():
+    """Changing q, k, v at token t never changes an earlier output, documents included."""
+    q, k, v, _, doc = _doc_oracle_case(LENGTHS, seed=5)
+    params = dict(CPU, dense_len=0)
+    with torch.no_grad():
+        base = infllm_v2_attention(q, k, v, impl="torch", doc_ids=doc, **params)[0]
+        for t in (44, 150, 255):
+            q2, k2, v2 = q.clone(), k.clone(), v.clone()
+            q2[:, :, t] += 3.0
+            k2[:, :, t] += 3.0
+            v2[:, :, t] -= 3.0
+            out = infllm_v2_attention(q2, k2, v2, impl="torch", doc_ids=doc, **params)[0]
+            assert torch.equal(out[:, :, :t], base[:, :, :t]), t
+
+
+def test_document_ids_must_come_in_pairs_of_the_right_shape():
+    q, k = qk()
+    doc = packed(LENGTHS, B=2)
+    with pytest.raises(ValueError, match="q_doc and k_doc go together"):
+        infllm_v2_select(q, k, q_doc=doc, **CPU)
+    with pytest.raises(ValueError, match=r"k_doc must be integer \[B, N\]"):
+        infllm_v2_select(q, k, q_doc=doc, k_doc=doc[:, :128], **CPU)

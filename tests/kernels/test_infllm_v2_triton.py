@@ -57,3 +57,23 @@ def test_selection_matches_reference_away_from_ties():
     tied = (kth[..., 5] - kth[..., 6]).abs() < 1e-5  # the 6th and 7th candidates (NaN for inf/inf: not tied)
     assert torch.equal(got[~tied], want[~tied])
     assert tied.float().mean() < 0.1
+
+
+def test_scores_and_lse_with_documents_match_reference():
+    """Packed documents (boundaries inside blocks, one shorter than a summary window):
+    the kernels' document compare equals the PyTorch path, exact and coarse lse."""
+    from ltrain.kernels.infllm_v2_ref import chunk_docs
+
+    q, k = inputs(2, 4, 2, 128, 256, 32)
+    lengths = torch.tensor([[40, 5, 100, 111], [7, 130, 60, 59]])
+    doc = torch.stack([torch.repeat_interleave(torch.arange(4), n) for n in lengths]).to(torch.int32).to(DEVICE)
+    q_doc = doc[:, 128:]
+    kc, kc2 = compress_keys(k, 8, 4), compress_keys(k, 32, 16)
+    coarse = dict(kernel_size=32, kernel_stride=16, q_start=128, q_doc=q_doc, kc_doc=chunk_docs(doc, 32, 16))
+    lse = lse_triton(q, kc2, **coarse)
+    torch.testing.assert_close(lse, lse_torch(q, kc2, **coarse), atol=1e-5, rtol=1e-5)
+    for est in (None, lse):
+        opts = dict(num_k_blocks=16, kernel_size=8, kernel_stride=4, block_size=16, q_start=128, lse=est,
+                    q_doc=q_doc, kc_doc=chunk_docs(doc, 8, 4))
+        torch.testing.assert_close(block_scores_triton(q, kc, **opts), block_scores_torch(q, kc, **opts),
+                                   atol=1e-5, rtol=1e-5)

@@ -5,6 +5,7 @@ import torch
 
 from ltrain.kernels import lightning_attention
 from ltrain.kernels.lightning_ref import lightning_recurrent
+from tests.kernels.test_lightning_ref import doc_ids_from_starts
 
 
 def rel_err(a, b):
@@ -97,6 +98,14 @@ def test_no_host_sync_on_cuda():
         (dict(initial_state=torch.zeros(1, 2, 16, 8)), "initial_state"),
         (dict(chunk_size=48), "chunk_size"),
         (dict(impl="cuda"), "impl"),
+        (dict(doc_ids=torch.zeros(1, 40)), "doc_ids"),
+        (dict(doc_ids=torch.zeros(1, 39, dtype=torch.long)), "doc_ids"),
+        (dict(doc_ids=torch.zeros(1, 40, dtype=torch.long, device="meta")), "doc_ids"),
+        (dict(doc_ids=torch.tensor([[0] * 20 + [1] * 10 + [0] * 10])), "doc_ids must be non-decreasing"),
+        (dict(initial_doc=torch.zeros(1, dtype=torch.long)), "initial_doc needs doc_ids"),
+        (dict(doc_ids=torch.zeros(1, 40, dtype=torch.int32), initial_doc=torch.zeros(2, dtype=torch.long)),
+         "initial_doc"),
+        (dict(doc_ids=torch.zeros(1, 40, dtype=torch.int32), initial_doc=torch.zeros(1)), "initial_doc"),
     ],
 )
 def test_bad_arguments_raise_value_error(kwargs, arg):
@@ -111,3 +120,72 @@ def test_mismatched_shapes_raise_value_error():
         lightning_attention(q, k[:, :, :-1], v)
     with pytest.raises(ValueError, match="v must"):
         lightning_attention(q, k, v[:, :1])
+
+
+# Chunk 16 over N = 40: documents shorter than a chunk (1 and 3 tokens), starts inside chunks
+# and on a chunk boundary (16, 32), a document crossing chunks (21..31 and 5..15).
+PACKED = ((5, 16, 17, 21, 32), (3, 6, 7, 8, 30))
+
+
+def segments(starts, N):
+    bounds = [0, *starts, N]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_packed_row_equals_each_document_alone(impl):
+    """Each document of a packed row gets the outputs and gradients (decay's too, summed over
+    the documents) of running it alone in its own row; the final state is the last document's."""
+    q, k, v, _ = inputs(B=2, N=40)
+    do, d_final = torch.randn_like(v), torch.randn(2, 2, 16, 16)
+    doc_ids = doc_ids_from_starts(40, *PACKED)
+    packed = [t.clone().requires_grad_() for t in (q, k, v, torch.tensor([0.9, 0.6]))]
+    o, final = lightning_attention(*packed[:3], decay=packed[3], doc_ids=doc_ids, return_final_state=True,
+                                   chunk_size=16, impl=impl)
+    torch.autograd.backward((o, final), (do, d_final))
+    d_decay_alone = torch.zeros(2)
+    for row, starts in enumerate(PACKED):
+        for a, b in segments(starts, 40):
+            alone = [t[row:row + 1, :, a:b].clone().requires_grad_() for t in (q, k, v)]
+            decay = torch.tensor([0.9, 0.6], requires_grad=True)
+            # Alone on the reference: Triton and the reference agree without documents (test_lightning_triton).
+            o_doc, f_doc = lightning_attention(*alone, decay=decay, return_final_state=True, chunk_size=16,
+                                               impl="torch")
+            last = b == 40
+            torch.autograd.backward((o_doc, f_doc), (do[row:row + 1, :, a:b], d_final[row:row + 1] * last))
+            d_decay_alone += decay.grad
+            torch.testing.assert_close(o[row:row + 1, :, a:b], o_doc, rtol=1e-5, atol=1e-5)
+            for x, y in zip(packed, alone):
+                torch.testing.assert_close(x.grad[row:row + 1, :, a:b], y.grad, rtol=1e-5, atol=1e-5)
+            if last:
+                torch.testing.assert_close(final[row:row + 1], f_doc, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed[3].grad, d_decay_alone, rtol=1e-5, atol=1e-5)
+
+
+def test_documents_are_causal():
+    """Changing token t (q, k and v) never changes an output before t, across documents."""
+    q, k, v, _ = inputs(N=40)
+    doc_ids = doc_ids_from_starts(40, PACKED[0])
+    o = lightning_attention(q, k, v, decay=torch.tensor([0.9, 0.6]), doc_ids=doc_ids, chunk_size=16)
+    for t in (3, 16, 20, 33):
+        q2, k2, v2 = (x.clone() for x in (q, k, v))
+        for x in (q2, k2, v2):
+            x[:, :, t] += 1.0
+        o2 = lightning_attention(q2, k2, v2, decay=torch.tensor([0.9, 0.6]), doc_ids=doc_ids, chunk_size=16)
+        torch.testing.assert_close(o2[:, :, :t], o[:, :, :t], rtol=0, atol=0)
+        assert (o2[:, :, t] != o[:, :, t]).any()
+
+
+def test_one_document_equals_no_documents():
+    q, k, v, s0 = inputs(N=40)
+    a = [t.clone().requires_grad_() for t in (q, k, v, s0)]
+    b = [t.clone().requires_grad_() for t in (q, k, v, s0)]
+    decay = torch.tensor([0.9, 0.6])
+    o_a = lightning_attention(*a[:3], decay=decay, initial_state=a[3], chunk_size=16)
+    o_b = lightning_attention(*b[:3], decay=decay, initial_state=b[3], chunk_size=16,
+                              doc_ids=torch.full((1, 40), 4, dtype=torch.int32))
+    o_a.square().sum().backward()
+    o_b.square().sum().backward()
+    torch.testing.assert_close(o_b, o_a, rtol=1e-6, atol=1e-6)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(y.grad, x.grad, rtol=1e-6, atol=1e-6)

@@ -86,3 +86,50 @@ def test_ref_no_final_grad_and_strong_decay_is_finite():
     o_ref, f_ref = lightning_recurrent(q, k, v, log_decay.exp())
     assert all(torch.isfinite(t).all() for t in (o, final, *grads))
     assert rel_err(o, o_ref) < 1e-5 and rel_err(final, f_ref) < 1e-5
+
+
+def doc_ids_from_starts(N, *rows):
+    """[len(rows), N] int64 document ids, non-decreasing: row r starts a new document at each
+    position in rows[r] (besides 0). Ids begin at 7 and step by 3: only equality matters."""
+    ids = torch.zeros(len(rows), N, dtype=torch.long)
+    for r, starts in enumerate(rows):
+        ids[r, list(starts)] = 1
+    return 7 + 3 * ids.cumsum(1)
+
+
+# Chunk 16 over N = 45: starts on a chunk boundary (16, 32), inside a chunk (5), a 1-token
+# document (20), several starts in one chunk (33, 35, 36), and a row with one document.
+DOC_CASES = {
+    "boundaries_and_one_token": ((5, 16, 20, 21, 32), (33, 35, 36)),
+    "one_document_and_late_start": ((), (44,)),
+}
+
+
+@pytest.mark.parametrize("with_decay", [False, True])
+@pytest.mark.parametrize("init_doc", ["none", "same", "other"])
+@pytest.mark.parametrize("case", DOC_CASES)
+def test_ref_with_documents_matches_recurrence(with_decay, init_doc, case):
+    """Document resets: the chunked reference against the token recurrence S_t = k_t v_t^T +
+    [same document] lambda S_{t-1}: outputs, final state and every gradient (decay and
+    initial_state included). initial_doc: None (the first document continues S_0), the row's
+    first id (the same), or another id (S_0 is forgotten at token 0)."""
+    q, k, v, s0, do, d_final = make_inputs(N=45)
+    doc_ids = doc_ids_from_starts(45, *DOC_CASES[case])
+    initial_doc = {"none": None, "same": doc_ids[:, 0], "other": doc_ids[:, 0] - torch.tensor([1, 0])}[init_doc]
+    decay = DECAY.clone().requires_grad_() if with_decay else None
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, s0)]
+    o_ref, f_ref = lightning_recurrent(*leaves[:3], decay, leaves[3], doc_ids, initial_doc)
+    torch.autograd.backward((o_ref, f_ref), (do, d_final))
+
+    args = [t.float() for t in (q, k, v)]
+    log_decay = decay.detach().float().log() if with_decay else None
+    o, final = lightning_ref_fwd(*args, log_decay, s0.float(), 16, doc_ids, initial_doc)
+    grads = lightning_ref_bwd(*args, log_decay, s0.float(), do.float(), d_final.float(), 16, with_decay, doc_ids,
+                              initial_doc)
+    want = [o_ref, f_ref] + [t.grad for t in leaves]
+    for name, got, ref in zip(["o", "final", "dq", "dk", "dv", "d_initial"], [o, final, *grads[:4]], want):
+        assert rel_err(got, ref) < 1e-5, name
+    if init_doc == "other":  # row 0 forgets S_0: no gradient reaches it
+        assert grads[3][0].abs().max() == 0 and grads[3][1].abs().max() > 0
+    if with_decay:
+        assert rel_err(grads[4], decay.grad * decay.detach()) < 1e-5

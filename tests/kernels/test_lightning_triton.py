@@ -6,6 +6,7 @@ import torch
 from ltrain.kernels import lightning_attention
 from ltrain.kernels.lightning_ref import lightning_recurrent, lightning_ref_bwd, lightning_ref_fwd
 from ltrain.kernels.lightning_triton import lightning_triton_bwd, lightning_triton_fwd
+from tests.kernels.test_lightning_ref import doc_ids_from_starts
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -40,6 +41,30 @@ def test_triton_matches_reference(with_decay, with_states):
         got, want, names = got[:-1], want[:-1], names[:-1]
     tol = 1e-5 if DEVICE == "cpu" else 5e-3  # fp32 dots run as tf32 on GPUs
     assert len(got) == len(want) == len(names)
+    for name, a, b in zip(names, got, want):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        assert rel_err(a, b) < tol, name
+
+
+@pytest.mark.parametrize("with_decay", [False, True])
+@pytest.mark.parametrize("initial_doc", [None, "other"])
+def test_triton_with_documents_matches_reference(with_decay, initial_doc):
+    """Document resets in every kernel (chunk state, prefix, output, dq/dk and the decay
+    gradient), N = 45 in chunks of 16: row 0 starts documents on chunk boundaries (16, 32),
+    inside a chunk (5), has a 1-token document (20) and 3 starts in one chunk (33, 35, 36);
+    row 1 starts one in the last, short chunk (44). initial_doc "other": row 0's S_0
+    belongs to an earlier document (forgotten), row 1's continues."""
+    q, k, v, do, s0, d_final = inputs(B=2, N=45)
+    doc_ids = doc_ids_from_starts(45, (5, 16, 20, 21, 32, 33, 35, 36), (44,)).to(DEVICE)
+    init = None if initial_doc is None else doc_ids[:, 0] - torch.tensor([1, 0], device=DEVICE)
+    log_decay = torch.tensor([0.0, -0.2], device=DEVICE) if with_decay else None
+    docs = dict(doc_ids=doc_ids, initial_doc=init)
+    got = lightning_triton_fwd(q, k, v, log_decay, s0, 16, **docs)
+    got += lightning_triton_bwd(q, k, v, log_decay, s0, do, d_final, 16, with_decay, **docs)
+    want = lightning_ref_fwd(q, k, v, log_decay, s0, 16, **docs)
+    want += lightning_ref_bwd(q, k, v, log_decay, s0, do, d_final, 16, with_decay, **docs)
+    names = ["o", "final", "dq", "dk", "dv", "d_initial", "d_log_decay"][:7 if with_decay else 6]
+    tol = 1e-5 if DEVICE == "cpu" else 5e-3
     for name, a, b in zip(names, got, want):
         assert a.dtype == b.dtype and a.shape == b.shape, name
         assert rel_err(a, b) < tol, name

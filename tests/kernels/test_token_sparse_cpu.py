@@ -7,7 +7,9 @@ import torch
 
 from ltrain.kernels import BlockLayout, block_sparse_attention
 from ltrain.kernels.token_sparse_cpu import split
-from tests.kernels.test_block_sparse_cpu import NAMES, assert_close, dense_mask, make_qkv, run, sdpa_reference
+from tests.kernels.test_block_sparse_cpu import (NAMES, assert_close, check_docs_against_reference,
+                                                 check_packed_row_equals_documents_alone, cpu, dense_mask, doc_ids,
+                                                 make_qkv, own_document_token_layout, run, sdpa_reference)
 
 
 def token_layout(Bl, Hl, Nq, Mk, K, block_size, *, shared=0.7, drop=0.2, seed=0):
@@ -75,3 +77,19 @@ def test_rejects_a_per_query_head_token_layout():
     layout = token_layout(1, 4, 32, 2, 1, 16)
     with pytest.raises(ValueError, match="token layout is shared by the query heads of a KV group"):
         block_sparse_attention(q, k, v, layout, block_size=16, impl="torch")
+
+
+@pytest.mark.parametrize("B,Hq,Hkv,Nq,Nk,D,bs,Hl,Bl,q_start,k_start,causal", [CASES[0], CASES[1], CASES[3], CASES[5]])
+def test_documents_match_the_reference(B, Hq, Hkv, Nq, Nk, D, bs, Hl, Bl, q_start, k_start, causal):
+    layout = token_layout(Bl, Hl, Nq, Nk // bs, 3, bs, seed=Nq + Hq)
+    docs = doc_ids().repeat(1, 2)[:B].sort(-1).values  # 128 ids: slices for the rectangular cases
+    check_docs_against_reference(lambda *a, **kw: cpu(*a, block_size=bs, **kw), B, Hq, Hkv, Nq, Nk, D, layout,
+                                 docs[:, q_start:q_start + Nq], docs[:, k_start:k_start + Nk], causal=causal,
+                                 q_start=q_start, k_start=k_start)
+
+
+@pytest.mark.parametrize("Hq,Hkv", [(2, 2), (4, 2)])
+def test_packed_row_with_own_document_selections_equals_each_document_alone(Hq, Hkv):
+    """Each token selects its own document's blocks (a boundary block's tokens disagree: the rest part)."""
+    assert split(own_document_token_layout(doc_ids(), 16), 16)[1].counts.any()
+    check_packed_row_equals_documents_alone(cpu, Hq, Hkv, 32, 16, token_layout=True)

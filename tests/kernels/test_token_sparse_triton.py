@@ -9,7 +9,11 @@ import torch
 
 from ltrain.kernels import BlockLayout
 from ltrain.kernels import token_sparse_triton as tst
-from tests.kernels.test_block_sparse_cpu import NAMES, assert_close, make_qkv, run, sdpa_reference
+from tests.kernels.test_block_sparse_cpu import (NAMES, assert_close, check_docs_against_reference,
+                                                 check_invisible_documents_are_skipped,
+                                                 check_packed_row_equals_documents_alone, doc_ids, make_qkv, run,
+                                                 sdpa_reference)
+from tests.kernels.test_block_sparse_triton import triton_impl
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -185,3 +189,21 @@ def test_rejects_a_block_layout():
     q, k, v, *_ = make_qkv(1, 2, 1, 64, 64, 32)
     with pytest.raises(ValueError, match="token layout"):
         tst.forward(q, k, v, layout, block_size=16, causal=True, sm_scale=0.1, q_start=0, k_start=0)
+
+
+def test_documents_match_the_reference():
+    """Random selections (G = 2, per batch and KV group) of a packed row, queries at 16..63."""
+    docs = doc_ids()
+    layout = token_layout(2, 2, 48, 4, 16, q_start=16, seed=11)
+    check_docs_against_reference(triton_impl, 2, 4, 2, 48, 64, 32, layout, docs[:, 16:], docs, q_start=16,
+                                 rtol=2e-5, atol=2e-5)
+
+
+def test_packed_row_with_own_document_selections_equals_each_document_alone():
+    check_packed_row_equals_documents_alone(triton_impl, 2, 1, 32, 16, token_layout=True, atol=2e-5)
+
+
+def test_invisible_documents_are_skipped_not_masked():
+    """NaN in one document's q, k, v, do never reaches another's results: the forward, dq and
+    dK/dV loops skip its tiles before loading them."""
+    check_invisible_documents_are_skipped(triton_impl, block_size=16, token_layout=True)

@@ -260,3 +260,19 @@ def test_s2_context_drop_warning_names_keys_and_numbers(caplog, overrides, homo)
 ])
 def test_s2_no_warning_when_heads_cover_the_context(caplog, overrides):
     assert s2_warnings(caplog, *overrides)[1] == []
+
+
+def test_packed_documents_need_whole_attention_blocks(tmp_path):
+    """Document masking (on by default for packed memmap rows) runs in the block-sparse
+    kernels: one line naming data.seq_len, the block and the way out; unpacked rows are
+    not masked, so the same length is fine with data.doc_boundaries=false."""
+    src = tmp_path / "a.txt"
+    src.write_text("hello world\n" * 500)
+    subprocess.run([sys.executable, "-m", "ltrain.data.prepare", str(src), str(tmp_path / "out")], check=True)
+    data = ["data=memmap", f"data.path={tmp_path / 'out'}", "attention=dense"]
+    with pytest.raises(ConfigError, match=r"^data.seq_len=136 is invalid: packed documents are masked per attention "
+                                          r"block \(data.doc_boundaries\): use a multiple of 16, or "
+                                          r"data.doc_boundaries=false"):
+        validate(load(*data, "data.seq_len=136"), world_size=1)
+    validate(load(*data, "data.seq_len=136", "data.doc_boundaries=false"), world_size=1)
+    validate(load(*data, "data.seq_len=144"), world_size=1)

@@ -23,28 +23,43 @@ def _full_inputs(N, seed):
     return q, k, v, do
 
 
+def _doc_ids(n, world_size):
+    """[B, N] document ids (N = world_size * n tokens) whose starts hit every case of the split:
+    row 0 starts a document inside a rank's chunk (5), on a zigzag chunk boundary (n/2), on a
+    rank boundary (n, both modes), has a 1-token document (n) and a long last one spanning
+    ranks; row 1 has a document crossing several ranks' chunks (n - 4 .. N - 8) and a 1-token
+    document (N - 7). Ids start at 3 and skip values: only equality matters."""
+    N = world_size * n
+    starts = [torch.tensor(s) for s in ([5, n // 2, n, n + 1], [n - 4, N - 7, N - 6])]
+    is_start = torch.zeros(2, N, dtype=torch.long)
+    for row, s in enumerate(starts):
+        is_start[row, s] = 1
+    return 3 + 2 * is_start.cumsum(1)
+
+
 def _lasp2_vs_single_process(rank, world_size, n):
-    """Per mode and decay case: errors of this rank's output and q/k/v grads (n
-    tokens per rank, split as the mode says), and the meter readings per pass."""
+    """Per mode, decay case and documents (none / packed): errors of this rank's output and
+    q/k/v grads (n tokens per rank, split as the mode says), and the meter readings per pass."""
     report = {}
     base = torch.tensor([1.0, 0.97, 0.8])
-    for mode in MODES:
+    for mode, docs in [(mode, docs) for mode in MODES for docs in (None, _doc_ids(n, world_size))]:
         for name, decay in [("no_decay", None), ("decay", base), ("learned_decay", base.clone().requires_grad_())]:
             q, k, v, do = _full_inputs(world_size * n, seed=1)
             full = [t.clone().requires_grad_() for t in (q, k, v)]
             decay_full = None if decay is None else decay.detach().clone().requires_grad_(decay.requires_grad)
-            o_full = lightning_attention(*full, decay=decay_full, chunk_size=CHUNK)
+            o_full = lightning_attention(*full, decay=decay_full, chunk_size=CHUNK, doc_ids=docs)
             o_full.backward(do)
 
-            def mine(t):
-                return shard_sequence(t, rank, world_size, mode=mode, dim=2)
+            def mine(t, dim=2):
+                return shard_sequence(t, rank, world_size, mode=mode, dim=dim)
 
             local = [mine(t).clone().requires_grad_() for t in (q, k, v)]
+            local_docs = None if docs is None else mine(docs, dim=1).int()  # int32, as the loader gives
             with CommMeter() as fwd_meter:
-                o = lasp2_linear_attention(*local, decay, chunk_size=CHUNK, mode=mode)
+                o = lasp2_linear_attention(*local, decay, chunk_size=CHUNK, mode=mode, doc_ids=local_docs)
             with CommMeter() as bwd_meter:
                 o.backward(mine(do))
-            case = report[mode, name] = {
+            case = report[mode, name if docs is None else f"docs_{name}"] = {
                 "o": rel_err(o, mine(o_full)),
                 **{f"d{n}": rel_err(a.grad, mine(b.grad)) for n, a, b in zip("qkv", local, full)},
                 "fwd": fwd_meter.snapshot(),
@@ -57,20 +72,23 @@ def _lasp2_vs_single_process(rank, world_size, n):
 
 def _check_decay_grad(reports):
     """Each rank returns its share of d decay; the shares sum to the full-sequence gradient."""
-    for mode in MODES:
-        shares = [r[mode, "learned_decay"]["d_decay_share"] for r in reports]
-        full = reports[0][mode, "learned_decay"]["d_decay_full"]
+    for mode, name in [(mode, name) for mode in MODES for name in ("learned_decay", "docs_learned_decay")]:
+        shares = [r[mode, name]["d_decay_share"] for r in reports]
+        full = reports[0][mode, name]["d_decay_full"]
         assert all(s.abs().min() > 0 for s in shares)  # every rank contributes to every head
-        assert rel_err(sum(shares), full) < 2e-5, mode
+        assert rel_err(sum(shares), full) < 2e-5, (mode, name)
 
 
 def _check_report(report, world_size):
-    for (mode, _), case in report.items():
+    for (mode, name), case in report.items():
         assert max(case[n] for n in ("o", "dq", "dk", "dv")) < 2e-5, case
-        # zigzag: 2 chunk states per rank, still one collective each way
-        state_bytes = world_size * (2 if mode == "zigzag" else 1) * B * H * DK * DV * 4
-        for meter in (case["fwd"], case["bwd"]):
-            assert meter["all_gather"] == {"calls": 1, "bytes": state_bytes}
+        # zigzag: 2 chunk states per rank, still one collective each way; with documents the
+        # forward's carries each chunk's last document id (B int32) beside its state
+        m = 2 if mode == "zigzag" else 1
+        state_bytes = world_size * m * B * H * DK * DV * 4
+        doc_bytes = world_size * m * B * 4 if name.startswith("docs") else 0
+        for meter, extra in [(case["fwd"], doc_bytes), (case["bwd"], 0)]:
+            assert meter["all_gather"] == {"calls": 1, "bytes": state_bytes + extra}
             assert sum(m["calls"] for m in meter.values()) == 1
 
 

@@ -165,3 +165,71 @@ def test_lasp2h_sparse_two_ranks_equals_one_process():
             assert {k: m for k, m in bwd.items() if m["calls"]} == {"reduce_scatter": {"calls": 1, "bytes": kv_bytes}}
         assert "must be divisible by 2 x cp x block_size" in bad[0], bad
         assert bad[1].startswith("mode='spiral'"), bad
+
+
+# ---- packed documents ----------------------------------------------------
+
+DOC_LENGTHS = [40, 5, 100, 111]  # boundaries inside blocks and across the ranks' chunks, one doc < a block
+
+
+def packed_docs(lengths, B):
+    """int32 [B, sum(lengths)] document ids; row b's documents rotated by b (rows differ)."""
+    rows = [torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths[b:] + lengths[:b]))
+            for b in range(B)]
+    return torch.stack(rows).to(torch.int32)
+
+
+def _doc_select(q_c, k_all, q_start, q_doc, k_doc):
+    from ltrain.kernels import infllm_v2_select
+
+    return infllm_v2_select(q_c, k_all, q_start=q_start, q_doc=q_doc, k_doc=k_doc, **SPARSE)
+
+
+def _documents_vs_single_process(rank, world_size):
+    """lasp2h_attention (dense) and lasp2h_sparse_attention (InfLLM-V2 selection) with this
+    rank's doc ids: errors of the gathered outputs and grads against one process."""
+    from ltrain.kernels import block_sparse_attention
+    from ltrain.parallel import gather_sequence, lasp2h_sparse_attention
+
+    g = torch.Generator().manual_seed(9)
+    N = sum(DOC_LENGTHS)
+    q, do = (torch.randn(SB, SHQ, N, SD, generator=g) for _ in range(2))
+    k, v = (torch.randn(SB, SHKV, N, SD, generator=g) for _ in range(2))
+    doc = packed_docs(DOC_LENGTHS, SB)
+    same_doc = (doc[:, :, None] == doc[:, None, :]) & torch.ones(N, N, dtype=torch.bool).tril()
+    full = [t.clone().requires_grad_() for t in (q, k, v)]
+    dense_ref = F.scaled_dot_product_attention(*full, attn_mask=same_doc[:, None], enable_gqa=True)
+    dense_grads = torch.autograd.grad(dense_ref, full, do)
+    layout = _doc_select(full[0].detach(), full[1].detach(), 0, doc, doc)
+    sparse_ref = block_sparse_attention(*full, layout, block_size=SPARSE["block_size"], q_doc=doc, k_doc=doc)
+    sparse_grads = torch.autograd.grad(sparse_ref, full, do)
+    results = {}
+    for mode in MODES:
+        local_doc = shard_sequence(doc, rank, world_size, mode=mode)
+        for kind, ref, ref_grads in (("dense", dense_ref, dense_grads), ("sparse", sparse_ref, sparse_grads)):
+            local = [shard_sequence(t, rank, world_size, mode=mode, dim=2).requires_grad_() for t in (q, k, v)]
+            if kind == "dense":
+                o = lasp2h_attention(*local, group=None, mode=mode, doc_ids=local_doc)
+            else:
+                o = lasp2h_sparse_attention(*local, select=_doc_select, group=None, mode=mode,
+                                            block_size=SPARSE["block_size"], doc_ids=local_doc)
+            o.backward(shard_sequence(do, rank, world_size, mode=mode, dim=2))
+            got = [gather_sequence(t, None, mode=mode, dim=2) for t in (o, *(x.grad for x in local))]
+            results[kind, mode] = {n: rel_err(a, b) for n, a, b in zip(("o", "dq", "dk", "dv"), got,
+                                                                      (ref, *ref_grads))}
+    return results
+
+
+def _check_documents(world_size):
+    for results in run_ranks(_documents_vs_single_process, world_size, timeout=240):
+        for key, errors in results.items():
+            assert max(errors.values()) < 1e-5, (key, errors)
+
+
+def test_lasp2h_documents_two_ranks_equal_one_process():
+    _check_documents(2)
+
+
+@pytest.mark.slow
+def test_lasp2h_documents_four_ranks_equal_one_process():
+    _check_documents(4)

@@ -182,3 +182,103 @@ def test_s2_skips_tiles_its_heads_never_visit():
         dense = ring_plan(dense_layout(m), r, cp, "zigzag", BS)
         assert sum(map(len, plan)) < sum(map(len, dense))
         assert all(not t.layout.is_empty() for tiles in plan for t in tiles)
+
+
+# Packed documents: row 0 has a 1-token document and boundaries inside chunks and blocks, row 1
+# documents on chunk boundaries, so many tiles' chunks share no document.
+DOC_LENGTHS = ([5, 40, 1, 30, 52], [32, 32, 16, 16, 32])
+N_DOCS = 128
+
+
+def packed_doc_ids():
+    return torch.stack([torch.repeat_interleave(torch.arange(len(ls)), torch.tensor(ls)) for ls in DOC_LENGTHS])
+
+
+def _ring_docs_vs_single_process(rank, world_size):
+    from ltrain.kernels.block_sparse_ref import block_sparse_reference
+    g = torch.Generator().manual_seed(7)
+    q, do = (torch.randn(B, HQ, N_DOCS, D, generator=g) for _ in range(2))
+    k, v = (torch.randn(B, HKV, N_DOCS, D, generator=g) for _ in range(2))
+    docs = packed_doc_ids()
+    results = {}
+    for kind, layout_fn in LAYOUTS.items():
+        full = [t.clone().requires_grad_() for t in (q, k, v)]
+        block_sparse_reference(*full, layout_fn(N_DOCS // BS), q_doc=docs, k_doc=docs)[0].backward(do)
+        for mode in ("zigzag", "contiguous"):
+            local = [shard_sequence(t, rank, world_size, mode=mode, dim=2).requires_grad_() for t in (q, k, v)]
+            with CommMeter() as fwd:
+                o = ring_attention(*local, layout_fn=layout_fn, group=None, block_size=BS, mode=mode,
+                                   doc_ids=shard_sequence(docs, rank, world_size, mode=mode, dim=1))
+            with CommMeter() as bwd:
+                o.backward(shard_sequence(do, rank, world_size, mode=mode, dim=2))
+            gathered = [gather_sequence(t, None, mode=mode, dim=2) for t in (o, *(x.grad for x in local))]
+            want = (block_sparse_reference(q, k, v, layout_fn(N_DOCS // BS), q_doc=docs, k_doc=docs)[0],
+                    *(x.grad for x in full))
+            errors = {n: (a - b).abs().max().item() for n, a, b in zip(("o", "dq", "dk", "dv"), gathered, want)}
+            results[kind, mode] = errors, fwd.snapshot(), bwd.snapshot()
+    return results
+
+
+def _check_docs(world_size):
+    for results in run_ranks(_ring_docs_vs_single_process, world_size, timeout=150):
+        for (kind, mode), (errors, fwd, bwd) in results.items():
+            assert max(errors.values()) < 1e-5, (kind, mode, errors)
+            # One all-gather of the int32 doc ids per call, in the forward; the backward reuses them.
+            assert fwd["all_gather"] == {"calls": 1, "bytes": world_size * B * (N_DOCS // world_size) * 4}, fwd
+            assert bwd["all_gather"]["calls"] == 0, bwd
+
+
+def test_ring_with_documents_two_ranks():
+    _check_docs(2)
+
+
+@pytest.mark.slow  # about a minute on two cores; the two-rank version runs by default
+def test_ring_with_documents_four_ranks():
+    _check_docs(4)
+
+
+@pytest.mark.parametrize("cp,mode", [(2, "zigzag"), (4, "zigzag"), (4, "contiguous")])
+def test_tiles_of_chunks_without_a_common_document_attend_no_block(cp, mode):
+    """The ring leaves such a tile to the kernel (deciding it would read the ids on the host), whose
+    block skip drops every block pair of it (doc_split: the CPU path's plan; the Triton kernels make
+    the same range test per key tile): nothing of its K/V is read."""
+    docs, m = packed_doc_ids(), N_DOCS // BS
+    skipped = 0
+    for r in range(cp):
+        for tiles in ring_plan(dense_layout(m), r, cp, mode, BS):
+            for t in tiles:
+                q_doc, k_doc = (docs[:, s:s + N_DOCS // (2 * cp if mode == "zigzag" else cp)]
+                                for s in (t.q_start, t.k_start))
+                kept = [lay.block_mask().sum(dim=(1, 2, 3)) for lay in block_sparse_cpu.doc_split(
+                    t.layout, q_doc, k_doc, block_size=BS, causal=True, q_start=t.q_start, k_start=t.k_start)]
+                share = (k_doc[:, :, None] == q_doc[:, None, :]).flatten(1).any(1)  # [B]
+                assert ((kept[0] + kept[1] == 0) | share).all()
+                assert ((kept[0] + kept[1] > 0) | ~share).all()
+                skipped += int((~share).sum())
+    assert skipped > 0
+
+
+def _triton_ring_docs_vs_single_process(rank, world_size):
+    """The ring with doc ids and the Triton kernels (interpreted), against the oracle on one process."""
+    from ltrain.kernels.block_sparse_ref import block_sparse_reference
+    hq, hkv, d = 2, 1, 32
+    g = torch.Generator().manual_seed(8)
+    q, do = (torch.randn(B, hq, N_DOCS, d, generator=g) for _ in range(2))
+    k, v = (torch.randn(B, hkv, N_DOCS, d, generator=g) for _ in range(2))
+    docs, m = packed_doc_ids(), N_DOCS // BS
+    full = [t.clone().requires_grad_() for t in (q, k, v)]
+    want = block_sparse_reference(*full, dense_layout(m), q_doc=docs, k_doc=docs)[0]
+    want.backward(do)
+    local = [shard_sequence(t, rank, world_size, dim=2).requires_grad_() for t in (q, k, v)]
+    o = ring_attention(*local, layout_fn=dense_layout, group=None, block_size=BS, impl="triton",
+                       doc_ids=shard_sequence(docs, rank, world_size, dim=1))
+    o.backward(shard_sequence(do, rank, world_size, dim=2))
+    return [(gather_sequence(a, None, dim=2) - b).abs().max().item()
+            for a, b in zip((o, *(x.grad for x in local)), (want, *(x.grad for x in full)))]
+
+
+@pytest.mark.slow  # the Triton interpreter
+def test_ring_triton_with_documents_two_ranks(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    for errors in run_ranks(_triton_ring_docs_vs_single_process, 2, timeout=300):
+        assert max(errors) < 1e-5, errors

@@ -36,3 +36,14 @@ def _roundtrip(rank, world, mode):
 @pytest.mark.parametrize("mode", ["zigzag", "contiguous"])
 def test_gather_inverts_shard_over_real_ranks(world, mode):
     assert all(run_ranks(_roundtrip, world, mode))
+
+
+def test_gather_doc_ids_checks_the_shard_before_any_collective():
+    from ltrain.parallel.sharding import gather_doc_ids
+
+    q = torch.zeros(2, 4, 32, 8)
+    assert gather_doc_ids(None, q, None, mode="zigzag", who="x") is None
+    with pytest.raises(ValueError, match=r"ulysses_attention: doc_ids must be this rank's shard \[B, n\] = \[2, 32\]"):
+        gather_doc_ids(torch.zeros(2, 64, dtype=torch.int32), q, None, mode="zigzag", who="ulysses_attention")
+    with pytest.raises(ValueError, match="lasp2h_attention: doc_ids must be an integer tensor, got torch.float32"):
+        gather_doc_ids(torch.zeros(2, 32), q, None, mode="zigzag", who="lasp2h_attention")

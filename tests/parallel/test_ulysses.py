@@ -78,3 +78,67 @@ def test_ulysses_two_ranks():
 
 def test_ulysses_four_ranks_replicates_kv_heads():
     _check(4)
+
+
+# ---- packed documents ----------------------------------------------------
+
+def packed_docs(lengths, B):
+    """int32 [B, sum(lengths)] document ids; row b's documents rotated by b (rows differ)."""
+    rows = [torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths[b:] + lengths[:b]))
+            for b in range(B)]
+    return torch.stack(rows).to(torch.int32)
+
+
+DOC_LENGTHS = [40, 5, 100, 111]  # boundaries inside blocks and across the ranks' chunks, one doc < a block
+
+
+def doc_dense_attn(q, k, v, *, head_start, doc_ids):
+    from ltrain.kernels import BlockLayout
+
+    layout = BlockLayout.causal(q.shape[2] // BS, q.shape[2] // BS)
+    return block_sparse_attention(q, k, v, layout, block_size=BS, q_doc=doc_ids, k_doc=doc_ids)
+
+
+def doc_s2_attn(q, k, v, *, head_start, doc_ids):
+    layout = s2_layout(HQ, q.shape[2], **S2).heads(head_start, q.shape[1])
+    return block_sparse_attention(q, k, v, layout, block_size=BS, q_doc=doc_ids, k_doc=doc_ids)
+
+
+DOC_ATTN = {"dense": doc_dense_attn, "s2": doc_s2_attn}
+
+
+def _ulysses_documents_vs_single_process(rank, world_size):
+    """attn_fn gets the whole row's doc ids from this rank's shard; errors against one process."""
+    g = torch.Generator().manual_seed(11)
+    q, do = (torch.randn(B, HQ, N, D, generator=g) for _ in range(2))
+    k, v = (torch.randn(B, HKV, N, D, generator=g) for _ in range(2))
+    doc = packed_docs(DOC_LENGTHS, B)
+    results = {}
+    for kind, attn_fn in DOC_ATTN.items():
+        full = [t.clone().requires_grad_() for t in (q, k, v)]
+        o_ref = attn_fn(*full, head_start=0, doc_ids=doc)
+        o_ref.backward(do)
+        for mode in ("zigzag", "contiguous"):
+            local = [shard_sequence(t, rank, world_size, mode=mode, dim=2).requires_grad_() for t in (q, k, v)]
+            o = ulysses_attention(*local, attn_fn=attn_fn, group=None, mode=mode,
+                                  doc_ids=shard_sequence(doc, rank, world_size, mode=mode))
+            o.backward(shard_sequence(do, rank, world_size, mode=mode, dim=2))
+            gather = [gather_sequence(t, None, mode=mode, dim=2) for t in (o, *(x.grad for x in local))]
+            results[kind, mode] = {n: rel_err(a, b) for n, a, b in zip(("o", "dq", "dk", "dv"), gather,
+                                                                      (o_ref, *(x.grad for x in full)))}
+    return results
+
+
+def _check_documents(world_size):
+    for results in run_ranks(_ulysses_documents_vs_single_process, world_size, timeout=150):
+        for key, errors in results.items():
+            assert max(errors.values()) < 1e-5, (key, errors)
+
+
+def test_ulysses_documents_two_ranks():
+    _check_documents(2)
+
+
+@pytest.mark.slow
+def test_ulysses_documents_four_ranks():
+    _check_documents(4)

@@ -69,3 +69,18 @@ def test_fixed_decay_is_not_a_parameter():
     assert not any("decay" in n for n, _ in layer.named_parameters())
     assert "fixed_decay" not in layer.state_dict()
     assert LinearAttention(1, CFG, LinearConfig(decay=False, chunk_size=16)).decay is None
+
+
+def test_packed_documents_equal_each_document_alone():
+    """ctx.doc_ids reaches the kernel: each document of a packed row gets the layer output of
+    running it alone (a 1-token document, boundaries inside and on kernel chunks of 16)."""
+    torch.manual_seed(0)
+    layer = LinearAttention(1, CFG, LinearConfig(decay=True, chunk_size=16))
+    x = torch.randn(1, 40, 32)
+    bounds = [0, 5, 16, 17, 29, 40]
+    doc_ids = torch.repeat_interleave(torch.arange(5, dtype=torch.int32), torch.tensor(bounds).diff())[None]
+    ctx = ctx_for(40)
+    ctx.doc_ids = doc_ids
+    out = layer(x, ctx)
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        torch.testing.assert_close(out[:, a:b], layer(x[:, a:b], ctx_for(b - a)), rtol=1e-5, atol=1e-5)

@@ -132,6 +132,15 @@ def test_one_process_layer_does_not_sync(kind, regime):
     assert excused > 0 or regime == "dense", excused
 
 
+@pytest.mark.parametrize("kind, regime", LAYERS)
+def test_one_process_layer_with_documents_does_not_sync(kind, regime):
+    """Packed documents (boundaries inside blocks): the document mask, InfLLM-V2's
+    per-document selection and init blocks add no host sync."""
+    doc = torch.repeat_interleave(torch.arange(4), torch.tensor([40, 5, 100, 111])).expand(B, N).to(torch.int32)
+    calls, _ = counted_step(layer(kind, regime), *inputs(), doc_ids=doc)
+    assert calls == [], calls
+
+
 def _cp_counts(rank, world_size):
     x, dy, positions = (shard_sequence(t, rank, world_size, dim=1) for t in inputs())
     results = {}

@@ -114,3 +114,31 @@ def test_cli_training_with_s2_preset_learns(tmp_path):
     assert rows[-1]["step"] == 30
     losses = [r["loss"] for r in rows]
     assert losses[-1] < 0.8 * losses[0], f"loss did not fall: {losses}"
+
+
+def test_documents_count_stripes_and_band_over_the_whole_row():
+    """Packed documents: the S2 layout stays the row's (global block indices: static,
+    cached once per length), the document mask applies on top. Oracle: SDPA with
+    layout mask x causal x same document; and that differs from counting the stripes
+    from each document's start (so the test tells the two choices apart)."""
+    torch.manual_seed(0)
+    model_cfg, attn_cfg = tiny_s2_cfg(local_blocks=2)
+    n, h, d = 256, model_cfg.n_heads, model_cfg.dim // model_cfg.n_heads
+    c = attn_cfg.s2
+    core = S2Core(0, h, c)
+    lengths = [40, 5, 100, 111]
+    doc = torch.repeat_interleave(torch.arange(4), torch.tensor(lengths)).expand(2, n).to(torch.int32)
+    q = torch.randn(2, h, n, d, requires_grad=True)
+    k, v = (torch.randn(2, model_cfg.n_kv_heads, n, d, requires_grad=True) for _ in range(2))
+    out = core(q, k, v, AttnContext(cos=torch.zeros(()), sin=torch.zeros(()), doc_ids=doc))
+    layout = core.layout(n, torch.device("cpu")).to_mask(n, n)  # [H, n, n]
+    same_doc = doc[0][:, None] == doc[0][None, :]
+    mask = layout & torch.ones(n, n, dtype=torch.bool).tril() & same_doc
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    torch.testing.assert_close(out, ref)
+    do = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), do), torch.autograd.grad(ref, (q, k, v), do)):
+        torch.testing.assert_close(a, b)
+    s, e = 145, 256  # the last document: 111 tokens from mid-block 9
+    own = core.layout(112, torch.device("cpu")).to_mask(112, 112)[:, :e - s, :e - s]
+    assert not torch.equal(layout[:, s:e, s:e] & mask[:, s:e, s:e], own & mask[:, s:e, s:e])

@@ -105,6 +105,11 @@ def test_make_batch_document_boundaries():
     assert b["labels"].tolist() == [[11, 12, -100, 14, -100, 16, 17, 18, 19]]
 
 
+def test_synthetic_rows_are_one_document_so_nothing_is_masked_by_default():
+    b = build_loader(DataConfig(seq_len=128, micro_batch_size=2), seed=0, dp_rank=0, dp_size=1).next_batch()
+    assert "doc_ids" not in b and "position_ids" not in b
+
+
 def test_synthetic_doc_boundaries_are_one_document():
     b = build_loader(DataConfig(seq_len=128, micro_batch_size=2, doc_boundaries=True), seed=0, dp_rank=0, dp_size=1).next_batch()
     assert torch.equal(b["position_ids"], torch.arange(128).expand(2, 128))

@@ -28,11 +28,25 @@ def cfg(path, **kw):
 
 def test_packed_samples_are_overlapping_windows(data):
     path, flat, _ = data
-    src = open_memmap(cfg(path, seq_len=100))
+    src = open_memmap(cfg(path, seq_len=100, doc_boundaries=False))
     assert src.num_samples == (len(flat) - 1) // 100 and src.vocab_size == 258
     for i in range(src.num_samples):
         tokens, docs = src.sample(i)
         assert tokens.dtype == np.int64 and np.array_equal(tokens, flat[i * 100 : i * 100 + 101]) and docs is None
+
+
+@pytest.mark.parametrize("pack, expect", [(True, True), (False, False)])
+def test_document_masking_is_on_by_default_where_documents_are_packed(data, pack, expect):
+    """data.doc_boundaries=None (the default): packed rows carry doc_ids, pack=false rows
+    (one document each) do not; an explicit value wins."""
+    path, _, _ = data
+    b = build_loader(cfg(path, seq_len=64, micro_batch_size=2, pack=pack), seed=0, dp_rank=0, dp_size=1).next_batch()
+    assert ("doc_ids" in b) == expect
+    if expect:
+        assert (b["doc_ids"][:, 1:] >= b["doc_ids"][:, :-1]).all()
+    off = build_loader(cfg(path, seq_len=64, micro_batch_size=2, pack=pack, doc_boundaries=False), seed=0,
+                       dp_rank=0, dp_size=1).next_batch()
+    assert "doc_ids" not in off
 
 
 def test_unpacked_samples_are_document_prefixes(data):
