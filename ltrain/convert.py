@@ -268,17 +268,32 @@ def preset_name(init_dir: str | Path) -> str:
         return f"<the preset in {path}>"
 
 
+def is_checkpoint_step(path: str | Path) -> bool:
+    """A finished ltrain checkpoint step directory (`<run>/checkpoints/step_<N>`, its manifest written)."""
+    from ltrain.checkpoint import MANIFEST
+
+    return (Path(path) / MANIFEST).is_file()
+
+
 def load_init_weights(model: torch.nn.Module, init_dir: str | Path) -> list[str]:
-    """Copy `init_dir`/ltrain_weights.safetensors into `model` (a Transformer, before DeepSpeed wraps it).
+    """Copy the weights of `init_dir` into `model` (a Transformer, before DeepSpeed wraps it): either
+    `init_dir`/ltrain_weights.safetensors (ltrain-convert hf-to-ltrain) or, for a checkpoint step
+    directory of an ltrain run, its model weights (any ZeRO stage, merged: ltrain.eval.checkpoint_weights).
 
     Every tensor must fit the model's parameter of that name; every model parameter must be in the
     file except a linear layer's own ones (LINEAR_ONLY: kept at init). ConfigError (one line) otherwise.
     Returns the indices of the linear layers that took softmax weights (for the caller's warning)."""
-    from safetensors.torch import load_file
-
     key = f"trainer.init_from={str(init_dir)!r}"
-    hint = f"use model={preset_name(init_dir)} (its preset: {Path(init_dir) / PRESET})"
-    state = load_file(str(Path(init_dir) / INIT_WEIGHTS))
+    if is_checkpoint_step(init_dir):
+        from ltrain.eval import checkpoint_weights
+
+        hint = f"use the model settings of the run that wrote it ({Path(init_dir).parents[1] / 'config.yaml'})"
+        state = checkpoint_weights(init_dir)
+    else:
+        from safetensors.torch import load_file
+
+        hint = f"use model={preset_name(init_dir)} (its preset: {Path(init_dir) / PRESET})"
+        state = load_file(str(Path(init_dir) / INIT_WEIGHTS))
     own = model.state_dict()
     for name, tensor in state.items():
         if name not in own:

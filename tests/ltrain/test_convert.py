@@ -133,6 +133,20 @@ def test_round_trip_through_a_zero3_training_run(tmp_path):
     assert torch.equal(exported["lm_head.weight"], merged["head.weight"])
     for name, t in hf.state_dict().items():  # one step at lr 1e-9 leaves the imported weights where they were
         torch.testing.assert_close(exported[name], t, rtol=0, atol=1e-6)
+
+    # The ZeRO-3 step directory itself seeds a new run (trainer.init_from=<step dir>): the merged weights,
+    # into any attention pattern.
+    seeded = Transformer(trained.cfg, AttentionConfig(layers=["s2", "infllm_v2"]))
+    assert load_init_weights(seeded, step) == []
+    for name, t in seeded.state_dict().items():
+        assert torch.equal(t, merged[name]), name
+    from ltrain.checkpoint import MANIFEST
+    from ltrain.config import CHECKPOINT_MANIFEST
+
+    assert CHECKPOINT_MANIFEST == MANIFEST  # the config check's copy of the name
+    cfg = TrainConfig()
+    cfg.trainer.init_from = str(step)
+    validate(cfg, world_size=1)
     ids = torch.randint(0, 300, (2, 48), generator=torch.Generator().manual_seed(2))
     torch.testing.assert_close(logits(back, ids), logits(trained, ids), rtol=0, atol=1e-5)
     torch.testing.assert_close(logits(back, ids), logits(hf, ids), rtol=0, atol=1e-4)
@@ -183,10 +197,11 @@ def test_shape_mismatch_names_parameter_shapes_and_preset(tmp_path):
     assert "use model=conv" in msg
 
 
-def test_init_from_must_hold_converted_weights(tmp_path):
+def test_init_from_must_hold_converted_weights_or_be_a_checkpoint(tmp_path):
     cfg = TrainConfig()
     cfg.trainer.init_from = str(tmp_path)  # a directory, but no ltrain weights in it (e.g. the HF dir itself)
-    with pytest.raises(ConfigError, match=f"trainer.init_from='{tmp_path}' is invalid: .*{INIT_WEIGHTS}"):
+    with pytest.raises(ConfigError, match=f"trainer.init_from='{tmp_path}' is invalid: .*{INIT_WEIGHTS}.*"
+                                          "checkpoint step directory"):
         validate(cfg, world_size=1)
 
 

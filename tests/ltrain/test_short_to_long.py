@@ -1,6 +1,7 @@
 """Short-to-long mechanism (benchmarks/short_to_long.py runs the full experiment):
-a checkpoint trained with attention=dense at dense_len resumes into an infllm_v2
-model past dense_len, whose layers then run sparse with the same weights.
+a checkpoint trained with attention=dense at dense_len seeds (trainer.init_from) an
+infllm_v2 model past dense_len, whose layers then run sparse with the same weights,
+and an S2 model.
 
 Both training stages run in one spawned process (one DeepSpeed import), composed
 from the real presets with Hydra's compose API, a couple of tiny steps each.
@@ -35,29 +36,36 @@ def _two_stages(rank, world, out_dir):
 
     common = [f"trainer.out_dir={out_dir}", "trainer.progress=false", "data.micro_batch_size=2",
               "optim.warmup_steps=1"]
-    short = _compose(["experiment=short-to-long-dense", "trainer.run_name=short", "trainer.max_steps=2", *common])
+    short = _compose(["experiment=short-to-long-dense", "trainer.run_name=short", "trainer.max_steps=2",
+                      "data.seq_len=128", *common])
     train(short, f"{out_dir}/short")
     ckpt = f"{out_dir}/short/checkpoints/step_00000002"
-    long = _compose(["experiment=short-to-long-sparse", "trainer.run_name=long", "trainer.max_steps=3",
-                     f"trainer.resume={ckpt}", "data.seq_len=256", *common])
+    long = _compose(["experiment=short-to-long-sparse", "trainer.run_name=long", "trainer.max_steps=1",
+                     f"trainer.init_from={ckpt}", "data.seq_len=512", "attention.infllm_v2.dense_len=128", *common])
     losses = train(long, f"{out_dir}/long")
+    s2 = _compose(["experiment=short-to-long-s2", "trainer.run_name=s2", "trainer.max_steps=1",
+                   f"trainer.init_from={ckpt}", "data.seq_len=512", *common])
+    train(s2, f"{out_dir}/s2")
     return short.data.seq_len, long.attention.infllm_v2.dense_len, losses
 
 
-def test_dense_checkpoint_resumes_sparse_past_dense_len(tmp_path):
+def test_dense_checkpoint_seeds_sparse_past_dense_len_and_s2(tmp_path):
     ((short_len, dense_len, losses),) = run_ranks(_two_stages, 1, str(tmp_path))
     assert short_len == dense_len == 128  # stage 1 is dense because it is not past dense_len
 
-    # Stage 2 continued the checkpoint (step 3 only), past dense_len, in sparse mode.
+    # Stage 2 started from the checkpoint's weights (a new run: step 1), past dense_len, in sparse mode.
     rows = [json.loads(line) for line in (tmp_path / "long" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [3] and len(losses) == 1
+    assert [r["step"] for r in rows] == [1] and len(losses) == 1
     row = rows[0]
-    assert row["seq_len"] == 256 > dense_len
+    assert row["seq_len"] == 512 > dense_len
     assert math.isfinite(row["loss"]) and row["loss"] == losses[0]
     modes = {k: v for k, v in row.items() if k.startswith("attn/") and k.endswith("/mode")}
     assert modes == {f"attn/layer{i}/mode": "sparse" for i in range(4)}
     assert all(0 < row[f"attn/layer{i}/block_fraction"] < 1 for i in range(4))
-    assert "resumed from" in (tmp_path / "long" / "train.log").read_text()
+    assert f"initialized the weights from trainer.init_from={tmp_path}/short/checkpoints/step_00000002" in (
+        tmp_path / "long" / "train.log").read_text()
+    s2_row = json.loads((tmp_path / "s2" / "metrics.jsonl").read_text().splitlines()[0])
+    assert math.isfinite(s2_row["loss"]) and s2_row["attn/layer0/block_fraction"] < 1
 
     # The dense checkpoint's weights load strictly (ltrain.eval.load_model) into an infllm_v2
     # model, which is exactly the dense model up to dense_len and finite, sparse, past it.
