@@ -19,6 +19,7 @@ import torch
 
 from . import block_sparse_cpu, block_sparse_triton, token_sparse_cpu, token_sparse_triton
 from .block_sparse_triton import BLOCK_SIZES, DTYPES
+from .doc_ids import check_doc_pair
 from .impl import use_triton
 from .layout import BlockLayout
 
@@ -56,24 +57,6 @@ class BlockSparseAttention(torch.autograd.Function):
             dq, dk, dv = ctx.impl.backward(dout.contiguous(), q, k, v, lse, delta.contiguous(), ctx.layout,
                                            **ctx.opts)
         return dq, dk, dv, None, None, None
-
-
-def _check_docs(q, k, q_doc, k_doc):
-    """Document ids: both or neither, q_doc [B, Nq] and k_doc [B, Nk] integers on q's device."""
-    if (q_doc is None) != (k_doc is None):
-        given, missing = ("q_doc", "k_doc") if k_doc is None else ("k_doc", "q_doc")
-        raise ValueError(f"{given} is given but {missing} is None: pass both document-id tensors or neither")
-    if q_doc is None:
-        return
-    for name, ids, x in (("q_doc", q_doc, q), ("k_doc", k_doc, k)):
-        want = (x.shape[0], x.shape[2])
-        if not isinstance(ids, torch.Tensor) or tuple(ids.shape) != want:
-            got = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
-            raise ValueError(f"{name} must be [B, N{name[0]}] = {list(want)} document ids, got {got}")
-        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
-            raise ValueError(f"{name} must be an integer tensor (int32 or int64), got {ids.dtype}")
-        if ids.device != q.device:
-            raise ValueError(f"{name} is on {ids.device} but q is on {q.device}")
 
 
 def _doc_opts(q_doc, k_doc) -> dict:
@@ -124,7 +107,7 @@ def _check(q, k, v, layout, block_size, impl, q_doc=None, k_doc=None):
         raise ValueError(f"layout batch must be 1 or B={B}, got {Bl}")
     if layout.device != q.device:
         raise ValueError(f"layout is on {layout.device} but q is on {q.device}")
-    _check_docs(q, k, q_doc, k_doc)
+    check_doc_pair(q, k, q_doc, k_doc)
 
 
 def _select_impl(q, layout, impl):

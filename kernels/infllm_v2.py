@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from . import infllm_v2_ref
 from .infllm_v2_ref import CHUNK_ELEMENTS, COARSE, LSE_MODES
 from .block_sparse import BLOCK_SIZES, block_sparse_attention
+from .doc_ids import check_doc_pair
 from .impl import use_triton
 from .layout import BlockLayout
 
@@ -133,7 +134,7 @@ def infllm_v2_select(q: torch.Tensor, k: torch.Tensor, *, kernel_size: int, kern
     check_infllm_v2_params(kernel_size=kernel_size, kernel_stride=kernel_stride, block_size=block_size, topk=topk,
                            init_blocks=init_blocks, window_size=window_size, lse=lse)
     _check(q, k, kernel_size=kernel_size, block_size=block_size, q_start=q_start, impl=impl)
-    _check_docs(q, k, q_doc, k_doc)
+    check_doc_pair(q, k, q_doc, k_doc)
     if use_triton(q, impl):
         from . import infllm_v2_triton  # triton is optional on CPU boxes
         block_scores, lse_fn = infllm_v2_triton.block_scores_triton, infllm_v2_triton.lse_triton
@@ -164,18 +165,6 @@ def infllm_v2_select(q: torch.Tensor, k: torch.Tensor, *, kernel_size: int, kern
         picks.append(select_topk(scores, block_size=block_size, topk=topk, init_blocks=init_blocks,
                                  window_size=window_size, q_start=start, first_block=first_a))
     return BlockLayout.from_indices(torch.cat(picks, dim=2), Mk)
-
-
-def _check_docs(q, k, q_doc, k_doc) -> None:
-    """q_doc [B, Nq] and k_doc [B, Nk] integer document ids on q's device, both or neither."""
-    if (q_doc is None) != (k_doc is None):
-        raise ValueError("q_doc and k_doc go together: pass both (packed documents) or neither")
-    if q_doc is None:
-        return
-    for name, d, x in (("q_doc", q_doc, q), ("k_doc", k_doc, k)):
-        if d.shape != (x.shape[0], x.shape[2]) or d.dtype.is_floating_point or d.device != x.device:
-            raise ValueError(f"{name} must be integer [B, N] = {(x.shape[0], x.shape[2])} on {x.device}, got "
-                             f"{d.dtype} {tuple(d.shape)} on {d.device}")
 
 
 def causal_pairs(num_tokens: int, block_size: int) -> int:

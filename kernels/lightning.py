@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from .doc_ids import check_doc_ids
 from .impl import use_triton
 from .lightning_ref import lightning_ref_bwd, lightning_ref_fwd
 
@@ -65,10 +66,6 @@ def check_lightning_inputs(q, k, v, decay=None, initial_state=None, chunk_size=6
     return decay.float().log().to(q.device)
 
 
-def _is_int(x: torch.Tensor) -> bool:
-    return not x.dtype.is_floating_point and not x.dtype.is_complex and x.dtype != torch.bool
-
-
 def _check_docs(q, doc_ids, initial_doc) -> None:
     """doc_ids [B, N] / initial_doc [B]: integer tensors on q's device; ValueError naming the
     argument. Monotonicity is checked off CUDA only (no host sync), like decay's values."""
@@ -77,13 +74,9 @@ def _check_docs(q, doc_ids, initial_doc) -> None:
         if initial_doc is not None:
             raise ValueError("initial_doc needs doc_ids (the document of initial_state is compared with doc_ids[:, 0])")
         return
-    if doc_ids.shape != (B, N) or not _is_int(doc_ids) or doc_ids.device != q.device:
-        raise ValueError(f"doc_ids must be an integer [B, N] = [{B}, {N}] tensor on {q.device}, got "
-                         f"{doc_ids.dtype} {tuple(doc_ids.shape)} on {doc_ids.device}")
-    if initial_doc is not None and (initial_doc.shape != (B,) or not _is_int(initial_doc)
-                                    or initial_doc.device != q.device):
-        raise ValueError(f"initial_doc must be an integer [B] = [{B}] tensor on {q.device}, got "
-                         f"{initial_doc.dtype} {tuple(initial_doc.shape)} on {initial_doc.device}")
+    check_doc_ids("doc_ids", doc_ids, (B, N), q.device)
+    if initial_doc is not None:
+        check_doc_ids("initial_doc", initial_doc, (B,), q.device, "[B]")
     if not doc_ids.is_cuda and bool((doc_ids[:, 1:] < doc_ids[:, :-1]).any()):
         raise ValueError("doc_ids must be non-decreasing along each row (documents numbered in order)")
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from ltrain.kernels.doc_ids import check_doc_ids
+
 from . import comm
 
 MODES = ("zigzag", "contiguous")
@@ -68,12 +70,10 @@ def gather_doc_ids(doc_ids, q: torch.Tensor, group, *, mode: str, who: str):
     all-gather), or None. ValueError naming `who` for a wrong shape or a non-integer dtype."""
     if doc_ids is None:
         return None
-    want = (q.shape[0], q.shape[2])
-    if not isinstance(doc_ids, torch.Tensor) or tuple(doc_ids.shape) != want:
-        got = tuple(doc_ids.shape) if isinstance(doc_ids, torch.Tensor) else type(doc_ids).__name__
-        raise ValueError(f"{who}: doc_ids must be this rank's shard [B, n] = {list(want)}, got {got}")
-    if doc_ids.dtype.is_floating_point or doc_ids.dtype.is_complex or doc_ids.dtype == torch.bool:
-        raise ValueError(f"{who}: doc_ids must be an integer tensor, got {doc_ids.dtype}")
+    try:
+        check_doc_ids("doc_ids", doc_ids, (q.shape[0], q.shape[2]), q.device, "this rank's shard [B, n]")
+    except ValueError as exc:
+        raise ValueError(f"{who}: {exc}") from None
     return gather_sequence(doc_ids.to(torch.int32), group, mode=mode)
 
 

@@ -307,7 +307,7 @@ def test_sparse_path_with_documents_is_causal():
 def test_document_ids_must_come_in_pairs_of_the_right_shape():
     q, k = qk()
     doc = packed(LENGTHS, B=2)
-    with pytest.raises(ValueError, match="q_doc and k_doc go together"):
+    with pytest.raises(ValueError, match="q_doc is given but k_doc is None"):
         infllm_v2_select(q, k, q_doc=doc, **CPU)
-    with pytest.raises(ValueError, match=r"k_doc must be integer \[B, N\]"):
+    with pytest.raises(ValueError, match=r"k_doc must be \[B, Nk\] = \[2, 256\] document ids"):
         infllm_v2_select(q, k, q_doc=doc, k_doc=doc[:, :128], **CPU)
