@@ -276,8 +276,11 @@ def test_ctrl_c_during_prepare_leaves_the_corpus_as_it_was(corpus_dir):
     src, out = corpus_dir
     before = snapshot(out)
     stdlib = sysconfig.get_paths()["stdlib"]
+    # A shell starts background jobs with SIGINT ignored, and a Python started so never raises
+    # KeyboardInterrupt: give the child the default disposition a terminal's Ctrl-C meets.
     proc = subprocess.Popen([BIN / "ltrain-prepare", stdlib, str(out), "--ext", ".py"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     tmp = out.parent / f".corpus.ltrain-prepare-{proc.pid}" / "tokens.bin"
     while not (tmp.exists() and tmp.stat().st_size > 0):
         assert proc.poll() is None, proc.communicate()
