@@ -33,12 +33,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.provenance, run as a file
 
-from benchmarks.provenance import finish, markdown_line, provenance  # noqa: E402
+from benchmarks.provenance import finish, markdown_line, provenance, write_results  # noqa: E402
 from ltrain.data.config import DataConfig  # noqa: E402
 from ltrain.data.loader import build_loader  # noqa: E402
 from ltrain.parallel.sharding import shard_sequence  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
 MODES = ("zigzag", "contiguous")
 FLAG = 0.10  # mean zigzag imbalance with documents above this is called out
 
@@ -175,11 +174,7 @@ def main(argv=None) -> dict:
               "block_size": args.block_size, "rows_requested": args.rows, "seed": args.seed,
               "flag_threshold": FLAG, "zigzag_over_threshold": [(r["seq_len"], r["cp"]) for r in flagged(rows)],
               "rows": rows}
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"doc_balance-{args.tag}.json"
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    path.with_suffix(".md").write_text(markdown(report))
-    print(markdown(report))
+    write_results(f"doc_balance-{args.tag}", report, markdown(report))
     return report
 
 

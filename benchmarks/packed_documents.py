@@ -32,7 +32,6 @@ after one untimed warm-up of every variant at a short length.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -44,12 +43,11 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.provenance, run as a file
 
 from benchmarks.doc_balance import attended_per_query_block  # noqa: E402
-from benchmarks.provenance import finish, markdown_line, provenance  # noqa: E402
+from benchmarks.provenance import finish, markdown_line, provenance, write_results  # noqa: E402
 from ltrain.data.config import DataConfig  # noqa: E402
 from ltrain.data.loader import build_loader  # noqa: E402
 from ltrain.kernels import BlockLayout, block_sparse_attention  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
 D, BS = 64, 64
 VARIANTS = ("packed_masked", "padded_sdpa", "packed_unmasked", "packed_sdpa")
 
@@ -196,11 +194,7 @@ def main(argv=None) -> dict:
     report = {**finish(prov), "data": args.data, "heads": args.heads, "head_dim": D, "block_size": BS,
               "dtype": "float32", "threads": 1, "repeats": args.repeats, "min_docs": args.min_docs,
               "seed": args.seed, "rows": rows}
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"packed_documents-{args.tag}.json"
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    path.with_suffix(".md").write_text(markdown(report))
-    print(markdown(report))
+    write_results(f"packed_documents-{args.tag}", report, markdown(report))
     return report
 
 

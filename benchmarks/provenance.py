@@ -25,6 +25,7 @@ results Markdown file one line made from them (`markdown_line`):
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import shlex
@@ -151,3 +152,14 @@ def markdown_line(prov: dict) -> str:
     return (f"Command: `{prov['command']}` at commit {prov['commit']}{changed}, {prov['started_at']}; "
             f"machine: {machine_text(prov['machine'])}; 1-min load average {prov['load_avg_1m_start']:.1f} "
             f"at the start{end}.")
+
+
+def write_results(name: str, report: dict, markdown: str) -> Path:
+    """benchmarks/results/<name>.json (the report) and <name>.md (`markdown`, printed too); the JSON path."""
+    results = REPO / RESULTS
+    results.mkdir(exist_ok=True)
+    path = results / f"{name}.json"
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    path.with_suffix(".md").write_text(markdown)
+    print(markdown)
+    return path
