@@ -71,10 +71,15 @@ def imbalance(ranks: torch.Tensor) -> torch.Tensor:
     return r.max(-1).values / r.mean(-1) - 1
 
 
+def packed_loader(data: str, seq_len: int, seed: int):
+    """The training loader over an ltrain-prepare directory: packed rows with document ids, one row per batch."""
+    cfg = DataConfig(kind="memmap", path=data, seq_len=seq_len, micro_batch_size=1, pack=True, doc_boundaries=True)
+    return build_loader(cfg, seed=seed, dp_rank=0, dp_size=1)
+
+
 def load_rows(data: str, seq_len: int, rows: int, seed: int, chunk: int = 8):
     """(doc_ids [R, N] int32, sample indices [R]) of the loader's first `rows` rows (one epoch at most)."""
-    cfg = DataConfig(kind="memmap", path=data, seq_len=seq_len, micro_batch_size=1, pack=True, doc_boundaries=True)
-    loader = build_loader(cfg, seed=seed, dp_rank=0, dp_size=1)
+    loader = packed_loader(data, seq_len, seed)
     rows = min(rows, loader.source.num_samples)
     indices = loader.sampler._permutation()[:rows].tolist()  # what next_batch takes, for the record
     out = []

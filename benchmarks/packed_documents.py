@@ -42,10 +42,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.provenance, run as a file
 
-from benchmarks.doc_balance import attended_per_query_block  # noqa: E402
+from benchmarks.doc_balance import attended_per_query_block, packed_loader  # noqa: E402
 from benchmarks.provenance import finish, markdown_line, provenance, write_results  # noqa: E402
-from ltrain.data.config import DataConfig  # noqa: E402
-from ltrain.data.loader import build_loader  # noqa: E402
 from ltrain.kernels import BlockLayout, block_sparse_attention  # noqa: E402
 
 D, BS = 64, 64
@@ -55,8 +53,7 @@ VARIANTS = ("packed_masked", "padded_sdpa", "packed_unmasked", "packed_sdpa")
 def pick_row(data: str, seq_len: int, min_docs: int, seed: int, limit: int = 4096):
     """(doc_ids [1, N] int32, sample index, position in the loader's order): the first row of the
     loader's order with at least min_docs documents."""
-    cfg = DataConfig(kind="memmap", path=data, seq_len=seq_len, micro_batch_size=1, pack=True, doc_boundaries=True)
-    loader = build_loader(cfg, seed=seed, dp_rank=0, dp_size=1)
+    loader = packed_loader(data, seq_len, seed)
     order = loader.sampler._permutation()  # what next_batch takes, for the record
     for pos in range(min(limit, loader.source.num_samples)):
         doc_ids = loader.next_batch()["doc_ids"].to(torch.int32)
