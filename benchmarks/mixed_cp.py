@@ -61,7 +61,8 @@ def attended_pairs(cfg, seq_len: int, cp: int, mode: str) -> list[dict]:
     from ltrain.kernels.infllm_v2 import infllm_v2_select
     from ltrain.kernels.layout import BlockLayout
     from ltrain.kernels.s2 import s2_layout
-    from ltrain.parallel.ring import chunk_ids, ring_plan
+    from ltrain.parallel.ring import ring_plan
+    from ltrain.parallel.sharding import chunk_ids
 
     s2, iv2, m = cfg.attention.s2, cfg.attention.infllm_v2, cfg.model
     layouts = {

@@ -42,9 +42,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.provenance, run as a file
 
-from benchmarks.doc_balance import attended_per_query_block, packed_loader  # noqa: E402
+from benchmarks.doc_balance import packed_loader  # noqa: E402
 from benchmarks.provenance import finish, markdown_line, provenance, write_results  # noqa: E402
 from ltrain.kernels import BlockLayout, block_sparse_attention  # noqa: E402
+from ltrain.parallel.balance import attended_blocks  # noqa: E402
 
 D, BS = 64, 64
 VARIANTS = ("packed_masked", "padded_sdpa", "packed_unmasked", "packed_sdpa")
@@ -111,7 +112,7 @@ def time_variant(variant: str, doc_ids, lengths, heads: int, repeats: int, seed:
 def attended_pairs(variant: str, doc_ids, lengths) -> int:
     m = doc_ids.shape[1] // BS
     if variant == "packed_masked":
-        return int(attended_per_query_block(doc_ids, m, BS).sum())
+        return int(attended_blocks(doc_ids, m, BS).sum())
     if variant == "padded_sdpa":
         m_pad = -(-max(lengths) // BS)
         return len(lengths) * m_pad * (m_pad + 1) // 2

@@ -20,10 +20,15 @@ import torch
 from . import block_sparse_cpu, block_sparse_triton, token_sparse_cpu, token_sparse_triton
 from .block_sparse_triton import BLOCK_SIZES, DTYPES
 from .doc_ids import check_doc_pair
-from .impl import use_triton
+from .impl import check_dtypes, use_triton
 from .layout import BlockLayout
 
 _warned_head_dims: set[int] = set()
+
+# Why DTYPES stops at fp32: both paths compute in fp32 (the CPU path upcasts, the Triton kernels
+# keep fp32 accumulators and lse), so fp64 inputs would silently get fp32 accuracy, and the
+# kernels have no fp64 tiles.
+DTYPES_WHY = {None: "the CPU path and the Triton kernels compute in fp32"}
 
 
 class BlockSparseAttention(torch.autograd.Function):
@@ -78,10 +83,7 @@ def _check(q, k, v, layout, block_size, impl, q_doc=None, k_doc=None):
         raise ValueError(f"k/v {tuple(k.shape)} do not match q {tuple(q.shape)} in batch or head dim")
     if Hq % Hkv:
         raise ValueError(f"q heads ({Hq}) must be a multiple of k/v heads ({Hkv}) for GQA")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"dtype mismatch: q {q.dtype}, k {k.dtype}, v {v.dtype}")
-    if q.dtype not in DTYPES:
-        raise ValueError(f"dtype {q.dtype} not supported; use one of {DTYPES}")
+    check_dtypes("block_sparse_attention", DTYPES, DTYPES_WHY, q=q, k=k, v=v)
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     use_triton(q, impl)  # validates impl

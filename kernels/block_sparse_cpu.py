@@ -392,6 +392,8 @@ def forward(q, k, v, layout: BlockLayout, *, block_size: int, causal: bool, sm_s
     hs, gs = _selection_heads(q, k, layout)
     qg = _group(q.float(), hs, gs, bs)
     kb, vb = k.float().reshape(-1, bs, D), v.float().reshape(-1, bs, D)
+    # fp32 running (out, lse): every part (band, prefix, gathered, doc-mixed) is merged into them
+    # through merge_lse, a rescale-and-add per part; rounded to q.dtype once, at the end.
     out = torch.zeros(qg.shape, dtype=torch.float32, device=q.device)
     lse = torch.full(qg.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
     parts = _parts(q, k, layout, block_size=bs, causal=causal, q_start=q_start, k_start=k_start, q_doc=q_doc,
@@ -450,6 +452,8 @@ def backward(do, q, k, v, lse, delta, layout: BlockLayout, *, block_size: int, c
     kb, vb = _pad(k).reshape(-1, bs, D + 1), _pad(v).reshape(-1, bs, D + 1)
     out_ones = torch.zeros(D + 1, device=q.device)
     out_ones[D] = 1.0
+    # fp32 accumulators: dq adds up over the parts of a row, dK/dV over every part, query head and
+    # query block that reads a key block (index_add_ / slice adds); rounded to the input dtypes once.
     dq = torch.zeros(qg.shape[0], qg.shape[1], D + 1, dtype=torch.float32, device=q.device)
     dk = torch.zeros(kb.shape[0], bs * (D + 1), dtype=torch.float32, device=q.device)
     dv = torch.zeros_like(dk)

@@ -238,6 +238,10 @@ def _attend_blocks(q, K, V, kv_base, idx_ptr, count, rows, row_lo, stride_kn, sc
     tiles of the `count` blocks listed at idx_ptr (with doc ids QDoc, KDoc of this batch row: those
     that can meet the rows' documents): the forward loop block and token kernels share."""
     offs_d = tl.arange(0, D)
+    # fp32 whatever the input dtype: m, l and acc are rescaled by alpha and summed over every key
+    # tile of the row (the softmax merge); in bf16 each rescale-and-add would round to 8 bits, an
+    # error growing with the number of tiles. Only p is cast to V's dtype for the dot (tensor
+    # cores), whose products tl.dot sums in fp32.
     m_i = tl.full([ROWS], float("-inf"), tl.float32)
     l_i = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, D], tl.float32)
@@ -266,7 +270,7 @@ def _dq_blocks(q, do, lse, delta, K, V, kv_base, idx_ptr, count, rows, row_lo, s
     """sum_j ds_ij k_j (dq before sm_scale) of the q rows over the same key tiles,
     from their saved lse (base 2) and delta: the dq loop block and token kernels share."""
     offs_d = tl.arange(0, D)
-    dq = tl.zeros([ROWS, D], tl.float32)
+    dq = tl.zeros([ROWS, D], tl.float32)  # fp32: summed over every key tile of the row; rounded once at the store
     begin = 0
     end = tl.cdiv(count * BLOCK, BLOCK_N)
     if HAS_DOC:
@@ -370,6 +374,8 @@ def _dkdv_kernel(Q, K, V, DO, DK, DV, Lse, Delta, RCounts, RIndices, QDoc, KDoc,
     if HAS_DOC:
         k_lo, k_hi = _row_docs(k_doc, offs_k)
 
+    # fp32: dK/dV sum over the G query heads and every query tile that reads this key tile
+    # (possibly all Nq / BLOCK_M of them); rounded to the output dtype once, at the store.
     dk = tl.zeros([BLOCK_N, D], tl.float32)
     dv = tl.zeros([BLOCK_N, D], tl.float32)
     for g in range(G):

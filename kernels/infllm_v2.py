@@ -36,9 +36,9 @@ import torch.nn.functional as F
 
 from . import infllm_v2_ref
 from .infllm_v2_ref import CHUNK_ELEMENTS, COARSE, LSE_MODES
-from .block_sparse import BLOCK_SIZES, block_sparse_attention
+from .block_sparse import BLOCK_SIZES, DTYPES, DTYPES_WHY, block_sparse_attention
 from .doc_ids import check_doc_pair
-from .impl import use_triton
+from .impl import check_dtypes, use_triton
 from .layout import BlockLayout
 
 def check_infllm_v2_params(*, kernel_size: int, kernel_stride: int, block_size: int, topk: int, init_blocks: int,
@@ -104,6 +104,7 @@ def _check(q, k, *, kernel_size, block_size, q_start, impl):
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)}: batch and head dim must match and q heads "
                          "must be a multiple of k heads")
     use_triton(q, impl)  # validates impl
+    check_dtypes("infllm_v2_select", DTYPES, DTYPES_WHY, q=q, k=k)
     if q.shape[2] % block_size or k.shape[2] % block_size:
         raise ValueError(f"sequence lengths (q {q.shape[2]}, k {k.shape[2]}) must be multiples of "
                          f"block_size={block_size}: pad the sequence")
@@ -203,6 +204,8 @@ def infllm_v2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ke
     """
     check_infllm_v2_params(kernel_size=kernel_size, kernel_stride=kernel_stride, block_size=block_size, topk=topk,
                            init_blocks=init_blocks, window_size=window_size, dense_len=dense_len, lse=lse)
+    # Both modes take block_sparse_attention's dtypes, so a run does not fail only once N passes dense_len.
+    check_dtypes("infllm_v2_attention", DTYPES, DTYPES_WHY, q=q, k=k, v=v)
     docs = {} if doc_ids is None else dict(q_doc=doc_ids, k_doc=doc_ids)
     if q.shape[2] <= dense_len and doc_ids is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True), \

@@ -58,6 +58,7 @@ LSE_MODES = ("exact", "coarse")
 
 def compress_keys(k: torch.Tensor, kernel_size: int, kernel_stride: int) -> torch.Tensor:
     """k: [B, Hkv, Nk, D] -> K_c: [B, Hkv, n_c, D] fp32, means over full windows."""
+    # fp32: the mean sums kernel_size keys, and the summaries feed every score the top-k ranks.
     return k.float().unfold(2, kernel_size, kernel_stride).mean(-1)
 
 
@@ -96,6 +97,8 @@ def _chunk_scores(q: torch.Tensor, kc: torch.Tensor, hi: int, lo: int, q_start: 
     (by position from chunk lo on; with documents, everywhere: earlier documents' chunks too)."""
     B, Hq, C, D = q.shape
     Hkv = kc.shape[1]
+    # fp32 scores (the Triton kernels' too): the lse, the exp-sums over the group's heads and the
+    # max pooling that follow are all fp32, so near-equal blocks do not tie in the top-k.
     s = torch.matmul((q.float() / math.sqrt(D)).reshape(B, Hkv, Hq // Hkv * C, D), kc[:, :, :hi].transpose(-1, -2))
     s = s.view(B, Hkv, Hq // Hkv, C, hi)
     pos = torch.arange(q_start, q_start + C, device=q.device)

@@ -63,6 +63,8 @@ def _lse_kernel(Q, KC, LSE, QDOC, KCDOC, q_start, N, NC, HQ, HKV, D, sm_scale, K
     cols_d = tl.arange(0, BLOCK_D)
     last = q_start + tl.program_id(0) * BLOCK_Q + BLOCK_Q - 1
     hi = tl.minimum(NC, tl.where(last >= KERNEL_SIZE - 1, (last - KERNEL_SIZE + 1) // KERNEL_STRIDE + 1, 0))
+    # fp32 online log-sum-exp (q is loaded as fp32, KC is fp32): m and l are rescaled and summed over
+    # every chunk tile of the row; the lse then sets the scale of every score exp(s - lse).
     m = tl.full((BLOCK_Q,), float("-inf"), tl.float32)
     l = tl.zeros((BLOCK_Q,), tl.float32)
     for c0 in range(0, hi, BLOCK_C):
@@ -111,6 +113,8 @@ def _score_kernel(Q, KC, LSE, OUT, QDOC, KCDOC, q_start, N, NC, MK, HQ, HKV, D, 
         if HAS_DOC:
             kcdoc = tl.load(KCDOC + (bk // HKV) * NC + chunk, mask=ok, other=-1)
             vis = vis & (kcdoc[None, :] == qdoc[:, None])
+        # fp32: the scores sum over the group's G query heads; top-k ranks them, and bf16's 8 bits
+        # would turn near-equal blocks into ties.
         acc = tl.zeros((BLOCK_Q, BLOCK_B * KW), tl.float32)
         for g in range(G):
             bh = (bk // HKV) * HQ + (bk % HKV) * G + g

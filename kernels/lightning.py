@@ -22,8 +22,18 @@ from __future__ import annotations
 import torch
 
 from .doc_ids import check_doc_ids
-from .impl import use_triton
+from .impl import check_dtypes, use_triton
 from .lightning_ref import lightning_ref_bwd, lightning_ref_fwd
+
+# q, k, v dtypes both paths take. Not fp64: both compute in fp32 (lightning_ref upcasts, the
+# Triton kernels load as fp32), so fp64 would silently get fp32 accuracy. Not fp16: o and the
+# gradients are unnormalised sums over the sequence (no softmax bounds them; without decay,
+# keys and values with a non-zero mean make |o_t| grow like t), which overflow fp16's 65504 at
+# long N; bf16 has fp32's range.
+DTYPES = (torch.float32, torch.bfloat16)
+DTYPES_WHY = {None: "both paths compute in fp32",
+              torch.float16: "outputs and gradients are unnormalised sums over the sequence that can exceed "
+                             "float16's range (65504); bfloat16 has float32's"}
 
 def check_lightning_inputs(q, k, v, decay=None, initial_state=None, chunk_size=64, doc_ids=None,
                            initial_doc=None) -> torch.Tensor | None:
@@ -33,11 +43,12 @@ def check_lightning_inputs(q, k, v, decay=None, initial_state=None, chunk_size=6
     The log keeps decay's autograd graph: a gradient with respect to log(decay)
     reaches decay through it.
 
-    q, k: [B, H, N, Dk]; v: [B, H, N, Dv]; decay: [H] in (0, 1];
+    q, k, v: one dtype of DTYPES (fp32, bf16); q, k: [B, H, N, Dk]; v: [B, H, N, Dv]; decay: [H] in (0, 1];
     initial_state: [B, H, Dk, Dv]; doc_ids: [B, N] integer, non-decreasing per
     row, on q's device; initial_doc: [B] integer on q's device, only with
     doc_ids. Raises ValueError naming the argument.
     """
+    check_dtypes("lightning attention", DTYPES, DTYPES_WHY, q=q, k=k, v=v)
     if chunk_size < 16 or chunk_size & (chunk_size - 1):
         raise ValueError(f"chunk_size must be a power of two >= 16 (Triton block), got {chunk_size}")
     if q.dim() != 4:
@@ -133,7 +144,8 @@ def lightning_attention(q, k, v, *, decay=None, initial_state=None, return_final
                         chunk_size=64, impl="auto", doc_ids=None, initial_doc=None):
     """Causal linear attention `o_t = q_t^T S_t`, `S_t = lambda_h S_{t-1} + k_t v_t^T`.
 
-    q, k: [B, H, N, Dk]; v: [B, H, N, Dv]; decay: [H] with values in (0, 1]
+    q, k: [B, H, N, Dk]; v: [B, H, N, Dv], one dtype: fp32 or bf16 (DTYPES: fp16 and fp64 raise
+    ValueError); decay: [H] with values in (0, 1]
     (None: no decay; differentiable; values checked unless decay is on CUDA);
     initial_state: [B, H, Dk, Dv] (S_0; differentiable). N need not be a
     multiple of chunk_size. doc_ids: [B, N] integer document ids,

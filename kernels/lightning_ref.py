@@ -40,7 +40,9 @@ import torch
 
 
 def _chunked(x: torch.Tensor, chunk_size: int) -> torch.Tensor:
-    """[B, H, N, D] -> [B, H, n_chunks, C, D] in fp32, zero-padded at the end."""
+    """[B, H, N, D] -> [B, H, n_chunks, C, D] in fp32, zero-padded at the end. Everything after
+    is fp32, like the Triton kernels: the chunk states are sums over the whole prefix, the intra
+    chunk matmuls sums over C tokens, and the decay-gradient terms products of them."""
     B, H, N, D = x.shape
     n_chunks = -(-N // chunk_size)
     x = torch.nn.functional.pad(x.float(), (0, 0, 0, n_chunks * chunk_size - N))
@@ -106,6 +108,7 @@ def _states_in(kc, vc, k_decay, chunk_decay, initial_state):
     B, H, n, C, Dk = kc.shape
     Dv = vc.shape[-1]
     memory = torch.einsum("bhncd,bhnce->bhnde", kc * k_decay, vc)
+    # fp32 (kc is fp32): the state accumulates every earlier chunk, over the whole sequence.
     state = kc.new_zeros(B, H, Dk, Dv) if initial_state is None else initial_state.float()
     states = []
     for c in range(n):
@@ -122,7 +125,7 @@ def _state_grads_out(qc, doc, q_decay, chunk_decay, d_final):
     """
     B, H, n, _, Dk = qc.shape
     q_do = torch.einsum("bhncd,bhnce->bhnde", qc * q_decay, doc)
-    d_state = qc.new_zeros(B, H, Dk, doc.shape[-1]) if d_final is None else d_final.float()
+    d_state = qc.new_zeros(B, H, Dk, doc.shape[-1]) if d_final is None else d_final.float()  # fp32, as _states_in
     d_out = [None] * n
     for c in reversed(range(n)):
         d_out[c] = d_state

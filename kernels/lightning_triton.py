@@ -73,6 +73,8 @@ def _seq_tile(base, start, col0, N, D, BLOCK_C: tl.constexpr, BLOCK_D: tl.conste
 
 @triton.jit
 def _load(X, offs, mask):
+    # Every operand is fp32 in registers whatever the input dtype: the dots then accumulate in
+    # fp32 and no intermediate (pair products, state tiles, decayed sums) is rounded to 16 bits.
     return tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
 
 
@@ -139,7 +141,7 @@ def _chunk_state_kernel(X, Y, STATES, LOG_DECAY, DOC, DOC_IN, H, N, DK, DV, REVE
     if HAS_DOC:
         q_doc, k_doc, _, _ = _doc_masks(DOC, DOC_IN, bh // H, start, N, BLOCK_C)
         w = tl.where(q_doc if REVERSE else k_doc, w, 0.0)
-    state = tl.dot(tl.trans(x * w[:, None]), y)
+    state = tl.dot(tl.trans(x * w[:, None]), y)  # fp32: a sum over the chunk's tokens, stored as fp32 STATES
     off_s, mask_s = _state_tile((bh.to(tl.int64) * tl.num_programs(0) + c) * DK * DV, row0, col0, DK, DV, BK, BV)
     tl.store(STATES + off_s, state, mask=mask_s)
 
@@ -158,6 +160,8 @@ def _prefix_kernel(STATES, S_START, S_END, LOG_DECAY, DOC, DOC_IN, H, N, DK, DV,
     n_chunks = tl.cdiv(N, BLOCK_C)
     off, mask = _state_tile(0, row0, col0, DK, DV, BK, BV)
     head = bh.to(tl.int64) * DK * DV
+    # fp32 chain: S_c (or dS_c) accumulates every earlier chunk (a sum over the whole prefix of the
+    # sequence); in bf16 each of the n_chunks decay-and-add steps would round it to 8 bits.
     chain = _load(S_START + head, off, mask)
     for t in range(n_chunks):
         c = t
@@ -187,6 +191,7 @@ def _chunk_out_kernel(A, B, X, OUT, STATES, LOG_DECAY, DOC, DOC_IN, H, N, DK, DV
     start = c * BLOCK_C
     g = tl.load(LOG_DECAY + bh % H)
     base_ab, base_s = bh.to(tl.int64) * N * DK, (bh.to(tl.int64) * tl.num_programs(0) + c) * DK * DV
+    # fp32: both sum over the Dk tiles (static loop); rounded to OUT's dtype once, at the store.
     pairs = tl.zeros((BLOCK_C, BLOCK_C), dtype=tl.float32)
     out = tl.zeros((BLOCK_C, BV), dtype=tl.float32)  # A S until the decay is applied
     for row0 in tl.static_range(0, BLOCK_DK, BK):
@@ -222,6 +227,9 @@ def _bwd_dqk_kernel(Q, K, V, DO, OUT, STATES, D_STATES, DG, LOG_DECAY, DOC, DOC_
     start = c * BLOCK_C
     g = tl.load(LOG_DECAY + bh % H)
     base_s = (bh.to(tl.int64) * tl.num_programs(0) + c) * DK * DV
+    # fp32: do_v and acc sum over the Dv tiles; the decay-gradient shares (pairs, from/to-state,
+    # carry) are sums of products of O(1) terms weighted by positions up to BLOCK_C, stored fp32 in
+    # DG and summed over chunks and tiles in fp32 by the launcher (bf16 would lose them to rounding).
     do_v = tl.zeros((BLOCK_C, BLOCK_C), dtype=tl.float32)
     acc = tl.zeros((BLOCK_C, BK), dtype=tl.float32)  # do S_c^T (dq) or v dS_c^T (dk), before the decay
     carry = 0.0

@@ -17,7 +17,12 @@ import torch
 def merge_lse(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
               lse_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """out_*: [..., D], lse_*: [...] (fp32) -> (out, lse) of attention over both key sets.
-    Rows with no visible key on either side keep lse = -inf and get out = 0, not NaN."""
+    Rows with no visible key on either side keep lse = -inf and get out = 0, not NaN.
+
+    Callers pass fp32 lse (and fp32 running outputs where they merge many parts: block_sparse_cpu,
+    token_sparse_cpu, ring attention's accumulator): each merge rescales and adds, and a bf16
+    running sum would round at every one of them, an error growing with the number of parts;
+    lse in bf16 would also put up to ~0.4% error into every weight exp(lse_a - lse)."""
     lse = torch.logaddexp(lse_a, lse_b)
     safe = lse.masked_fill(lse == float("-inf"), 0.0)
     return out_a * torch.exp(lse_a - safe).unsqueeze(-1) + out_b * torch.exp(lse_b - safe).unsqueeze(-1), lse

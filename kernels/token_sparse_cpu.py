@@ -146,7 +146,7 @@ def forward(q, k, v, layout: BlockLayout, *, block_size: int, causal: bool, sm_s
     o1, l1 = block_sparse_cpu.forward(qf, kf, vf, common, **opts)
     part = _Rest(qf, kf, rest, **pos)
     o2, l2 = _rest_forward(qf, kf, vf, part, block_size=block_size, sm_scale=sm_scale)
-    out, lse = merge_lse(_rows(o1, G), _rows(l1, G), o2, l2)
+    out, lse = merge_lse(_rows(o1, G), _rows(l1, G), o2, l2)  # fp32 merge of the two parts
     return _unrows(out, B, Nq).to(q.dtype), _unrows(lse, B, Nq)
 
 
@@ -161,6 +161,8 @@ def backward(do, q, k, v, lse, delta, layout: BlockLayout, *, block_size: int, c
     pos = dict(block_size=block_size, causal=causal, q_start=q_start, k_start=k_start, q_doc=q_doc, k_doc=k_doc)
     opts = dict(sm_scale=sm_scale, **pos)
     common, rest = split_cached(layout, block_size)
+    # fp32 throughout: the rest part's dq, dK/dV are index_add_-ed onto the common part's fp32
+    # gradients (block_sparse_cpu.backward is given fp32 inputs, so it returns fp32), rounded once.
     qf, kf, vf = q.float(), k.float(), v.float()
     dq, dk, dv = (t.contiguous() for t in block_sparse_cpu.backward(do.float(), qf, kf, vf, lse, delta, common, **opts))
     part = _Rest(qf, kf, rest, **pos)

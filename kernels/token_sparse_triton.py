@@ -196,6 +196,9 @@ def _dkdv_kernel(Q, K, V, DO, DK, DV, Lse, Delta, ROffsets, RTokens, QDoc, KDoc,
         pair_lo = begin * BLOCK_M
         pair_hi = tl.minimum(end * BLOCK_M, num_pairs)
 
+    # fp32: dK/dV sum over every (token, head) pair that selected this key block, possibly all Nq x G
+    # of them; rounded to the output dtype once, at the store. (The forward's softmax state and the
+    # dq sums are fp32 in block_sparse_triton._attend_blocks / _dq_blocks, shared with this module.)
     dk = tl.zeros([BLOCK_N, D], tl.float32)
     dv = tl.zeros([BLOCK_N, D], tl.float32)
     for pair0 in range(pair_lo, pair_hi, BLOCK_M):

@@ -82,6 +82,10 @@ class ParallelConfig:
     dp: int = -1  # -1: whatever the world size leaves after cp
     cp: int = 1
     cp_impl: str = "ring"  # ring | ulysses
+    # auto: balance packed documents' attention work per batch (parallel.balance) when the rows
+    # are masked per document, else zigzag | zigzag | documents
+    cp_split: str = "auto"
+    cp_split_chunks: int = 4  # chunks per rank of the documents split (more: finer balance, more ring tiles)
     zero_stage: int = 0
     backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | gloo | nccl
 
@@ -142,6 +146,7 @@ class TrainConfig:
 CHOICES = {
     "model.rope_scaling": ("none", "linear", "ntk", "llama3", "yarn"),
     "parallel.cp_impl": ("ring", "ulysses"),
+    "parallel.cp_split": ("auto", "zigzag", "documents"),
     "parallel.zero_stage": (0, 1, 2, 3),
     "parallel.backend": ("auto", "gloo", "nccl"),
     "optim.schedule": ("cosine", "constant"),
@@ -153,7 +158,7 @@ CHOICES = {
 
 POSITIVE_INTS = (
     "model.vocab_size", "model.dim", "model.n_layers", "model.n_heads", "model.n_kv_heads",
-    "model.multiple_of", "model.rope_original_max_positions", "parallel.cp", "optim.warmup_steps", "trainer.max_steps",
+    "model.multiple_of", "model.rope_original_max_positions", "parallel.cp", "parallel.cp_split_chunks", "optim.warmup_steps", "trainer.max_steps",
     "trainer.grad_accum", "trainer.log_every", "trainer.keep_last", "trainer.loss_chunk",
 )
 NON_NEGATIVE = ("model.ffn_dim", "optim.weight_decay", "optim.grad_clip", "optim.min_lr_ratio", "trainer.ckpt_every",
@@ -195,8 +200,29 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
 
 
+# trainer.precision: every attention kind and path (kernels, ring / Ulysses / LASP-2, the loss) is
+# validated in fp32 and bf16 (benchmarks/bf16_training.py); why the other settings are refused.
+PRECISION_REFUSED = {
+    "fp16": "fp16 is refused: lightning attention's outputs and gradients are unnormalised sums over the sequence "
+            "that can exceed fp16's range (65504), and DeepSpeed's fp16 loss scaling is not validated with the "
+            "softmax kernels; use bf16 (fp32's range)",
+    "fp64": "fp64 is refused: every attention kernel computes in fp32 (fp64 would silently get fp32 accuracy); "
+            "use fp32",
+}
+PRECISION_ALIASES = {"float16": "fp16", "half": "fp16", "16": "fp16", "float64": "fp64", "double": "fp64", "64": "fp64"}
+
+
+def _validate_precision(precision: str) -> None:
+    allowed = "allowed values are fp32, bf16 (every attention kind; bf16 keeps fp32 master weights and an fp32 loss)"
+    if precision not in CHOICES["trainer.precision"]:
+        name = PRECISION_ALIASES.get(str(precision).lower(), str(precision).lower())
+        why = PRECISION_REFUSED.get(name)
+        _fail("trainer.precision", precision, allowed + (f"; {why}" if why else ""))
+
+
 def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
     """Raise ConfigError on the first setting that cannot work."""
+    _validate_precision(cfg.trainer.precision)
     for key, allowed in CHOICES.items():
         if _get(cfg, key) not in allowed:
             _fail(key, _get(cfg, key), "allowed values are " + ", ".join(map(str, allowed)))
@@ -313,15 +339,38 @@ def _validate_documents(cfg: TrainConfig, layer_kinds: list) -> None:
 
 
 def _validate_cp_split(cfg: TrainConfig, layer_kinds: list) -> None:
-    """Context parallelism: every model splits zigzag into 2 x cp chunks (one split
-    for every layer, whatever its kind: ring / Ulysses / LASP-2H for softmax kinds,
-    LASP-2 for linear ones); the chunks hold whole attention blocks of every kind
-    the model has (16 tokens at least)."""
-    n, cp = cfg.data.seq_len, cfg.parallel.cp
+    """Context parallelism: one split for every layer, whatever its kind (ring / Ulysses /
+    LASP-2H for softmax kinds, LASP-2 for linear ones): zigzag's 2 x cp chunks, or the
+    documents split's cp x parallel.cp_split_chunks; the chunks hold whole attention
+    blocks of every kind the model has (16 tokens at least)."""
+    n, cp, p = cfg.data.seq_len, cfg.parallel.cp, cfg.parallel
     block = _attention_block(cfg, layer_kinds)
-    if n % (2 * cp * block):
+    if p.cp_split == "documents" and not doc_masking(cfg.data):
+        _fail("parallel.cp_split", p.cp_split, "balances packed documents, and these rows are not masked per "
+              "document: set data.doc_boundaries=true (packed data) or parallel.cp_split=zigzag")
+    if document_balance(cfg, block) is not None:
+        chunks = cp * p.cp_split_chunks
+        if n % (chunks * block):
+            _fail("data.seq_len", n, f"must be divisible by parallel.cp x parallel.cp_split_chunks x block_size = "
+                  f"{cp} x {p.cp_split_chunks} x {block} = {chunks * block} (the documents split cuts the row into "
+                  f"whole attention blocks); change parallel.cp_split_chunks or set parallel.cp_split=zigzag")
+    elif n % (2 * cp * block):
         _fail("data.seq_len", n, f"must be divisible by 2 x parallel.cp x block_size = 2 x {cp} x {block} "
               f"= {2 * cp * block} (zigzag split into whole attention blocks)")
+
+
+def document_balance(cfg: TrainConfig, block: int | None = None) -> tuple[int, int] | None:
+    """(chunks per rank, block size) for ltrain.train.shard_batch when the context-parallel split
+    balances packed documents (parallel.cp_split: documents, or auto with document masking on and
+    cp > 1), else None: zigzag. block: the model's attention block (default: computed)."""
+    p = cfg.parallel
+    if p.cp == 1 or p.cp_split == "zigzag" or (p.cp_split == "auto" and not doc_masking(cfg.data)):
+        return None
+    if block is None:
+        registered = attention_kinds()
+        kinds = set(resolve_layer_kinds(cfg.attention.pattern, cfg.attention.layers, cfg.model.n_layers))
+        block = _attention_block(cfg, [registered[k] for k in sorted(kinds)])
+    return p.cp_split_chunks, block
 
 
 # Keys that existed once and why they are gone (each kind lists its own): an override of one gets the reason.

@@ -45,6 +45,14 @@ def deepspeed_config(cfg, load_universal: bool = False) -> dict:
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": {"stage": cfg.parallel.zero_stage},
         "bf16": {"enabled": cfg.trainer.precision == "bf16"},
+        # Under bf16 DeepSpeed would all-reduce gradients over dp x cp, and accumulate micro steps,
+        # in bf16 (its defaults follow the model dtype); summing in bf16 loses the low bits of every
+        # addend, more with the world size and grad_accum. fp32, as Megatron does for bf16
+        # (accumulate_allreduce_grads_in_fp32), at twice the bytes of the gradient reduction. ZeRO-0's
+        # bf16 wrapper keeps its gradients on the bf16 parameters (DeepSpeed refuses fp32 accumulation
+        # there), so its micro steps still add in bf16 (README, Precision).
+        "communication_data_type": "fp32",
+        **({"data_types": {"grad_accum_dtype": "fp32"}} if cfg.parallel.zero_stage >= 1 else {}),
         # A client torch AdamW: a config-defined optimizer would JIT-build fused_adam.
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 1 << 30,

@@ -29,8 +29,8 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from ltrain import checkpoint, preempt, runlock  # noqa: E402
-from ltrain.config import (TrainConfig, check_known_keys, check_override_keys, register_configs,  # noqa: E402
-                           resolve_run_paths, validate)
+from ltrain.config import (TrainConfig, check_known_keys, check_override_keys, document_balance,  # noqa: E402
+                           register_configs, resolve_run_paths, validate)
 from ltrain.errors import ConfigError  # noqa: E402
 
 log = logging.getLogger("ltrain")
@@ -64,14 +64,18 @@ def grad_norm_before_step(model: torch.nn.Module) -> float | None:
     return float(torch.nn.utils.get_total_norm(grads)) if grads else None
 
 
-def shard_batch(batch: dict, topo, mode: str) -> dict:
+def shard_batch(batch: dict, topo, mode="zigzag", balance: tuple[int, int] | None = None) -> dict:
     """This rank's part of a batch: every dp rank's cp group splits the same sequences.
 
     -> input_ids, labels, position_ids (global positions, [B, N / cp]) on the device, and
     doc_ids (int32, split the same way) when the loader made them (data.doc_boundaries):
-    every attention layer then masks across documents (ltrain.attention.context.AttnContext).
+    every attention layer then masks across documents (ltrain.attention.context.AttnContext);
+    and cp_split, the split used (`mode`, or with `balance` = (chunks per rank, block size)
+    and doc_ids the parallel.balance.document_split of this batch, computed from the loader's
+    host ids on every rank alike: no collective, no device sync).
     """
-    from ltrain.parallel.sharding import shard_sequence  # after validation, like every collective
+    from ltrain.parallel.balance import document_split  # after validation, like every collective
+    from ltrain.parallel.sharding import shard_sequence
 
     ids = batch["input_ids"]
     positions = batch.get("position_ids")
@@ -80,9 +84,12 @@ def shard_batch(batch: dict, topo, mode: str) -> dict:
     out = {"input_ids": ids, "labels": batch["labels"], "position_ids": positions}
     if "doc_ids" in batch:  # int32: what the kernels compare, half the bytes to copy
         out["doc_ids"] = batch["doc_ids"].to(torch.int32)
+    split = mode
     if topo.cp > 1:
-        out = {k: shard_sequence(v, topo.cp_rank, topo.cp, mode=mode) for k, v in out.items()}
-    return {k: v.to(topo.device) for k, v in out.items()}
+        if balance is not None and "doc_ids" in out:
+            split = document_split(out["doc_ids"], topo.cp, *balance)
+        out = {k: shard_sequence(v, topo.cp_rank, topo.cp, mode=split) for k, v in out.items()}
+    return {**{k: v.to(topo.device) for k, v in out.items()}, "cp_split": split}
 
 
 def attention_stats(stats: dict) -> dict:
@@ -153,6 +160,11 @@ def train(cfg: TrainConfig, run_dir: str) -> list[float]:
     universal = resume_from and checkpoint.universal_for(resume_from, cfg.parallel.zero_stage)
     engine = build_engine(model, cfg, load_universal=bool(universal))
     loader = build_loader(cfg.data, seed=cfg.trainer.seed, dp_rank=topo.dp_rank, dp_size=topo.dp)
+    balance = document_balance(cfg)  # None: every batch splits zigzag
+    if topo.cp > 1:
+        log.info("cp split: %s", "zigzag (2 chunks per rank)" if balance is None else
+                 f"documents, balanced per batch ({balance[0]} chunks per rank of whole {balance[1]}-token blocks; "
+                 f"parallel.cp_split={cfg.parallel.cp_split})")
     if doc_masking(cfg.data):
         log.info("packed documents: every attention layer attends within its document (data.doc_boundaries)")
     resumed = checkpoint.load(engine, loader, resume_from, universal) if resume_from else None
@@ -183,11 +195,12 @@ def train(cfg: TrainConfig, run_dir: str) -> list[float]:
         sums = torch.zeros(2, dtype=torch.float64, device=topo.device)
         with CommMeter() as comm:  # sequence-parallel traffic of this step (ring, LASP-2, Ulysses)
             for _ in range(cfg.trainer.grad_accum):
-                batch = shard_batch(loader.next_batch(), topo, model.cp_mode)
+                batch = shard_batch(loader.next_batch(), topo, model.cp_mode, balance)
                 loss, loss_sum, count = engine(
                     batch["input_ids"], batch["position_ids"], topo.cp_group, cfg.parallel.cp_impl,
                     output=partial(chunked_lm_loss, labels=batch["labels"], cp_group=topo.cp_group,
-                                   chunk=cfg.trainer.loss_chunk), doc_ids=batch.get("doc_ids"))
+                                   chunk=cfg.trainer.loss_chunk), doc_ids=batch.get("doc_ids"),
+                    cp_split=batch["cp_split"])
                 engine.backward(loss)
                 if engine.is_gradient_accumulation_boundary():
                     pre_clip_norm = grad_norm_before_step(model) if log_step else None  # a host sync: log steps only

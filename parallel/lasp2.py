@@ -5,9 +5,11 @@ The sequence is cut into G chunks of length C over the P ranks of `group`:
 contiguous  G = P,  rank r holds chunk r;
 zigzag      G = 2P, rank r holds chunks r and 2P-1-r, in that order in its
             local tensor (parallel.sharding.shard_sequence), the split ring
-            attention balances causal work with.
+            attention balances causal work with;
+a Split     G = P m, any m chunks per rank, ascending (parallel.balance's
+            per-batch split for packed documents).
 
-Both are one code path: a rank holds m = G / P chunks (m = 1 or 2), and every
+All are one code path: a rank holds m = G / P chunks, and every
 formula below runs over GLOBAL chunk indices c, s in [0, G). With lambda the
 per-head decay (1 without decay) and 0-based positions i, j inside a chunk:
 
@@ -88,19 +90,22 @@ import torch.distributed as dist
 from ltrain.kernels.lightning import check_lightning_inputs, lightning_bwd, lightning_fwd
 
 from . import comm
-from .ring import chunk_ids
-from .sharding import MODES
+from .sharding import MODES, Split, chunk_ids, index_tensor
 
 
-def check_mode(mode: str, n: int | None = None) -> int:
+def check_mode(mode, n: int | None = None) -> int:
     """Validate the split `mode` and (unless None) this rank's local length n;
-    return m, the number of chunks a rank holds (1 contiguous, 2 zigzag)."""
-    if mode not in MODES:
-        raise ValueError(f"mode={mode!r}: allowed {', '.join(MODES)}")
-    m = 2 if mode == "zigzag" else 1
-    if n is not None and m == 2 and (n % 2 or n == 0):
-        raise ValueError(f"mode='zigzag' needs this rank's local length to be 2 equal chunks (global chunks r "
-                         f"and 2P-1-r), got local length {n}")
+    return m, the number of chunks a rank holds (1 contiguous, 2 zigzag, a Split's m)."""
+    if isinstance(mode, Split):
+        m = mode.m
+    elif mode in MODES:
+        m = 2 if mode == "zigzag" else 1
+    else:
+        raise ValueError(f"mode={mode!r}: allowed {', '.join(MODES)} or a parallel.sharding.Split")
+    if n is not None and m > 1 and (n % m or n == 0):
+        what = "(global chunks r and 2P-1-r)" if mode == "zigzag" else "(its Split's chunks)"
+        raise ValueError(f"mode={mode if isinstance(mode, str) else 'Split'!r} needs this rank's local length to be "
+                         f"{m} equal chunks {what}, got local length {n}")
     return m
 
 
@@ -153,15 +158,15 @@ def _decay_powers(log_decay, H, exponents):
     return torch.where(exponents >= 0, torch.exp(g * exponents.clamp(min=0)), 0.0)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=64)  # bounded: a balanced split changes per batch
 def _chunk_geometry(P, rank, mode, device):
     """(this rank's global chunk ids [m], global chunk id of each gathered slot [P*m]) as fp32,
     and the slot holding each chunk's predecessor [P*m] (chunk 0: itself, it has no prefix),
     made once per (P, rank, mode, device): a host-to-device copy per step would stall the host."""
     ids = [c for s in range(P) for c in chunk_ids(s, P, mode)]
-    mine = torch.tensor(chunk_ids(rank, P, mode), device=device, dtype=torch.float32)
-    slots = torch.tensor(ids, device=device, dtype=torch.float32)
-    pred = torch.tensor([ids.index(max(c - 1, 0)) for c in ids], device=device)
+    mine = index_tensor(list(chunk_ids(rank, P, mode)), device, torch.float32)
+    slots = index_tensor(ids, device, torch.float32)
+    pred = index_tensor([ids.index(max(c - 1, 0)) for c in ids], device)
     return mine, slots, pred
 
 
@@ -218,6 +223,11 @@ class _LASP2(torch.autograd.Function):
         pos = torch.arange(C, device=q.device, dtype=torch.float32)
         _, k_doc = _token_masks(docs, None)
         k_w = _masked(_decay_powers(log_decay, H, C - 1 - pos).unsqueeze(-1), k_doc)
+        # States, their all-gather and the prefix sums (_combine) are fp32 whatever q's dtype: a
+        # state sums a chunk's C tokens, a prefix up to G - 1 states (the chain grows with cp), and
+        # half-precision states would round at every link. The inter-chunk term is added to the
+        # kernel's intra-chunk output in fp32; that output arrives rounded to q.dtype (lightning_fwd's
+        # dtype), so cp > 1 adds one rounding in all, not one per rank (precision_scaling-cpu.md).
         memory = torch.einsum("bhcd,bhce->bhde", kf.float() * k_w, vf.float())
         states, gathered_last, work = _gather_states(memory, m, group, None if docs is None else docs[:, -1])
         o, _ = lightning_fwd(qf, kf, vf, log_decay, None, chunk_size, impl, docs)
@@ -242,6 +252,9 @@ class _LASP2(torch.autograd.Function):
         pos = torch.arange(C, device=q.device, dtype=torch.float32)
         q_doc, k_doc = _token_masks(docs, prev)
         q_w = _decay_powers(log_decay, H, pos + 1).unsqueeze(-1)
+        # The backward's chain likewise in fp32: dS_c, its all-gather, the suffix sums dM_c, the
+        # dk/dv terms of M_c (added in fp32 to the kernel's dk/dv, which arrive in q.dtype) and the
+        # decay shares.
         d_prefix = torch.einsum("bhcd,bhce->bhde", qf.float() * _masked(q_w, q_doc), dof.float())
         d_states, _, work = _gather_states(d_prefix, m, ctx.group)
         decay_grad = ctx.needs_input_grad[3]
@@ -261,6 +274,8 @@ class _LASP2(torch.autograd.Function):
                 carried = carried * (docs[:, -1] == prev).float().view(-1, 1, 1, 1)
             tangent = carried + torch.einsum("bhcd,bhce->bhde", kf.float() * k_w * (C - 1 - pos).unsqueeze(-1),
                                              vf.float())
+            # fp32 (the kernel's share is fp32 too): a share sums B x Dk x Dv x chunks terms, and the
+            # shares of the cp ranks are added again by the gradient reduction.
             d_log_decay = d_log_decay + (d_memory * tangent).sum((0, 2, 3))
         dq, dk, dv = (_unfold(t, m) for t in (dq, dk, dv))
         return dq, dk, dv, d_log_decay, None, None, None, None, None
@@ -273,7 +288,8 @@ def lasp2_linear_attention(q, k, v, decay=None, group=None, *, chunk_size=64, im
     q, k: [B, H, n, Dk]; v: [B, H, n, Dv] -- this rank's shard of the sequence:
     mode="contiguous": rank r holds global positions [r n, (r+1) n);
     mode="zigzag": the sequence is 2P chunks of C = n/2 and rank r holds chunk r
-    then chunk 2P-1-r (parallel.sharding.shard_sequence's layout).
+    then chunk 2P-1-r (parallel.sharding.shard_sequence's layout); a
+    parallel.sharding.Split: its m chunks of C = n/m per rank, ascending.
     decay: [H] in (0, 1] or None, the same on every rank. Returns o: [B, H, n, Dv],
     equal to this rank's shard (same layout) of lightning_attention on the full
     sequence. Gradients flow to q, k, v, and to decay when it requires grad:
@@ -286,8 +302,8 @@ def lasp2_linear_attention(q, k, v, decay=None, group=None, *, chunk_size=64, im
     check_shards: also verify (one extra small all-gather) that every rank
     holds a shard of the same shape; off on the hot path because the config
     layer already checks that the sequence divides across cp ranks.
-    Raises ValueError for a mode not in parallel.sharding.MODES, or (zigzag) a
-    local length that is not 2 equal chunks.
+    Raises ValueError for a mode not in parallel.sharding.MODES nor a Split, or a
+    local length that is not m equal chunks.
     """
     check_mode(mode)
     log_decay = check_lightning_inputs(q, k, v, decay, chunk_size=chunk_size, doc_ids=doc_ids)

@@ -40,8 +40,8 @@ from ltrain.kernels.layout import BlockLayout
 
 from . import comm
 from .lasp2 import check_mode
-from .ring import chunk_ids
-from .sharding import check_sharded_qkv, check_split, dense_block_size, gather_doc_ids
+from .sharding import (as_split, check_sharded_qkv, check_split, chunk_ids, dense_block_size, gather_doc_ids,
+                       index_tensor)
 
 # Each query chunk must hold whole blocks of block_sparse_attention's smallest size.
 MIN_BLOCK = min(BLOCK_SIZES)
@@ -80,7 +80,7 @@ def _gathered_attention(q, k, v, group, mode, q_starts, layout_of, block_size, s
 
 def _slots(P, mode):
     """Global chunk held at each rank-major slot of a gather (rank s's chunks in its local order)."""
-    return [c for s in range(P) for c in chunk_ids(s, P, mode)]
+    return as_split(mode, P).slots()
 
 
 def all_gather_kv(k, v, group, mode="contiguous"):
@@ -102,6 +102,9 @@ def reduce_scatter_kv(dk_all, dv_all, k_shape, v_shape, group, mode="contiguous"
     sequence order [B, H, Nk, D] -> this rank's dk, dv (k_shape, v_shape), summed
     over ranks in fp32 by one reduce-scatter."""
     P = dist.get_world_size(group)
+    # fp32 (_shard upcasts) whatever k's dtype: the reduce-scatter sums P ranks' partial dK/dV of
+    # every key, and a half-precision sum would round at each of the P - 1 additions (the error
+    # growing with cp); each rank's partial is rounded once (the kernel returns k.dtype), the sum once.
     packed = torch.cat([_shard(dk_all, k_shape, P, mode), _shard(dv_all, v_shape, P, mode)], dim=1)
     mine = packed.new_empty(packed.shape[1])
     comm.reduce_scatter_tensor(mine, packed.reshape(-1), group=group)
@@ -125,13 +128,13 @@ class GatherKV(torch.autograd.Function):
         return dk, dv, None, None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=64)  # bounded: a balanced split changes per batch
 def _slot_tensors(P, mode, device):
     """(_slots(P, mode), the rank-major slot of each global chunk) as index tensors on device,
     made once: a host-to-device copy per step would stall the host."""
     slots = _slots(P, mode)
     order = sorted(range(len(slots)), key=slots.__getitem__)
-    return torch.tensor(slots, device=device), torch.tensor(order, device=device)
+    return index_tensor(slots, device), index_tensor(order, device)
 
 
 def _unshard(flat, shape, mode):
@@ -167,8 +170,9 @@ def lasp2h_attention(q, k, v, *, group=None, q_start=None, sm_scale=None, check_
     [s n, (s+1) n); q_start: global position of this rank's first query
     (default rank * n). mode="zigzag": the sequence is 2P chunks of c = n/2 and
     rank s holds chunk s then chunk 2P-1-s (each local query chunk at its own
-    global start); q_start must be None. A query chunk (n, or n/2 for zigzag)
-    must be a multiple of 16 tokens (whole attention blocks).
+    global start); a parallel.sharding.Split likewise with its m chunks of n/m;
+    q_start must then be None. A query chunk (n, or n/m) must be a multiple of
+    16 tokens (whole attention blocks).
     sm_scale: softmax scale (default 1/sqrt(D)). check_shards: verify with one
     extra small all-gather that every rank's q, k, v have the same shape.
     impl: block_sparse_attention's ("auto": Triton on CUDA, PyTorch on CPU).
@@ -181,14 +185,15 @@ def lasp2h_attention(q, k, v, *, group=None, q_start=None, sm_scale=None, check_
     check_sharded_qkv(q, k, v, mode)
     C = q.shape[2]
     check_mode(mode, C)
-    if mode == "zigzag" and q_start is not None:
-        raise ValueError(f"q_start applies to mode='contiguous' only (zigzag positions follow from the rank), "
+    if mode != "contiguous" and q_start is not None:
+        raise ValueError(f"q_start applies to mode='contiguous' only (a split's positions follow from the rank), "
                          f"got q_start={q_start}")
     if check_shards:
         comm.check_same_shape(group, q=q, k=k, v=v)
     P, rank = dist.get_world_size(group), dist.get_rank(group)
-    if mode == "zigzag":
-        q_starts = tuple(ci * (C // 2) for ci in chunk_ids(rank, P, mode))
+    if mode != "contiguous":
+        ids = chunk_ids(rank, P, mode)
+        q_starts = tuple(ci * (C // len(ids)) for ci in ids)
     else:
         if q_start is None:
             q_start = rank * C

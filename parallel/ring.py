@@ -9,7 +9,9 @@ visiting key chunks, then merges the partial results by log-sum-exp, in fp32:
 
 zigzag (default): the sequence is cut into 2P chunks and rank r holds chunks r
 and 2P-1-r, so every rank does the same causal work; contiguous: rank r holds
-chunk r. Every chunk is its own query/key chunk with its own global offset.
+chunk r; a parallel.sharding.Split: any m chunks per rank (parallel.balance's
+per-batch assignment for packed documents). Every chunk is its own query/key
+chunk with its own global offset.
 A (query chunk, key chunk) tile is skipped when the key chunk lies wholly in
 the causal future or the layout activates no block of it (S2 heads never
 visit most distant chunks), so the work follows the sparsity pattern.
@@ -24,10 +26,10 @@ no tile to visit; the CPU path drops the pairs when it plans): deciding it here
 would read the ids on the host, a device sync per call on CUDA, and the plan is
 cached per layout while the ids change every step.
 
-Planning the tiles reads the layout on the host; the plan is kept with the
-layout per (device, rank, P, mode, block size) (`cached_plan`), so a static
-layout is planned once per sequence length and a later call reads nothing
-on the host (the CPU reference kernels plan their own work on the host; the
+Planning the tiles reads the layout on the host; every tile is kept with the
+layout once built (`chunk_tile`) and a named split's plan too (`cached_plan`), so
+a static layout is planned once per sequence length and chunking, and a later
+call reads nothing on the host (the CPU reference kernels plan their own work on the host; the
 Triton kernels do not); on CUDA the p2p works are waited on the stream
 (NCCL), never polled.
 """
@@ -44,7 +46,7 @@ from ltrain.kernels import BlockLayout, block_sparse_attention, block_sparse_att
 from ltrain.kernels.lse import merge_lse
 
 from . import comm
-from .sharding import check_sharded_qkv, check_split, gather_doc_ids
+from .sharding import Split, as_split, check_sharded_qkv, check_split, gather_doc_ids
 
 # A ring step that waits longer than this on its neighbour has lost a rank (or
 # gloo p2p hung, as reported elsewhere): fail with a message, not a silent hang.
@@ -63,42 +65,61 @@ class Tile(NamedTuple):
     layout: BlockLayout
 
 
-def chunk_ids(rank: int, cp: int, mode: str) -> list[int]:
-    """Global chunk indices a rank holds, in its local order (shard_sequence's)."""
-    return [rank, 2 * cp - 1 - rank] if mode == "zigzag" else [rank]
+def chunk_tile(layout: BlockLayout, device: torch.device, num_chunks: int, qi: int, ki: int) -> BlockLayout | None:
+    """The sub-layout of (query chunk qi, key chunk ki) of the sequence cut into num_chunks
+    chunks, on `device`, or None when the tile is causally dead (ki > qi) or empty. Built on
+    first use and kept with the layout (BlockLayout.cached): one host sync per tile per
+    layout, never per step, whatever split asks for it (a balanced split changes every
+    batch, its tiles do not), and the tile's own cached views (the Triton backward's
+    transposed layout) live as long as the layout. At most every causal tile of one
+    chunking is kept: about one block mask of the layout, as int32."""
+    if ki > qi:
+        return None
+
+    def build():
+        cb = layout.num_q_blocks // num_chunks
+        on_device = layout.cached(("on", device), lambda: layout.to(device))  # one copy, not one per tile
+        sub = on_device.sub(qi * cb, cb, ki * cb, cb)
+        return None if sub.is_empty() else sub
+
+    return layout.cached(("ring_tile", device, num_chunks, qi, ki), build)
 
 
-def ring_plan(layout: BlockLayout, cp_rank: int, cp: int, mode: str, block_size: int) -> list[list[Tile]]:
+def ring_plan(layout: BlockLayout, cp_rank: int, cp: int, mode, block_size: int,
+              device: torch.device | None = None) -> list[list[Tile]]:
     """plan[src]: the tiles this rank computes while it holds rank src's K/V.
 
     layout covers the full sequence in global block coordinates (M = N / block_size
-    blocks). Tiles whose key chunk is wholly in the causal future, or whose
-    sub-layout is empty, are left out (one host sync per tile: see cached_plan)."""
-    chunks = 2 * cp if mode == "zigzag" else cp
-    cb = layout.num_q_blocks // chunks  # blocks per chunk
-    c = cb * block_size
+    blocks); mode: the split ("zigzag", "contiguous" or a parallel.sharding.Split).
+    Tiles whose key chunk is wholly in the causal future, or whose sub-layout is
+    empty, are left out (chunk_tile: decided once per tile and layout)."""
+    split = as_split(mode, cp)
+    C = split.num_chunks
+    c = layout.num_q_blocks // C * block_size
+    device = layout.device if device is None else device
     plan = []
     for src in range(cp):
         tiles = []
-        for a, qi in enumerate(chunk_ids(cp_rank, cp, mode)):
-            for b, ki in enumerate(chunk_ids(src, cp, mode)):
-                if ki > qi:
-                    continue
-                sub = layout.sub(qi * cb, cb, ki * cb, cb)
-                if not sub.is_empty():
+        for a, qi in enumerate(split.chunks[cp_rank]):
+            for b, ki in enumerate(split.chunks[src]):
+                sub = chunk_tile(layout, device, C, qi, ki)
+                if sub is not None:
                     tiles.append(Tile(slice(a * c, (a + 1) * c), slice(b * c, (b + 1) * c), qi * c, ki * c, sub))
         plan.append(tiles)
     return plan
 
 
-def cached_plan(layout: BlockLayout, device: torch.device, cp_rank: int, cp: int, mode: str,
+def cached_plan(layout: BlockLayout, device: torch.device, cp_rank: int, cp: int, mode,
                 block_size: int) -> list[list[Tile]]:
-    """ring_plan of `layout` on `device`, built once per (device, rank, cp, mode, block_size) and
-    kept with the layout (BlockLayout.cached): a caller that keeps its layout (the dispatcher's
-    causal one, S2's) plans once per sequence length, and the tiles' own cached views (the
-    Triton backward's transposed layout) survive across steps."""
+    """ring_plan of `layout` on `device`. A named split's plan ("zigzag", "contiguous") is kept
+    with the layout per (device, rank, cp, mode, block_size): a caller that keeps its layout
+    (the dispatcher's causal one, S2's) plans once per sequence length. A Split (a per-batch
+    balanced assignment) is planned per call from the kept tiles: host work only, a few
+    list lookups per tile, no host sync."""
+    if isinstance(mode, Split):
+        return ring_plan(layout, cp_rank, cp, mode, block_size, device)
     return layout.cached(("ring_plan", device, cp_rank, cp, mode, block_size),
-                         lambda: ring_plan(layout.to(device), cp_rank, cp, mode, block_size))
+                         lambda: ring_plan(layout, cp_rank, cp, mode, block_size, device))
 
 
 def _shift(send: torch.Tensor, group, tag: int, what: str):
@@ -154,6 +175,10 @@ class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, plan, group, opts, docs):
         P, r = dist.get_world_size(group), dist.get_rank(group)
+        # fp32 whatever q's dtype: the merged output and lse take one term per tile and ring step
+        # (up to 2P tiles per query chunk), and a half-precision running merge would round after
+        # every one of them; here each tile's output is rounded once (the kernel returns q.dtype),
+        # its weight exp(lse_t - lse) and the sum are fp32, and out is rounded once, at the end.
         out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         lse = torch.full(q.shape[:3], float("-inf"), device=q.device)
         kv = torch.stack([k, v])
@@ -187,6 +212,10 @@ class _RingAttention(torch.autograd.Function):
         group, opts = ctx.group, ctx.opts
         P, r = dist.get_world_size(group), dist.get_rank(group)
         delta = (do.float() * out.float()).sum(-1)
+        # dq and the travelling dK/dV sum one tile term per ring step (dK/dV of a block: terms
+        # from every rank it visits), so both accumulate, and dK/dV travel the ring, in fp32: a
+        # half-precision accumulator would round P times (the error growing with cp); here
+        # each tile's term is rounded once (the kernel returns q.dtype) and the sum once, at the end.
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         kv = torch.stack([k, v])
         in_flight = None  # dK/dV accumulator of the visiting block, coming from the previous rank
@@ -219,7 +248,7 @@ def _tile_backward(do, q, kv, lse, delta, t: Tile, opts):
 
 
 def ring_attention(q, k, v, *, layout_fn: Callable[[int], BlockLayout], group, block_size: int = 64,
-                   sm_scale: float | None = None, mode: str = "zigzag", impl: str = "auto", doc_ids=None):
+                   sm_scale: float | None = None, mode="zigzag", impl: str = "auto", doc_ids=None):
     """Causal block-sparse attention over a sequence sharded across `group`.
 
     q: [B, Hq, n, D], k, v: [B, Hkv, n, D] -- this rank's shard of a sequence
@@ -236,8 +265,8 @@ def ring_attention(q, k, v, *, layout_fn: Callable[[int], BlockLayout], group, b
     with visibility by global position and, given doc_ids (this rank's shard [B, n]
     of the packed row's document ids, non-decreasing along the whole row, split
     like q), within one document. Returns o [B, Hq, n, D] in q.dtype, in
-    the same (sharded) order as q. N must divide into 2P (zigzag) or P
-    (contiguous) chunks of whole blocks.
+    the same (sharded) order as q. mode: "zigzag", "contiguous" or a
+    parallel.sharding.Split; N must divide into its C chunks of whole blocks.
     """
     group = group if group is not None else dist.group.WORLD
     check_sharded_qkv(q, k, v, mode)

@@ -3,8 +3,9 @@ for a head split around an unchanged attention.
 
 One all-to-all turns each rank's sequence shard of all heads [B, H, N/P, D]
 into the whole sequence of H/P heads [B, H/P, N, D], in natural token order
-(the zigzag or contiguous shard order is undone), so `attn_fn` can be any
-single-device attention: dense causal, S2, InfLLM-V2. A second all-to-all
+(the split's shard order -- zigzag, contiguous or a balanced Split -- is
+undone), so `attn_fn` can be any single-device attention: dense causal, S2,
+InfLLM-V2. A second all-to-all
 returns the output to the sequence split. Each all-to-all's backward is the
 reverse all-to-all. About 4 N H D / P elements cross each rank's links per
 layer in the forward (q, k, v and o); the degree P is capped by the heads.
@@ -12,41 +13,53 @@ layer in the forward (q, k, v and o); the degree P is capped by the heads.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
 import torch.distributed as dist
 
 from . import comm
-from .sharding import check_sharded_qkv, gather_doc_ids
+from .sharding import Split, as_split, check_sharded_qkv, gather_doc_ids, index_tensor
 
 
-def _seq_to_heads(x: torch.Tensor, group, mode: str) -> torch.Tensor:
-    """[B, H, n, D] sequence shard (shard order `mode`) -> [B, H/P, N, D], natural order."""
+@functools.lru_cache(maxsize=64)
+def _reorder(split: Split, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(the rank-major slot of each global chunk, the global chunk of each slot) as index
+    tensors, or None when the slots are already in order (contiguous). Kept per split, so one
+    copy per split (index_tensor: asynchronous on CUDA), not one per layer."""
+    slots = split.slots()
+    if slots == sorted(slots):
+        return None
+    return index_tensor(sorted(range(len(slots)), key=slots.__getitem__), device), index_tensor(slots, device)
+
+
+def _seq_to_heads(x: torch.Tensor, group, mode) -> torch.Tensor:
+    """[B, H, n, D] sequence shard (split `mode`) -> [B, H/P, N, D], natural order."""
     P = dist.get_world_size(group)
+    split = as_split(mode, P)
     B, H, n, D = x.shape
     send = x.reshape(B, P, H // P, n, D).transpose(0, 1).contiguous()  # [P dest, B, H/P, n, D]
     recv = torch.empty_like(send)  # [P source shard, B, H/P, n, D]
     comm.all_to_all_single(recv, send, group=group)
-    shards = recv.permute(1, 2, 0, 3, 4)  # [B, H/P, P, n, D]
-    if mode == "zigzag":
-        # Shard s holds chunks s and 2P-1-s: chunks 0..P-1 are the first halves, P..2P-1 the second halves reversed.
-        halves = shards.unflatten(3, (2, n // 2))
-        shards = torch.cat([halves[:, :, :, 0], halves[:, :, :, 1].flip(2)], dim=2)
-    return shards.reshape(B, H // P, P * n, D)
+    chunks = recv.permute(1, 2, 0, 3, 4).reshape(B, H // P, split.num_chunks, n // split.m, D)  # rank-major slots
+    order = _reorder(split, x.device)
+    if order is not None:
+        chunks = chunks[:, :, order[0]]
+    return chunks.reshape(B, H // P, P * n, D)
 
 
-def _heads_to_seq(x: torch.Tensor, group, mode: str) -> torch.Tensor:
+def _heads_to_seq(x: torch.Tensor, group, mode) -> torch.Tensor:
     """Inverse of _seq_to_heads: [B, H/P, N, D] natural order -> [B, H, n, D] this rank's shard."""
     P = dist.get_world_size(group)
+    split = as_split(mode, P)
     B, h, N, D = x.shape
     n = N // P
-    if mode == "zigzag":
-        chunks = x.unflatten(2, (2 * P, n // 2))
-        shards = torch.stack([chunks[:, :, :P], chunks[:, :, P:].flip(2)], dim=3)  # [B, h, P, 2, n/2, D]
-    else:
-        shards = x.unflatten(2, (P, n))
-    send = shards.reshape(B, h, P, n, D).permute(2, 0, 1, 3, 4).contiguous()  # [P dest shard, B, h, n, D]
+    chunks = x.unflatten(2, (split.num_chunks, n // split.m))
+    order = _reorder(split, x.device)
+    if order is not None:
+        chunks = chunks[:, :, order[1]]
+    send = chunks.reshape(B, h, P, n, D).permute(2, 0, 1, 3, 4).contiguous()  # [P dest shard, B, h, n, D]
     recv = torch.empty_like(send)  # [P source head group, B, h, n, D]
     comm.all_to_all_single(recv, send, group=group)
     return recv.transpose(0, 1).reshape(B, P * h, n, D)
@@ -69,7 +82,7 @@ class _AllToAll(torch.autograd.Function):
         return _INVERSE[ctx.fn](dy, ctx.group, ctx.mode), None, None, None
 
 
-def ulysses_attention(q, k, v, *, attn_fn: Callable[..., torch.Tensor], group, mode: str = "zigzag",
+def ulysses_attention(q, k, v, *, attn_fn: Callable[..., torch.Tensor], group, mode="zigzag",
                       doc_ids: torch.Tensor | None = None):
     """Attention over a sequence sharded across `group`, by head-parallel all-to-all.
 
@@ -100,8 +113,10 @@ def ulysses_attention(q, k, v, *, attn_fn: Callable[..., torch.Tensor], group, m
         if P % Hkv:
             raise ValueError(f"ulysses_attention: {Hkv} KV heads neither divide by nor divide the cp degree P = {P}")
         k, v = (x.repeat_interleave(P // Hkv, dim=1) for x in (k, v))
-    if mode == "zigzag" and n % 2:
-        raise ValueError(f"ulysses_attention: a zigzag shard holds two equal chunks, got n = {n} tokens")
+    m = as_split(mode, P).m
+    if n % m:
+        raise ValueError(f"ulysses_attention: a {mode if isinstance(mode, str) else 'split'} shard holds {m} equal "
+                         f"chunks, got n = {n} tokens")
     row = gather_doc_ids(doc_ids, q, group, mode=mode, who="ulysses_attention")
     docs = {} if row is None else {"doc_ids": row}
     q_h, k_h, v_h = (_AllToAll.apply(x, _seq_to_heads, group, mode) for x in (q, k, v))

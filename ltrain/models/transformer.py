@@ -66,11 +66,12 @@ class Transformer(nn.Module):
     def forward(
         self, input_ids: torch.Tensor, positions: Optional[torch.Tensor] = None,
         cp_group: Optional[dist.ProcessGroup] = None, cp_impl: str = "ring", output: Optional[Callable] = None,
-        doc_ids: Optional[torch.Tensor] = None,
+        doc_ids: Optional[torch.Tensor] = None, cp_split=None,
     ):
         """input_ids: [B, N] -> logits [B, N, vocab]; positions: [B, N] global positions
         (default arange(N); under context parallelism the shard's own positions,
-        split as `self.cp_mode` says). doc_ids: [B, N] document ids of packed
+        split as `self.cp_mode` says, or this batch's `cp_split`: a
+        parallel.sharding.Split, ltrain.train.shard_batch's balanced one). doc_ids: [B, N] document ids of packed
         rows (non-decreasing per row, split like input_ids; ltrain.data.loader),
         so every layer attends within a token's own document only; positions
         then restart at 0 in each document. None: one document per row.
@@ -90,7 +91,7 @@ class Transformer(nn.Module):
             beta_slow=c.rope_beta_slow,
         )
         ctx = AttnContext(cos=cos, sin=sin, cp_group=cp_group,
-                          cp_mode=self.cp_mode, cp_impl=cp_impl, hybrid=self.hybrid, doc_ids=doc_ids)
+                          cp_mode=self.cp_mode if cp_split is None else cp_split, cp_impl=cp_impl, hybrid=self.hybrid, doc_ids=doc_ids)
         x = self.embed(input_ids)
         for layer in self.layers:
             if self.cfg.activation_checkpointing and self.training:

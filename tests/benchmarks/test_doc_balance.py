@@ -1,58 +1,40 @@
-"""benchmarks/doc_balance.py: the attended-block count against a brute-force token-level count
-and the kernel's own skip (doc_split), zigzag's exact balance without documents, and rows that
-are the loader's."""
+"""benchmarks/doc_balance.py: per-rank counts by the real splits (zigzag, contiguous, the
+documents split), zigzag's exact balance without documents, and rows that are the loader's.
+(The attended-block count itself is tested in tests/parallel/test_balance.py.)"""
 
-import pytest
 import torch
 
 from benchmarks import doc_balance as db
 from ltrain.data.prepare import prepare
-from ltrain.kernels import BlockLayout
-from ltrain.kernels.block_sparse_cpu import doc_split
+from ltrain.parallel.balance import attended_blocks, document_split
 
 
-def _random_docs(rows: int, n: int, gen: torch.Generator, step_max: int = 3) -> torch.Tensor:
-    """Non-decreasing ids with short and long documents; steps of up to step_max (ids may skip)."""
-    starts = torch.rand(rows, n, generator=gen) < torch.tensor([0.02, 0.1, 0.3])[torch.arange(rows) % 3, None]
-    starts[:, 0] = False
-    steps = torch.randint(1, step_max + 1, (rows, n), generator=gen) * starts
-    return steps.cumsum(1) + torch.randint(0, 5, (rows, 1), generator=gen)
-
-
-def _brute_force(doc_ids: torch.Tensor, bs: int) -> torch.Tensor:
-    """[R, M, M]: query block qb attends key block kb iff some token pair j <= i with equal ids."""
-    r, n = doc_ids.shape
-    i = torch.arange(n)
-    tok = (i[None, :] <= i[:, None]) & (doc_ids[:, :, None] == doc_ids[:, None, :])  # [R, i, j]
-    return tok.view(r, n // bs, bs, n // bs, bs).any(4).any(2)
-
-
-@pytest.mark.parametrize("bs, m", [(4, 24), (8, 16)])
-def test_count_matches_token_level_brute_force_and_doc_split(bs, m):
-    gen = torch.Generator().manual_seed(bs)
-    docs = _random_docs(6, bs * m, gen)
-    counts = db.attended_per_query_block(docs, m, bs)
-    pairs = _brute_force(docs, bs)
-    assert torch.equal(counts, pairs.sum(-1))
-    # the kernel's skip: pairs kept by doc_split over the causal layout (clean + mixed)
-    causal = BlockLayout.causal(m, m)
-    clean, mixed = doc_split(causal, docs.int(), docs.int(), block_size=bs, causal=True, q_start=0, k_start=0)
-    assert torch.equal(counts, (clean.counts + mixed.counts)[:, 0].long())
+def test_per_rank_counts_follow_the_real_splits():
+    """zigzag / contiguous: shard_sequence's query blocks; documents: what document_split picks
+    from the row's ids gives the same per-rank sums."""
+    gen = torch.Generator().manual_seed(0)
+    docs = (torch.rand(3, 64 * 32, generator=gen) < 0.003).cumsum(1).to(torch.int32)
+    counts = attended_blocks(docs, 32, 64)
     for cp in (2, 4):
-        for mode in db.MODES:
-            blocks = db.rank_query_blocks(m, cp, mode)
-            expect = torch.stack([pairs[:, blocks[r]].sum((1, 2)) for r in range(cp)], 1)
-            assert torch.equal(db.per_rank(counts, cp, mode), expect)
+        for mode in ("zigzag", "contiguous"):
+            blocks = db.rank_query_blocks(32, cp, mode)
+            assert torch.equal(db.per_rank(counts, cp, mode), torch.stack([counts[:, b].sum(1) for b in blocks], 1))
+        got = db.per_rank(counts, cp, "documents", 4)
+        for row, loads in zip(docs, got):
+            split = document_split(row[None], cp, 4, 64)
+            blocks = torch.tensor([[b for c in mine for b in range(c * 32 // (4 * cp), (c + 1) * 32 // (4 * cp))]
+                                   for mine in split.chunks])
+            assert torch.equal(loads, attended_blocks(row[None], 32, 64)[0][blocks].sum(1))
 
 
 def test_plain_causal_zigzag_is_balanced_and_contiguous_is_not():
     for m, cp in ((16, 2), (64, 4), (256, 8), (2048, 8)):
-        plain = db.attended_per_query_block(None, m, 64)
+        plain = attended_blocks(None, m, 64)
         assert torch.equal(plain[0], torch.arange(1, m + 1))
         assert db.imbalance(db.per_rank(plain, cp, "zigzag")).item() == 0.0
         assert db.imbalance(db.per_rank(plain, cp, "contiguous")).item() > 0.4
     one_doc = torch.zeros(1, 64 * 16, dtype=torch.int32)  # one document: the plain count
-    assert torch.equal(db.attended_per_query_block(one_doc, 16, 64), db.attended_per_query_block(None, 16, 64))
+    assert torch.equal(attended_blocks(one_doc, 16, 64), attended_blocks(None, 16, 64))
 
 
 def test_rows_are_the_loaders(tmp_path):

@@ -61,6 +61,18 @@ def test_dtype_mismatch_and_unsupported():
         call(q.double(), k.double(), v.double())
 
 
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_fp64_is_one_clear_value_error(impl):
+    """fp64 on either path (both compute in fp32; the Triton kernels have no fp64 tiles): one
+    ValueError line naming q, k, v and the dtypes to cast to, no Triton trace."""
+    q, k, v = (t.double() for t in inputs())
+    with pytest.raises(ValueError, match=r"^block_sparse_attention: q, k, v have dtype torch.float64, which is not "
+                                         r"supported \(.*fp32\): cast q, k, v to one of torch.float32, "
+                                         r"torch.float16, torch.bfloat16$") as err:
+        call(q, k, v, impl=impl)
+    assert "\n" not in str(err.value)
+
+
 def test_shape_mismatches():
     q, k, v = inputs()
     with pytest.raises(ValueError, match="k and v"):

@@ -53,14 +53,18 @@ def test_non_causal_rectangular():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_within_sdpa_error(dtype):
-    def triton_fn(q, k, v, layout):
-        out, lse = block_sparse_attention(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), layout.to(DEVICE), block_size=16,
-                                          return_lse=True, impl="triton")
-        return out.cpu(), lse.cpu()
-    got, base = half_precision_errors(dtype, triton_fn)
-    assert got[0] <= 2 * base[0], (got, base)
-    for g, b in zip(got[1:], base[1:]):
-        assert g <= 3 * b, (got, base)
+    """The Triton kernel in bf16 / fp16 (fp32 softmax state and dq / dK / dV accumulators); plain:
+    SDPA with the explicit mask, run in `dtype`; reference: the same SDPA in fp32."""
+    half_precision_errors(dtype, triton_impl)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_documents_half_precision_within_sdpa_error(dtype):
+    """Packed documents (q_doc / k_doc, boundaries inside blocks) in bf16 / fp16; plain: SDPA with
+    the explicit layout-and-document mask, run in `dtype`. The interpreter's bf16 stores truncate
+    (a GPU rounds to nearest), which alone can double the output error: measured 1.6x here."""
+    docs = doc_ids()
+    half_precision_errors(dtype, triton_impl, docs, docs)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -8,7 +8,9 @@ import torch.nn.functional as F
 
 from ltrain.kernels import infllm_v2_attention, infllm_v2_select
 from ltrain.kernels import infllm_v2, infllm_v2_ref
+from ltrain.kernels.block_sparse_ref import layout_mask, masked_attention
 from ltrain.kernels.infllm_v2_ref import block_scores_torch, compress_keys, pool_geometry, select_naive
+from tests.kernels.test_block_sparse_cpu import half_precision_check
 
 CPU = dict(kernel_size=8, kernel_stride=4, block_size=16, topk=4, init_blocks=1, window_size=32)
 
@@ -149,6 +151,34 @@ def test_sparse_mode_reports_fraction_and_differs_from_dense():
     assert not torch.allclose(out, ref) and all(torch.isfinite(g).all() for g in grads)
 
 
+# The Triton variant takes ~1 min per dtype in the interpreter (selection and the token kernels at
+# N = 256); the kernels' own half-precision tests (test_token_sparse_triton.py) cover it by default.
+@pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_sparse_path_half_precision_within_sdpa_error(dtype, impl):
+    """The sparse mode end to end (selection, token layout, token-sparse kernel) in bf16 / fp16.
+    plain: SDPA with the explicit token mask of the selected layout, run in `dtype`; reference:
+    that SDPA in fp32. Selection is discrete, so all three run on the same values (the fp32
+    inputs are the half ones upcast): the half and fp32 selections then pick the same blocks."""
+    g = torch.Generator().manual_seed(7)
+    B, Hq, Hkv, N, D = 1, 4, 2, 256, 32
+    params = dict(CPU, topk=3, window_size=16)  # 4 of up to 16 blocks per token
+    q, do = (torch.randn(B, Hq, N, D, generator=g).to(dtype).float() for _ in range(2))
+    k, v = (torch.randn(B, Hkv, N, D, generator=g).to(dtype).float() for _ in range(2))
+    layout = infllm_v2_select(q.to(dtype), k.to(dtype), impl=impl, **params)
+    assert torch.equal(layout.indices, infllm_v2_select(q, k, impl=impl, **params).indices)
+    assert infllm_v2.attended_fraction(layout, 16) < 0.5
+    mask = layout_mask(layout, B, Hq, N, N)
+
+    def sparse(q, k, v):
+        out, stats = infllm_v2_attention(q, k, v, dense_len=64, impl=impl, **params)
+        assert stats["mode"] == "sparse"
+        return out, torch.zeros(out.shape[:3])
+
+    half_precision_check(dtype, sparse, lambda q, k, v: masked_attention(q, k, v, mask), q, k, v, do,
+                         yardstick="SDPA with the selection's explicit token mask, run in the half dtype")
+
+
 @pytest.mark.parametrize("key,value,match", [
     ("topk", 2, "topk=2 is smaller than the forced blocks"),
     ("kernel_stride", 16, "kernel_stride=16 is larger than kernel_size=8"),
@@ -174,6 +204,21 @@ def test_bad_shapes():
     q, k = qk()
     with pytest.raises(ValueError, match="q_start=8 must be a multiple of block_size=16"):
         infllm_v2_select(q, k, q_start=8, **CPU)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("dense_len", [0, 64])
+def test_fp64_is_one_clear_value_error(dense_len, impl):
+    """fp64 in either mode (dense SDPA would take it, so a run would fail only once N passes
+    dense_len) and in the selection: one ValueError line naming the arguments and the fix."""
+    q, k = qk(Nq=64, Nk=64)
+    cast = "one of torch.float32, torch.float16, torch.bfloat16$"
+    with pytest.raises(ValueError, match=rf"^infllm_v2_attention: q, k, v have dtype torch.float64.*cast q, k, v to {cast}"):
+        infllm_v2_attention(q.double(), k.double(), k.double(), dense_len=dense_len, impl=impl, **CPU)
+    with pytest.raises(ValueError, match=rf"^infllm_v2_select: q, k have dtype torch.float64.*cast q, k to {cast}"):
+        infllm_v2_select(q.double(), k.double(), impl=impl, **CPU)
+    with pytest.raises(ValueError, match=r"dtype mismatch: q torch.bfloat16, k torch.float32"):
+        infllm_v2_select(q.bfloat16(), k, impl=impl, **CPU)
 
 
 # ---- packed documents ----------------------------------------------------

@@ -6,6 +6,7 @@ import torch
 from ltrain.kernels import lightning_attention
 from ltrain.kernels.lightning_ref import lightning_recurrent
 from tests.kernels.test_lightning_ref import doc_ids_from_starts
+from tests.precision import assert_half_precision
 
 
 def rel_err(a, b):
@@ -70,6 +71,63 @@ def test_bfloat16_close_to_fp32():
     assert rel_err(o, o_ref) < 1e-2
 
 
+PLAIN_LIGHTNING = ("naive quadratic formula (Q K^T * D) V + (Q * lambda^(t+1)) S_0, D_ts = lambda^(t-s) (s <= t), "
+                   "run in the half dtype (plain_lightning)")
+# (decay, initial state) of the half-precision cases: no decay, decay, decay and S_0, S_0 alone.
+HALF_CASES = [(False, False), (True, False), (True, True), (False, True)]
+
+
+def plain_lightning(q, k, v, decay=None, s0=None):
+    """The naive formula in q's dtype, the yardstick of the half-precision tests: every matmul
+    and product in that dtype; the decay factors lambda^x are computed in fp32 and rounded once
+    (rounding lambda itself first would shift every power). decay [H] or None, s0 [B, H, Dk, Dv]
+    or None."""
+    H, N = q.shape[1], q.shape[2]
+    pos = torch.arange(N, device=q.device)
+    lam = torch.ones(H, device=q.device) if decay is None else decay
+    diff = pos.view(-1, 1) - pos.view(1, -1)
+    mask = torch.where(diff >= 0, lam.view(-1, 1, 1) ** diff.clamp(min=0), 0.0).to(q.dtype)
+    o = ((q @ k.transpose(-1, -2)) * mask) @ v
+    if s0 is not None:
+        o = o + (q * (lam.view(-1, 1, 1) ** (pos + 1).view(1, -1, 1)).to(q.dtype)) @ s0.to(q.dtype)
+    return o
+
+
+def lightning_half_precision(dtype, impl, with_decay, with_state, *, N=40, chunk_size=16, seed=0):
+    """lightning_attention(impl) on q, k, v, S_0 in `dtype` against plain_lightning in `dtype`
+    (the yardstick), both against the fp64 token recurrence on the fp32 inputs; o within 2x,
+    dq, dk, dv, d_initial and the learned decay's gradient within 3x (tests/precision.py).
+    N = 40 in chunks of 16: a short last chunk."""
+    q, k, v, s0 = inputs(N=N, seed=seed)
+    do = torch.randn(q.shape[:3] + (v.shape[-1],), generator=torch.Generator().manual_seed(seed + 1))
+    decay = torch.tensor([0.95, 0.8]) if with_decay else None
+    names = ["dq", "dk", "dv"] + ["d_initial"] * with_state + ["d_decay"] * with_decay
+
+    def grads(fn, cast, *, exact=False):
+        xs = [cast(t).requires_grad_() for t in (q, k, v)]
+        st = cast(s0).requires_grad_() if with_state else None
+        lam = (decay.double() if exact else decay.clone()).requires_grad_() if with_decay else None
+        o = fn(*xs, lam, st)
+        leaves = xs + [st] * with_state + [lam] * with_decay
+        return dict(out=o, **dict(zip(names, torch.autograd.grad(o, leaves, cast(do)))))
+
+    want = grads(lambda q, k, v, lam, st: lightning_recurrent(q, k, v, lam, st)[0], lambda t: t.double(), exact=True)
+    base = grads(plain_lightning, lambda t: t.to(dtype))
+    got = grads(lambda q, k, v, lam, st: lightning_attention(q, k, v, decay=lam, initial_state=st,
+                                                             chunk_size=chunk_size, impl=impl),
+                lambda t: t.to(dtype))
+    assert got["out"].dtype == dtype
+    return assert_half_precision(got, base, want, yardstick=PLAIN_LIGHTNING)
+
+
+@pytest.mark.parametrize("with_decay,with_state", HALF_CASES)
+def test_half_precision_within_plain_error(with_decay, with_state):
+    """The PyTorch path (impl="torch", fp32 chunk states and sums inside) in bf16: without and
+    with a (learned) decay and an initial state; plain: plain_lightning in bf16; reference: the
+    fp64 token recurrence."""
+    lightning_half_precision(torch.bfloat16, "torch", with_decay, with_state)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="a host sync exists only on a GPU")
 def test_no_host_sync_on_cuda():
     """Forward and backward with a learned decay make no synchronising call (the decay's values
@@ -112,6 +170,24 @@ def test_bad_arguments_raise_value_error(kwargs, arg):
     q, k, v, _ = inputs()
     with pytest.raises(ValueError, match=arg):
         lightning_attention(q, k, v, **kwargs)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("dtype,why", [(torch.float64, "compute in fp32"), (torch.float16, "float16's range")])
+def test_unsupported_dtype_is_one_clear_value_error(dtype, why, impl):
+    """fp64 (both paths compute in fp32) and fp16 (unnormalised sums overflow it at long N): one
+    ValueError line naming q, k, v and the dtypes to cast to, before any kernel runs."""
+    q, k, v, _ = (t.to(dtype) for t in inputs())
+    with pytest.raises(ValueError, match=rf"^lightning attention: q, k, v have dtype {dtype}.*{why}.*"
+                                         r"cast q, k, v to one of torch.float32, torch.bfloat16$") as err:
+        lightning_attention(q, k, v, decay=torch.tensor([0.9, 0.8]), impl=impl)
+    assert "\n" not in str(err.value)
+
+
+def test_mixed_dtypes_raise_value_error():
+    q, k, v, _ = inputs()
+    with pytest.raises(ValueError, match=r"dtype mismatch: q torch.bfloat16, k torch.float32, v torch.float32"):
+        lightning_attention(q.bfloat16(), k, v)
 
 
 def test_mismatched_shapes_raise_value_error():

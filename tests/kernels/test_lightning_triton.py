@@ -6,6 +6,7 @@ import torch
 from ltrain.kernels import lightning_attention
 from ltrain.kernels.lightning_ref import lightning_recurrent, lightning_ref_bwd, lightning_ref_fwd
 from ltrain.kernels.lightning_triton import lightning_triton_bwd, lightning_triton_fwd
+from tests.kernels.test_lightning import HALF_CASES, lightning_half_precision
 from tests.kernels.test_lightning_ref import doc_ids_from_starts
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -100,29 +101,11 @@ def test_public_op_triton_autograd_matches_recurrence():
         assert rel_err(x.grad, y.grad) < tol
 
 
-def test_bfloat16_error_within_twice_plain_bf16():
-    """The field criterion: kernel error vs fp64 at most 2x (fwd) / 3x (grads) a plain bf16 computation's."""
-    q, k, v, do, _, _ = inputs(N=32, Dk=16, Dv=16, dtype=torch.bfloat16)
-    decay = torch.tensor([0.95, 0.8], device=DEVICE)
-    a = [t.clone().requires_grad_() for t in (q, k, v)]
-    o = lightning_attention(*a, decay=decay, chunk_size=16, impl="triton")
-    o.backward(do)
-    exact = [t.clone().double().requires_grad_() for t in (q, k, v)]
-    o_exact, _ = lightning_recurrent(*exact, decay)
-    o_exact.backward(do.double())
-    plain = [t.clone().requires_grad_() for t in (q, k, v)]
-    o_plain = _bf16_quadratic(*plain, decay)
-    o_plain.backward(do)
-    assert o.dtype == torch.bfloat16
-    assert rel_err(o, o_exact) <= 2 * rel_err(o_plain, o_exact) + 1e-3
-    for x, y, z in zip(a, exact, plain):
-        assert rel_err(x.grad, y.grad) <= 3 * rel_err(z.grad, y.grad) + 1e-3
-
-
-def _bf16_quadratic(q, k, v, decay):
-    """o = (Q K^T * D) V with D_ts = lambda^(t-s) (s <= t), all in bf16: the plain implementation."""
-    N = q.shape[2]
-    pos = torch.arange(N, device=q.device)
-    diff = (pos.view(-1, 1) - pos.view(1, -1)).clamp(min=0)
-    mask = torch.where(pos.view(-1, 1) >= pos.view(1, -1), decay.view(-1, 1, 1) ** diff, 0.0)
-    return ((q @ k.transpose(-1, -2)) * mask.to(q.dtype)) @ v
+@pytest.mark.parametrize("with_decay,with_state", HALF_CASES)
+def test_half_precision_within_plain_error(with_decay, with_state):
+    """The Triton kernels in bf16 (fp32 loads, chunk states, prefix and decay-gradient shares):
+    without and with a (learned) decay and an initial state; plain: plain_lightning in bf16
+    (tests/kernels/test_lightning.py); reference: the fp64 token recurrence. In the interpreter
+    the kernels' bf16 stores truncate (numpy) where a GPU rounds to nearest: up to ~1.7x the plain
+    error here, against 2x / 3x allowed."""
+    lightning_half_precision(torch.bfloat16, "triton", with_decay, with_state)

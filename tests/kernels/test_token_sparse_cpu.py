@@ -9,7 +9,8 @@ from ltrain.kernels import BlockLayout, block_sparse_attention
 from ltrain.kernels.token_sparse_cpu import split
 from tests.kernels.test_block_sparse_cpu import (NAMES, assert_close, check_docs_against_reference,
                                                  check_packed_row_equals_documents_alone, cpu, dense_mask, doc_ids,
-                                                 make_qkv, own_document_token_layout, run, sdpa_reference)
+                                                 half_precision_check, make_qkv, own_document_token_layout, run,
+                                                 sdpa_reference)
 
 
 def token_layout(Bl, Hl, Nq, Mk, K, block_size, *, shared=0.7, drop=0.2, seed=0):
@@ -93,3 +94,25 @@ def test_packed_row_with_own_document_selections_equals_each_document_alone(Hq, 
     """Each token selects its own document's blocks (a boundary block's tokens disagree: the rest part)."""
     assert split(own_document_token_layout(doc_ids(), 16), 16)[1].counts.any()
     check_packed_row_equals_documents_alone(cpu, Hq, Hkv, 32, 16, token_layout=True)
+
+
+def token_half_precision_errors(dtype, fn, docs=None):
+    """half_precision_check of fn(q, k, v, layout, **docs) on a random token layout per batch and KV
+    group (B 2, Hq 4, Hkv 2, N 64, D 32, blocks of 16, 3 picks of 4: common and rest parts both
+    used); plain: SDPA with the selection's explicit token mask (and documents) run in `dtype`."""
+    layout = token_layout(2, 2, 64, 4, 3, 16, shared=0.9, drop=0.05, seed=21)
+    assert split(layout, 16)[0].counts.any() and split(layout, 16)[1].counts.any()
+    q, k, v, do, _ = make_qkv(2, 4, 2, 64, 64, 32, seed=21)
+    kw = {} if docs is None else dict(q_doc=docs, k_doc=docs)
+    mask = dense_mask(layout, 2, 4, 64, 64, **kw)
+    return half_precision_check(dtype, lambda q, k, v: fn(q, k, v, layout, **kw),
+                                lambda q, k, v: sdpa_reference(q, k, v, mask), q, k, v, do)
+
+
+@pytest.mark.parametrize("docs", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_within_sdpa_error(dtype, docs):
+    """The token-sparse CPU path in bf16 / fp16 (fp32 inside: both parts and their lse merge),
+    with and without packed documents; plain: SDPA with the explicit token mask, run in `dtype`;
+    reference: the same SDPA in fp32."""
+    token_half_precision_errors(dtype, cpu, doc_ids() if docs else None)

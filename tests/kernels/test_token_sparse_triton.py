@@ -12,8 +12,9 @@ from ltrain.kernels import token_sparse_triton as tst
 from tests.kernels.test_block_sparse_cpu import (NAMES, assert_close, check_docs_against_reference,
                                                  check_invisible_documents_are_skipped,
                                                  check_packed_row_equals_documents_alone, doc_ids, make_qkv, run,
-                                                 sdpa_reference)
+                                                 sdpa_reference, HALF_GRADS, PLAIN_SDPA)
 from tests.kernels.test_block_sparse_triton import triton_impl
+from tests.precision import assert_half_precision
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -176,12 +177,8 @@ def test_half_precision_within_sdpa_error(dtype):
     want = run(lambda q, k, v: oracle(q, k, v, mask), q, k, v, do, zero)
     base = run(lambda q, k, v: sdpa_reference(q, k, v, mask), *half, do.to(dtype), zero)
     got = run(kernel_fn(layout, 16), *half, do.to(dtype), zero)
-    err = lambda a, b: (a.float() - b.float()).abs().max().item()
-    idx = (0, 2, 3, 4)  # out, dq, dk, dv
-    got, base = [err(got[i], want[i]) for i in idx], [err(base[i], want[i]) for i in idx]
-    assert got[0] <= 2 * base[0], (got, base)
-    for g, b in zip(got[1:], base[1:]):
-        assert g <= 3 * b, (got, base)
+    pick = lambda r: dict(zip(HALF_GRADS, (r[0], *r[2:])))
+    assert_half_precision(pick(got), pick(base), pick(want), yardstick=PLAIN_SDPA)
 
 
 def test_rejects_a_block_layout():

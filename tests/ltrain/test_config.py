@@ -1,6 +1,7 @@
 """Every config file composes; every validation error names its key."""
 
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -106,6 +107,36 @@ def test_cp_must_divide_world_and_seq_len():
         validate(load("parallel.cp=2", "data.seq_len=288"), world_size=4)
     with pytest.raises(ConfigError, match="data.seq_len=258 .*2 x parallel.cp x block_size = 2 x 4 x 16"):
         validate(load("attention=hybrid", "parallel.cp=4", "data.seq_len=258"), world_size=4)
+
+
+def test_documents_split_settings(tmp_path):
+    """parallel.cp_split: auto balances exactly when rows are masked per document; documents
+    without document masking, and a row that does not cut into cp x cp_split_chunks whole
+    blocks, are one-line errors naming the fix."""
+    from ltrain.config import document_balance
+
+    src = tmp_path / "a.txt"
+    src.write_text("hello world\n" * 500)
+    subprocess.run([sys.executable, "-m", "ltrain.data.prepare", str(src), str(tmp_path / "out")], check=True)
+    packed = ["data=memmap", f"data.path={tmp_path / 'out'}", "data.seq_len=256", "parallel.cp=2"]
+    assert document_balance(load(*packed)) == (4, 16)
+    assert document_balance(load(*packed, "parallel.cp_split=zigzag")) is None
+    assert document_balance(load(*packed, "data.doc_boundaries=false")) is None
+    assert document_balance(load(*packed[:-1])) is None  # cp = 1: nothing to split
+    assert document_balance(load("parallel.cp=2")) is None  # synthetic rows: no documents
+    validate(load(*packed), world_size=2)
+    with pytest.raises(ConfigError, match=r"parallel.cp_split='documents' is invalid: .*data.doc_boundaries=true .*"
+                                          r"parallel.cp_split=zigzag"):
+        validate(load("parallel.cp=2", "parallel.cp_split=documents"), world_size=2)
+    with pytest.raises(ConfigError, match=r"data.seq_len=192 .*parallel.cp x parallel.cp_split_chunks x block_size "
+                                          r"= 2 x 4 x 16 = 128 .*parallel.cp_split_chunks"):
+        validate(load(*packed[:2], "data.seq_len=192", "parallel.cp=2"), world_size=2)
+    validate(load(*packed[:2], "data.seq_len=192", "parallel.cp=2", "parallel.cp_split_chunks=3"), world_size=2)
+    with pytest.raises(ConfigError, match="parallel.cp_split='blocks' is invalid: allowed values are auto, zigzag, "
+                                          "documents"):
+        validate(load("parallel.cp_split=blocks"), world_size=1)
+    with pytest.raises(ConfigError, match="parallel.cp_split_chunks=0"):
+        validate(load("parallel.cp_split_chunks=0"), world_size=1)
 
 
 def test_ulysses_needs_heads_divisible_by_cp():
@@ -276,3 +307,39 @@ def test_packed_documents_need_whole_attention_blocks(tmp_path):
         validate(load(*data, "data.seq_len=136"), world_size=1)
     validate(load(*data, "data.seq_len=136", "data.doc_boundaries=false"), world_size=1)
     validate(load(*data, "data.seq_len=144"), world_size=1)
+
+
+@pytest.mark.parametrize("value, why", [
+    ("fp16", "fp16 is refused: lightning attention's outputs and gradients are unnormalised sums"),
+    ("half", "fp16 is refused"),
+    ("fp64", "fp64 is refused: every attention kernel computes in fp32"),
+    ("float64", "fp64 is refused"),
+    ("fp8", None),
+])
+@pytest.mark.parametrize("attention", ["mixed", "dense"])  # refused for every kind, not only lightning's
+def test_unsupported_precision_is_one_line_naming_the_setting_and_why(value, why, attention):
+    with pytest.raises(ConfigError) as err:
+        validate(load(f"attention={attention}", f"trainer.precision={value}"), world_size=1)
+    msg = str(err.value)
+    assert msg.startswith(f"trainer.precision={value!r} is invalid: allowed values are fp32, bf16 "
+                          "(every attention kind; bf16 keeps fp32 master weights and an fp32 loss)"), msg
+    assert "\n" not in msg
+    assert (why in msg) if why else ("refused" not in msg), msg
+
+
+@pytest.mark.parametrize("attention", ["mixed", "dense", "s2", "infllm_v2", "linear", "hybrid"])
+def test_fp32_and_bf16_validate_for_every_kind(attention):
+    for precision in ("fp32", "bf16"):
+        validate(load(f"attention={attention}", f"trainer.precision={precision}"), world_size=1)
+
+
+def test_unsupported_precision_stops_the_cli_with_one_line_before_any_process_group(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "ltrain.train", "trainer.precision=fp16", f"trainer.out_dir={tmp_path}"],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "LTRAIN_RUN_ID": "test"})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and "[WARNING]" not in ln]
+    assert len(lines) == 1 and lines[0].startswith("ltrain: config error: trainer.precision='fp16' is invalid: "
+                                                   "allowed values are fp32, bf16"), proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "test" / "config.yaml").exists()

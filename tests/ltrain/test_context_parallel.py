@@ -127,3 +127,25 @@ def test_cp2_dp2_matches_cp1(tmp_path, attention, extra):
     ref = losses(tmp_path, 1, [f"attention={attention}", "data.micro_batch_size=4", *extra])
     got = losses(tmp_path, 4, [f"attention={attention}", "parallel.cp=2", *extra])
     assert_tracks(got, ref, EXACT_STEPS_4_RANKS.get(attention, 20))
+
+
+def test_packed_documents_cp2_on_the_documents_split_matches_cp1(tmp_path):
+    """Packed memmap rows (document masking on by default) at cp=2 split by parallel.balance per
+    batch (parallel.cp_split=auto -> documents): the mixed model (InfLLM-V2 first, so no top-k
+    near-tie: see MIXED_FIRST) trains as on one rank, every kind's CP path on that split."""
+    import random
+
+    from ltrain.data.prepare import prepare
+
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = random.Random(1)
+    for i in range(60):  # 10-700 bytes: one long document or several short ones per 256-token row
+        (src / f"d{i:02d}.txt").write_text("".join(rng.choice("abcdefgh ") for _ in range(rng.choice([10, 40, 700]))))
+    prepare([str(src)], tmp_path / "data")
+    common = [*MIXED_FIRST, "data=memmap", f"data.path={tmp_path / 'data'}"]
+    ref = metrics(tmp_path, 1, common, name="cp1")
+    got = metrics(tmp_path, 2, [*common, "parallel.cp=2"], name="cp2")
+    log = (tmp_path / "cp2" / "cp" / "train.log").read_text()
+    assert "cp split: documents, balanced per batch (4 chunks per rank" in log, log[-2000:]
+    assert_close([r["loss"] for r in got], [r["loss"] for r in ref], tol=1e-5)

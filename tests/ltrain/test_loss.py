@@ -116,6 +116,34 @@ def test_context_parallel_ranks_reproduce_the_full_sequence_loss():
     torch.testing.assert_close(sum(got[4] for got, _ in ranks) / 2, full[4], rtol=1e-6, atol=1e-7)
 
 
+def _bf16_cp_rank(rank, world_size):
+    import torch.distributed as dist
+
+    x, w, y = _inputs(n=40, dtype=torch.bfloat16)
+    shard = slice(rank * 40 // world_size, (rank + 1) * 40 // world_size)
+    xs, ws = x.detach()[:, shard].clone().requires_grad_(), w.detach().clone().requires_grad_()
+    loss, loss_sum, count = chunked_lm_loss(xs, ws, y[:, shard], dist.group.WORLD, chunk=1024)
+    gx, gw = torch.autograd.grad(loss, (xs, ws))
+    return loss.detach(), loss_sum, count, gx.dtype, gw.dtype
+
+
+def test_bf16_loss_and_its_context_parallel_normalisation_are_fp32():
+    """trainer.precision=bf16: the model hands the loss bf16 hidden states and weights. The
+    cross-entropy, the summed loss and the cp normalisation (token count over the cp group) are
+    fp32, so the cp mean of 2 gloo ranks' losses is the full rows' token mean of the same bf16
+    logits to fp32 rounding (1e-6 relative), not to bf16's (4e-3); the gradients come back in bf16."""
+    x, w, y = _inputs(n=40, dtype=torch.bfloat16)
+    logits = (x.detach() @ w.detach().t()).double()  # the bf16 matmul the loss runs, then exact CE
+    want = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100)
+    ranks = run_ranks(_bf16_cp_rank, 2)
+    for loss, loss_sum, count, gx_dtype, gw_dtype in ranks:
+        assert loss.dtype == loss_sum.dtype == torch.float32
+        assert (gx_dtype, gw_dtype) == (torch.bfloat16, torch.bfloat16)
+    assert sum(r[2] for r in ranks).item() == (y != -100).sum().item()
+    cp_mean = sum(r[0].double() for r in ranks) / 2
+    torch.testing.assert_close(cp_mean, want, rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("tie", [True, False])
 def test_model_output_hook_gives_the_logits_loss(tie):
     """Transformer(..., output=chunked loss) against lm_loss of its logits: loss and every parameter's

@@ -124,10 +124,39 @@ def test_shard_batch_carries_doc_ids_split_like_input_ids(mode):
         assert got["doc_ids"].dtype == torch.int32
         for key in ("input_ids", "labels", "position_ids", "doc_ids"):
             assert torch.equal(got[key].long(), shard_sequence(batch[key], rank, 2, mode=mode)), key
+        assert got["cp_split"] == mode
     one = shard_batch(batch, SimpleNamespace(cp=1, cp_rank=0, device=torch.device("cpu")), mode)
     assert torch.equal(one["doc_ids"].long(), batch["doc_ids"])
     assert "doc_ids" not in shard_batch({k: batch[k] for k in ("input_ids", "labels")},
                                         SimpleNamespace(cp=1, cp_rank=0, device=torch.device("cpu")), mode)
+
+
+def test_shard_batch_balances_packed_documents():
+    """With balance = (chunks per rank, block) and doc ids, every cp rank computes the same
+    documents split (parallel.balance.document_split) and takes its chunks of every key."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    import torch
+
+    from ltrain.data.loader import make_batch
+    from ltrain.parallel.balance import document_split
+    from ltrain.parallel.sharding import Split, shard_sequence
+    from ltrain.train import shard_batch
+
+    tokens = np.arange(2 * 257, dtype=np.int64).reshape(2, 257)
+    docs = np.repeat(np.arange(5), [180, 20, 9, 40, 8])[None].repeat(2, 0)
+    batch = make_batch(tokens, docs)
+    want = document_split(batch["doc_ids"].int(), 2, 4, 16)
+    assert want != Split(((0, 3, 4, 7), (1, 2, 5, 6)))  # these documents move chunks off the folded zigzag
+    for rank in range(2):
+        got = shard_batch(batch, SimpleNamespace(cp=2, cp_rank=rank, device=torch.device("cpu")), "zigzag", (4, 16))
+        assert got["cp_split"] == want
+        for key in ("input_ids", "labels", "position_ids", "doc_ids"):
+            assert torch.equal(got[key].long(), shard_sequence(batch[key], rank, 2, mode=want)), key
+    plain = {k: batch[k] for k in ("input_ids", "labels")}  # no documents: zigzag
+    assert shard_batch(plain, SimpleNamespace(cp=2, cp_rank=0, device=torch.device("cpu")), "zigzag",
+                       (4, 16))["cp_split"] == "zigzag"
 
 
 def test_memmap_run_masks_packed_documents(tmp_path):
@@ -152,3 +181,39 @@ def test_memmap_run_masks_packed_documents(tmp_path):
     assert saved["data"]["doc_boundaries"] is None and saved["attention"]["pattern"] == "SILD"
     rows = read_metrics(run_dir)
     assert rows[-1]["attn/layer1/mode"] == "sparse" and rows[-1]["loss"] < rows[0]["loss"]
+
+
+# bf16 cp=2 vs bf16 cp=1, max |loss difference| (benchmarks/results/bf16_training-cpu.md): 8.0e-5 over
+# steps 1-5, 3.9e-4 over 50 steps; bf16 vs fp32 is 2.3e-2 over steps 1-5. 2e-3: 25x the measured
+# 5-step gap (bf16 rounding in another reduction order), 10x under bf16's own distance from fp32,
+# which a cp fault (a lost chunk, a wrong token count) exceeds from step 1.
+BF16_CP_TOL = 2e-3
+
+
+def test_bf16_context_parallel_run_tracks_the_one_rank_run(tmp_path):
+    """trainer.precision=bf16 (DeepSpeed's bf16: bf16 weights, fp32 master weights and AdamW state, no
+    loss scaling) on the mixed model (S2, InfLLM-V2, lightning, dense): cp=2 under torchrun gives the
+    per-step losses of cp=1 within BF16_CP_TOL, from benchmarks/results/bf16_training-cpu.md."""
+    import torch
+
+    common = ["trainer.precision=bf16", "model.dim=64", "data.micro_batch_size=2", "trainer.max_steps=5",
+              "trainer.log_every=1", "trainer.ckpt_every=0", "trainer.progress=false"]
+    one, one_dir = run_cli(common, tmp_path / "cp1")
+    assert one.returncode == 0, one.stderr[-3000:]
+    two, two_dir = run_cli([*common, "parallel.cp=2"], tmp_path / "cp2",
+                           launcher=(sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                     "--nproc_per_node=2", "-m", "ltrain.train"))
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "dp 1 x cp 2" in (two_dir / "train.log").read_text()
+    a, b = ([r["loss"] for r in read_metrics(d)] for d in (one_dir, two_dir))
+    assert len(a) == len(b) == 5
+    diffs = [abs(x - y) for x, y in zip(a, b)]
+    assert max(diffs) <= BF16_CP_TOL, f"bf16 cp=2 vs cp=1 per-step |loss diff| {diffs} (cp=1 {a}, cp=2 {b})"
+    assert a[-1] < a[0]  # and it trains
+    # The checkpoint holds bf16 weights and DeepSpeed's fp32 master copy, unscaled (bf16 needs no loss scale).
+    state = torch.load(one_dir / "checkpoints" / "step_00000005" / "mp_rank_00_model_states.pt",
+                       map_location="cpu", weights_only=False)
+    assert {v.dtype for v in state["module"].values()} == {torch.bfloat16}
+    opt = state["optimizer"]
+    assert {p.dtype for group in opt["fp32_groups"] for p in group} == {torch.float32}
+    assert (opt["dynamic_loss_scale"], opt["cur_scale"], state["skipped_steps"]) == (False, 1.0, 0)

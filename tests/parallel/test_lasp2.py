@@ -132,3 +132,89 @@ def test_lasp2_mode_errors():
         lasp2_linear_attention(q, k, v, mode="stripe")
     with pytest.raises(ValueError, match=r"mode='zigzag' needs this rank's local length to be 2 equal chunks"):
         lasp2_linear_attention(q[:, :, :7], k[:, :, :7], v[:, :, :7], mode="zigzag")
+
+
+# ---- half precision (docs/algorithms.md#half-precision-test-criterion) ------------------------
+# LASP-2 with a learned decay in bf16 on real gloo ranks, against lightning_attention in fp32 on one
+# process (same rounded inputs, the same fp32 decay), with several kernel chunks per rank's chunk.
+# Yardstick: the naive quadratic formula o = (Q K^T * D) V, D_ts = lambda^(t-s) (s <= t), run in
+# bf16 on one process (tests/kernels/test_lightning.py's plain_lightning). The decay
+# gradient is the sum of the ranks' shares. bf16 only: the Triton lightning kernel has no fp16.
+HALF_H, HALF_D, HALF_CHUNK = 2, 16, 64
+HALF_DECAY = (0.999, 0.99)  # 0.999: a state still carries ~2% after 4K tokens, so every rank's prefix matters
+LASP2_NAMES = ("out", "dq", "dk", "dv", "ddecay")
+QUADRATIC_YARDSTICK = "the naive quadratic (Q K^T * decay mask) V formula, in the half dtype, one process"
+
+
+def half_inputs(n, dtype, seed=19):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v, do = (torch.randn(1, HALF_H, n, HALF_D, generator=g) for _ in range(4))
+    return [t.to(dtype) for t in (q, k, v, do)]
+
+
+def quadratic(q, k, v, decay):
+    """The plain implementation, all in q's dtype (the decay mask cast to it)."""
+    N = q.shape[2]
+    pos = torch.arange(N)
+    diff = (pos.view(-1, 1) - pos.view(1, -1)).clamp(min=0)
+    mask = torch.where(pos.view(-1, 1) >= pos.view(1, -1), decay.view(-1, 1, 1) ** diff, 0.0)
+    return ((q @ k.transpose(-1, -2)) * mask.to(q.dtype)) @ v
+
+
+def _grads(fn, q, k, v, do):
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    decay = torch.tensor(HALF_DECAY, requires_grad=True)
+    out = fn(*leaves, decay)
+    out.backward(do)
+    return dict(zip(LASP2_NAMES, (out.detach(), *(t.grad for t in leaves), decay.grad)))
+
+
+def lasp2_yardsticks(q, k, v, do):
+    """(plain, want): the quadratic formula in the half dtype; lightning_attention in fp32."""
+    plain = _grads(quadratic, q, k, v, do)
+    want = _grads(lambda q, k, v, decay: lightning_attention(q, k, v, decay=decay, chunk_size=HALF_CHUNK),
+                  *(t.float() for t in (q, k, v, do)))
+    return plain, want
+
+
+def _lasp2_half(rank, world_size, n, cases):
+    """Rank 0: {(dtype, mode): gathered {out, dq, dk, dv} and the summed decay shares, fp32}."""
+    import torch.distributed as dist
+
+    from ltrain.parallel import gather_sequence
+
+    results = {}
+    for dtype, mode in cases:
+        q, k, v, do = half_inputs(n, dtype)
+        local = [shard_sequence(t, rank, world_size, mode=mode, dim=2).requires_grad_() for t in (q, k, v)]
+        decay = torch.tensor(HALF_DECAY, requires_grad=True)
+        o = lasp2_linear_attention(*local, decay, chunk_size=HALF_CHUNK, mode=mode)
+        assert o.dtype == dtype
+        o.backward(shard_sequence(do, rank, world_size, mode=mode, dim=2))
+        got = [gather_sequence(t, None, mode=mode, dim=2).float() for t in (o, *(x.grad for x in local))]
+        dist.all_reduce(decay.grad)  # the data-parallel reduction's job in training
+        results[dtype, mode] = dict(zip(LASP2_NAMES, (*got, decay.grad)))
+    return results if rank == 0 else None
+
+
+def check_lasp2_half(world_size, n, cases):
+    from tests.precision import assert_half_precision
+
+    got = run_ranks(_lasp2_half, world_size, n, cases, timeout=900)[0]
+    errors = {}
+    for dtype, mode in cases:
+        plain, want = lasp2_yardsticks(*half_inputs(n, dtype))
+        errors[dtype, mode] = assert_half_precision(
+            got[dtype, mode], plain, want, yardstick=f"{QUADRATIC_YARDSTICK} ({dtype}, {mode}, cp={world_size})")
+    return errors
+
+
+def test_lasp2_bf16_two_ranks():
+    # 512 tokens: 4 kernel chunks per rank (contiguous), 2 per zigzag chunk; 4K in the slow tests.
+    check_lasp2_half(2, 512, [(torch.bfloat16, mode) for mode in MODES])
+
+
+@pytest.mark.slow  # 1-6 min per world size on two cores shared with other work (4K tokens)
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_lasp2_bf16_4k(world_size):
+    check_lasp2_half(world_size, 4096, [(torch.bfloat16, mode) for mode in MODES])

@@ -233,3 +233,86 @@ def test_lasp2h_documents_two_ranks_equal_one_process():
 @pytest.mark.slow
 def test_lasp2h_documents_four_ranks_equal_one_process():
     _check_documents(4)
+
+
+# ---- half precision (docs/algorithms.md#half-precision-test-criterion) ------------------------
+# lasp2h_attention (dense) and lasp2h_sparse_attention (InfLLM-V2's CP path) in bf16 / fp16 on real
+# gloo ranks against fp32 on one process, on the same rounded inputs. Yardstick: torch SDPA with the
+# explicit mask (causal; for the sparse path causal AND the selected blocks), in the half dtype on
+# one process. The selection is made from the fp32 values of the rounded inputs on every path, so
+# all of them attend exactly the same keys (a near-tie flipping with the dtype would change which
+# function is computed, not how precisely).
+HALF_HQ, HALF_HKV, HALF_D = 2, 1, 16
+
+
+def half_inputs(n, dtype, seed=19):
+    g = torch.Generator().manual_seed(seed)
+    q, do = (torch.randn(1, HALF_HQ, n, HALF_D, generator=g) for _ in range(2))
+    k, v = (torch.randn(1, HALF_HKV, n, HALF_D, generator=g) for _ in range(2))
+    return [t.to(dtype) for t in (q, k, v, do)]
+
+
+def _fp32_select(q_c, k_all, q_start):
+    return _select(q_c.float(), k_all.float(), q_start)
+
+
+def sparse_mask(q, k):
+    """[Hq, n, n] bool: causal AND InfLLM-V2's selection over the whole sequence (fp32 values)."""
+    n = q.shape[2]
+    mask = _select(q.float(), k.float(), 0).to_mask(n, n).repeat_interleave(q.shape[1] // k.shape[1], dim=0)
+    return mask & torch.ones(n, n, dtype=torch.bool).tril()
+
+
+def _lasp2h_half(rank, world_size, n, cases):
+    """cases: (kind "dense" | "sparse", dtype, mode). Rank 0: {case: gathered {out, dq, dk, dv} fp32}."""
+    from ltrain.parallel import gather_sequence, lasp2h_sparse_attention
+    from tests.parallel.test_ring import HALF_NAMES
+
+    results = {}
+    for kind, dtype, mode in cases:
+        q, k, v, do = half_inputs(n, dtype)
+        local = [shard_sequence(t, rank, world_size, mode=mode, dim=2).requires_grad_() for t in (q, k, v)]
+        if kind == "dense":
+            o = lasp2h_attention(*local, group=None, mode=mode)
+        else:
+            o = lasp2h_sparse_attention(*local, select=_fp32_select, group=None, mode=mode,
+                                        block_size=SPARSE["block_size"])
+        assert o.dtype == dtype
+        o.backward(shard_sequence(do, rank, world_size, mode=mode, dim=2))
+        got = [gather_sequence(t, None, mode=mode, dim=2).float() for t in (o, *(x.grad for x in local))]
+        results[kind, dtype, mode] = dict(zip(HALF_NAMES, got))
+    return results if rank == 0 else None
+
+
+SPARSE_YARDSTICK = "torch SDPA with the explicit causal AND selected-block mask, in the half dtype, one process"
+
+
+def check_lasp2h_half(world_size, n, cases):
+    from tests.parallel.test_ring import SDPA_YARDSTICK, causal_sdpa_yardsticks, masked_sdpa_grads
+    from tests.precision import assert_half_precision
+
+    got = run_ranks(_lasp2h_half, world_size, n, cases, timeout=900)[0]
+    errors = {}
+    for kind, dtype, mode in cases:
+        q, k, v, do = half_inputs(n, dtype)
+        if kind == "dense":
+            plain, want = causal_sdpa_yardsticks(q, k, v, do)
+        else:
+            mask = sparse_mask(q, k)
+            plain, want = masked_sdpa_grads(q, k, v, do, mask), masked_sdpa_grads(*(t.float() for t in (q, k, v, do)),
+                                                                                   mask)
+        name = SDPA_YARDSTICK if kind == "dense" else SPARSE_YARDSTICK
+        errors[kind, dtype, mode] = assert_half_precision(got[kind, dtype, mode], plain, want,
+                                                          yardstick=f"{name} ({dtype}, {mode}, cp={world_size})")
+    return errors
+
+
+def test_lasp2h_bf16_two_ranks():
+    check_lasp2h_half(2, 512, [(kind, torch.bfloat16, mode) for kind in ("dense", "sparse") for mode in MODES])
+
+
+@pytest.mark.slow  # 1-6 min per world size on two cores shared with other work (4K tokens)
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_lasp2h_half_precision_4k(world_size):
+    check_lasp2h_half(world_size, 4096, [(kind, dtype, mode) for kind in ("dense", "sparse")
+                                         for dtype in (torch.bfloat16, torch.float16) for mode in MODES])

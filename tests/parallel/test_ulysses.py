@@ -142,3 +142,65 @@ def test_ulysses_documents_two_ranks():
 @pytest.mark.slow
 def test_ulysses_documents_four_ranks():
     _check_documents(4)
+
+
+# ---- half precision (docs/algorithms.md#half-precision-test-criterion) ------------------------
+# Ulysses only permutes elements (two all-to-alls each way), so its half-precision error is the
+# attention's: the CPU block-sparse kernel on the causal layout, as the model's dense kind runs it.
+# Yardstick: torch SDPA with the explicit causal mask in the half dtype, one process; reference:
+# fp32 on the same rounded values. Tiny heads (4 query heads for cp = 4, KV heads replicated there).
+HALF_HQ, HALF_HKV, HALF_D, HALF_BS = 4, 2, 16, 64
+
+
+def half_inputs(n, dtype, seed=19):
+    g = torch.Generator().manual_seed(seed)
+    q, do = (torch.randn(1, HALF_HQ, n, HALF_D, generator=g) for _ in range(2))
+    k, v = (torch.randn(1, HALF_HKV, n, HALF_D, generator=g) for _ in range(2))
+    return [t.to(dtype) for t in (q, k, v, do)]
+
+
+def kernel_causal_attn(q, k, v, *, head_start):
+    from ltrain.kernels import BlockLayout
+
+    m = q.shape[2] // HALF_BS
+    return block_sparse_attention(q, k, v, BlockLayout.causal(m, m), block_size=HALF_BS)
+
+
+def _ulysses_half(rank, world_size, n, cases):
+    """Rank 0: {(dtype, mode): gathered {out, dq, dk, dv} as fp32}."""
+    from tests.parallel.test_ring import HALF_NAMES
+
+    results = {}
+    for dtype, mode in cases:
+        q, k, v, do = half_inputs(n, dtype)
+        local = [shard_sequence(t, rank, world_size, mode=mode, dim=2).requires_grad_() for t in (q, k, v)]
+        o = ulysses_attention(*local, attn_fn=kernel_causal_attn, group=None, mode=mode)
+        assert o.dtype == dtype
+        o.backward(shard_sequence(do, rank, world_size, mode=mode, dim=2))
+        got = [gather_sequence(t, None, mode=mode, dim=2).float() for t in (o, *(x.grad for x in local))]
+        results[dtype, mode] = dict(zip(HALF_NAMES, got))
+    return results if rank == 0 else None
+
+
+def check_ulysses_half(world_size, n, cases):
+    from tests.parallel.test_ring import SDPA_YARDSTICK, causal_sdpa_yardsticks
+    from tests.precision import assert_half_precision
+
+    got = run_ranks(_ulysses_half, world_size, n, cases, timeout=900)[0]
+    errors = {}
+    for dtype, mode in cases:
+        plain, want = causal_sdpa_yardsticks(*half_inputs(n, dtype))
+        errors[dtype, mode] = assert_half_precision(
+            got[dtype, mode], plain, want, yardstick=f"{SDPA_YARDSTICK} ({dtype}, {mode}, cp={world_size})")
+    return errors
+
+
+def test_ulysses_bf16_two_ranks():
+    check_ulysses_half(2, 512, [(torch.bfloat16, "zigzag"), (torch.bfloat16, "contiguous")])
+
+
+@pytest.mark.slow  # 1-6 min per world size on two cores shared with other work (4K tokens)
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_ulysses_half_precision_4k(world_size):
+    check_ulysses_half(world_size, 4096, [(dtype, mode) for dtype in (torch.bfloat16, torch.float16)
+                                          for mode in ("zigzag", "contiguous")])

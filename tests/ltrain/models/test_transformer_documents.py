@@ -151,33 +151,38 @@ def test_shipped_layouts_never_mix_documents():
 
 # ---- context parallelism -------------------------------------------------
 
-# (model, cp_impl): ring for the softmax kinds, Ulysses, and a hybrid model (LASP-2, LASP-2H).
-CP_CASES = [("dense", "ring"), ("s2", "ring"), ("infllm_v2-sparse", "ring"), ("mixed-SILD", "ulysses"),
-            ("hybrid", "ring")]
+# (model, cp_impl, split): ring for the softmax kinds, Ulysses, and a hybrid model (LASP-2, LASP-2H),
+# on the model's zigzag split, and on a documents split (parallel.balance: 4 chunks per rank) whose
+# mixed model runs all four kinds' CP paths (ring S2, InfLLM-V2's gathered path, LASP-2, LASP-2H).
+CP_CASES = [("dense", "ring", None), ("s2", "ring", None), ("infllm_v2-sparse", "ring", None),
+            ("mixed-SILD", "ulysses", None), ("hybrid", "ring", None), ("dense", "ring", "documents"),
+            ("mixed-SILD", "ring", "documents")]
 
 
 def _cp_vs_one_process(rank, world_size):
     from ltrain.parallel.sharding import gather_sequence, shard_sequence
+    from tests.parallel.test_balance import _split_for
 
     group = dist.group.WORLD
     results = {}
-    for name, impl in CP_CASES:
+    for name, impl, split in CP_CASES:
         model = build(name)
         ids, positions, docs = packed_batch(seed=4)
+        split = model.cp_mode if split is None else _split_for(world_size, docs)
         weights = torch.randn(2, N, model.cfg.vocab_size, generator=torch.Generator().manual_seed(5))
         model.zero_grad()
         ref = model(ids, positions, doc_ids=docs)
         (ref * weights).sum().backward()
         ref_grads = param_grads(model)
         model.zero_grad()
-        local = [shard_sequence(x, rank, world_size, mode=model.cp_mode) for x in (ids, positions, docs, weights)]
-        out = model(local[0], local[1], cp_group=group, cp_impl=impl, doc_ids=local[2])
+        local = [shard_sequence(x, rank, world_size, mode=split) for x in (ids, positions, docs, weights)]
+        out = model(local[0], local[1], cp_group=group, cp_impl=impl, doc_ids=local[2], cp_split=split)
         (out * local[3]).sum().backward()
         grads = param_grads(model)
         for g in grads:
             dist.all_reduce(g, group=group)
-        logits = gather_sequence(out.detach(), group, mode=model.cp_mode)
-        results[name, impl] = rel_err(logits, ref), max(rel_err(a, b) for a, b in zip(grads, ref_grads))
+        logits = gather_sequence(out.detach(), group, mode=split)
+        results[name, impl, str(split)] = rel_err(logits, ref), max(rel_err(a, b) for a, b in zip(grads, ref_grads))
     return results
 
 
