@@ -29,3 +29,19 @@ def assert_half_precision(got: dict, plain: dict, want: dict, *, yardstick: str,
     assert not bad, (f"half precision: error > {FWD_FACTOR:g}x (outputs) / {GRAD_FACTOR:g}x (gradients) the "
                      f"plain {yardstick}'s: {bad} (name: (this error, plain error); all: {errs})")
     return errs
+
+
+def check_collective(worker, world_size: int, n: int, cases: list, yardsticks, yardstick) -> dict:
+    """Run worker(rank, world_size, n, cases) on `world_size` gloo ranks (rank 0 returns
+    {case: {name: tensor}}, the gathered half-precision results); per case, yardsticks(case) ->
+    (plain, want) and yardstick(case) -> the plain implementation's name. Asserts the criterion
+    for every case; returns {case: {name: (error, plain error)}}."""
+    from tests.multiproc import run_ranks
+
+    got = run_ranks(worker, world_size, n, cases, timeout=900)[0]
+    errors = {}
+    for case in cases:
+        plain, want = yardsticks(case)
+        errors[case] = assert_half_precision(got[case], plain, want,
+                                             yardstick=f"{yardstick(case)} ({', '.join(map(str, case))}, cp={world_size})")
+    return errors

@@ -198,15 +198,10 @@ def _lasp2_half(rank, world_size, n, cases):
 
 
 def check_lasp2_half(world_size, n, cases):
-    from tests.precision import assert_half_precision
+    from tests.precision import check_collective
 
-    got = run_ranks(_lasp2_half, world_size, n, cases, timeout=900)[0]
-    errors = {}
-    for dtype, mode in cases:
-        plain, want = lasp2_yardsticks(*half_inputs(n, dtype))
-        errors[dtype, mode] = assert_half_precision(
-            got[dtype, mode], plain, want, yardstick=f"{QUADRATIC_YARDSTICK} ({dtype}, {mode}, cp={world_size})")
-    return errors
+    return check_collective(_lasp2_half, world_size, n, cases, lambda c: lasp2_yardsticks(*half_inputs(n, c[0])),
+                            lambda c: QUADRATIC_YARDSTICK)
 
 
 def test_lasp2_bf16_two_ranks():

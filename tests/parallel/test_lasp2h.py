@@ -289,22 +289,18 @@ SPARSE_YARDSTICK = "torch SDPA with the explicit causal AND selected-block mask,
 
 def check_lasp2h_half(world_size, n, cases):
     from tests.parallel.test_ring import SDPA_YARDSTICK, causal_sdpa_yardsticks, masked_sdpa_grads
-    from tests.precision import assert_half_precision
+    from tests.precision import check_collective
 
-    got = run_ranks(_lasp2h_half, world_size, n, cases, timeout=900)[0]
-    errors = {}
-    for kind, dtype, mode in cases:
+    def yardsticks(case):
+        kind, dtype, _ = case
         q, k, v, do = half_inputs(n, dtype)
         if kind == "dense":
-            plain, want = causal_sdpa_yardsticks(q, k, v, do)
-        else:
-            mask = sparse_mask(q, k)
-            plain, want = masked_sdpa_grads(q, k, v, do, mask), masked_sdpa_grads(*(t.float() for t in (q, k, v, do)),
-                                                                                   mask)
-        name = SDPA_YARDSTICK if kind == "dense" else SPARSE_YARDSTICK
-        errors[kind, dtype, mode] = assert_half_precision(got[kind, dtype, mode], plain, want,
-                                                          yardstick=f"{name} ({dtype}, {mode}, cp={world_size})")
-    return errors
+            return causal_sdpa_yardsticks(q, k, v, do)
+        mask = sparse_mask(q, k)
+        return masked_sdpa_grads(q, k, v, do, mask), masked_sdpa_grads(*(t.float() for t in (q, k, v, do)), mask)
+
+    return check_collective(_lasp2h_half, world_size, n, cases, yardsticks,
+                            lambda c: SDPA_YARDSTICK if c[0] == "dense" else SPARSE_YARDSTICK)
 
 
 def test_lasp2h_bf16_two_ranks():

@@ -336,15 +336,10 @@ def _ring_half(rank, world_size, n, cases):
 
 def check_ring_half(world_size, n, cases):
     """Every case meets the criterion; returns {case: {name: (ring error, SDPA error)}}."""
-    from tests.precision import assert_half_precision
+    from tests.precision import check_collective
 
-    got = run_ranks(_ring_half, world_size, n, cases, timeout=900)[0]
-    errors = {}
-    for dtype, mode in cases:
-        plain, want = causal_sdpa_yardsticks(*half_inputs(n, dtype))
-        errors[dtype, mode] = assert_half_precision(got[dtype, mode], plain, want,
-                                                    yardstick=f"{SDPA_YARDSTICK} ({dtype}, {mode}, cp={world_size})")
-    return errors
+    return check_collective(_ring_half, world_size, n, cases, lambda c: causal_sdpa_yardsticks(*half_inputs(n, c[0])),
+                            lambda c: SDPA_YARDSTICK)
 
 
 HALF_MODES = ("zigzag", "contiguous")

@@ -184,15 +184,10 @@ def _ulysses_half(rank, world_size, n, cases):
 
 def check_ulysses_half(world_size, n, cases):
     from tests.parallel.test_ring import SDPA_YARDSTICK, causal_sdpa_yardsticks
-    from tests.precision import assert_half_precision
+    from tests.precision import check_collective
 
-    got = run_ranks(_ulysses_half, world_size, n, cases, timeout=900)[0]
-    errors = {}
-    for dtype, mode in cases:
-        plain, want = causal_sdpa_yardsticks(*half_inputs(n, dtype))
-        errors[dtype, mode] = assert_half_precision(
-            got[dtype, mode], plain, want, yardstick=f"{SDPA_YARDSTICK} ({dtype}, {mode}, cp={world_size})")
-    return errors
+    return check_collective(_ulysses_half, world_size, n, cases,
+                            lambda c: causal_sdpa_yardsticks(*half_inputs(n, c[0])), lambda c: SDPA_YARDSTICK)
 
 
 def test_ulysses_bf16_two_ranks():
