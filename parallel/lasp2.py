@@ -90,7 +90,7 @@ import torch.distributed as dist
 from ltrain.kernels.lightning import check_lightning_inputs, lightning_bwd, lightning_fwd
 
 from . import comm
-from .sharding import MODES, Split, chunk_ids, index_tensor
+from .sharding import MODES, Split, as_split, chunk_ids, index_tensor
 
 
 def check_mode(mode, n: int | None = None) -> int:
@@ -163,7 +163,7 @@ def _chunk_geometry(P, rank, mode, device):
     """(this rank's global chunk ids [m], global chunk id of each gathered slot [P*m]) as fp32,
     and the slot holding each chunk's predecessor [P*m] (chunk 0: itself, it has no prefix),
     made once per (P, rank, mode, device): a host-to-device copy per step would stall the host."""
-    ids = [c for s in range(P) for c in chunk_ids(s, P, mode)]
+    ids = as_split(mode, P).slots()
     mine = index_tensor(list(chunk_ids(rank, P, mode)), device, torch.float32)
     slots = index_tensor(ids, device, torch.float32)
     pred = index_tensor([ids.index(max(c - 1, 0)) for c in ids], device)

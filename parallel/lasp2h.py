@@ -41,7 +41,7 @@ from ltrain.kernels.layout import BlockLayout
 from . import comm
 from .lasp2 import check_mode
 from .sharding import (as_split, check_sharded_qkv, check_split, chunk_ids, dense_block_size, gather_doc_ids,
-                       index_tensor)
+                       slot_indices)
 
 # Each query chunk must hold whole blocks of block_sparse_attention's smallest size.
 MIN_BLOCK = min(BLOCK_SIZES)
@@ -128,15 +128,6 @@ class GatherKV(torch.autograd.Function):
         return dk, dv, None, None
 
 
-@functools.lru_cache(maxsize=64)  # bounded: a balanced split changes per batch
-def _slot_tensors(P, mode, device):
-    """(_slots(P, mode), the rank-major slot of each global chunk) as index tensors on device,
-    made once: a host-to-device copy per step would stall the host."""
-    slots = _slots(P, mode)
-    order = sorted(range(len(slots)), key=slots.__getitem__)
-    return index_tensor(slots, device), index_tensor(order, device)
-
-
 def _unshard(flat, shape, mode):
     """[P, B*H*n*D] rank-major shards -> [B, H, P*n, D] in sequence order (one copy)."""
     P = flat.shape[0]
@@ -146,7 +137,7 @@ def _unshard(flat, shape, mode):
     x = flat.view(P, B, H, m, n // m, D).permute(1, 2, 0, 3, 4, 5)  # [B, H, P, m, c, D]
     if mode == "contiguous":
         return x.reshape(B, H, P * n, D)
-    src = _slot_tensors(P, mode, flat.device)[1]
+    src = slot_indices(mode, P, flat.device)[1]
     return x[:, :, src // m, src % m].reshape(B, H, P * n, D)
 
 
@@ -156,7 +147,7 @@ def _shard(x, shape, P, mode):
     B, H, n, D = shape
     x = F.pad(x.float(), (0, 0, 0, P * n - x.shape[2]))
     if mode != "contiguous":
-        slots = _slot_tensors(P, mode, x.device)[0]
+        slots = slot_indices(mode, P, x.device)[0]
         x = x.view(B, H, len(slots), -1, D)[:, :, slots]
     return x.reshape(B, H, P, n, D).permute(2, 0, 1, 3, 4).reshape(P, -1)
 

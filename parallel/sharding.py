@@ -91,6 +91,15 @@ def index_tensor(values: list, device: torch.device, dtype=torch.int64) -> torch
     return t.pin_memory().to(device, non_blocking=True)
 
 
+@functools.lru_cache(maxsize=64)  # bounded: a balanced split changes per batch
+def slot_indices(mode, cp: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the global chunk at each rank-major slot of a gather, the slot holding each global chunk)
+    as index tensors on `device`, made once per split: the re-orders of a gathered or all-to-all'd
+    sequence (LASP-2H, Ulysses) index with them."""
+    slots = as_split(mode, cp).slots()
+    return index_tensor(slots, device), index_tensor(sorted(range(len(slots)), key=slots.__getitem__), device)
+
+
 def chunk_ids(rank: int, cp: int, mode) -> tuple[int, ...]:
     """Global chunk indices a rank holds, in its local order (shard_sequence's)."""
     return as_split(mode, cp).chunks[rank]

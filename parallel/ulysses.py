@@ -13,25 +13,13 @@ layer in the forward (q, k, v and o); the degree P is capped by the heads.
 
 from __future__ import annotations
 
-import functools
 from typing import Callable
 
 import torch
 import torch.distributed as dist
 
 from . import comm
-from .sharding import Split, as_split, check_sharded_qkv, gather_doc_ids, index_tensor
-
-
-@functools.lru_cache(maxsize=64)
-def _reorder(split: Split, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(the rank-major slot of each global chunk, the global chunk of each slot) as index
-    tensors, or None when the slots are already in order (contiguous). Kept per split, so one
-    copy per split (index_tensor: asynchronous on CUDA), not one per layer."""
-    slots = split.slots()
-    if slots == sorted(slots):
-        return None
-    return index_tensor(sorted(range(len(slots)), key=slots.__getitem__), device), index_tensor(slots, device)
+from .sharding import as_split, check_sharded_qkv, gather_doc_ids, slot_indices
 
 
 def _seq_to_heads(x: torch.Tensor, group, mode) -> torch.Tensor:
@@ -43,9 +31,8 @@ def _seq_to_heads(x: torch.Tensor, group, mode) -> torch.Tensor:
     recv = torch.empty_like(send)  # [P source shard, B, H/P, n, D]
     comm.all_to_all_single(recv, send, group=group)
     chunks = recv.permute(1, 2, 0, 3, 4).reshape(B, H // P, split.num_chunks, n // split.m, D)  # rank-major slots
-    order = _reorder(split, x.device)
-    if order is not None:
-        chunks = chunks[:, :, order[0]]
+    if mode != "contiguous":
+        chunks = chunks[:, :, slot_indices(mode, P, x.device)[1]]  # slot of each chunk: natural order
     return chunks.reshape(B, H // P, P * n, D)
 
 
@@ -56,9 +43,8 @@ def _heads_to_seq(x: torch.Tensor, group, mode) -> torch.Tensor:
     B, h, N, D = x.shape
     n = N // P
     chunks = x.unflatten(2, (split.num_chunks, n // split.m))
-    order = _reorder(split, x.device)
-    if order is not None:
-        chunks = chunks[:, :, order[1]]
+    if mode != "contiguous":
+        chunks = chunks[:, :, slot_indices(mode, P, x.device)[0]]  # chunk of each slot: shard order
     send = chunks.reshape(B, h, P, n, D).permute(2, 0, 1, 3, 4).contiguous()  # [P dest shard, B, h, n, D]
     recv = torch.empty_like(send)  # [P source head group, B, h, n, D]
     comm.all_to_all_single(recv, send, group=group)
