@@ -90,18 +90,13 @@ import torch.distributed as dist
 from ltrain.kernels.lightning import check_lightning_inputs, lightning_bwd, lightning_fwd
 
 from . import comm
-from .sharding import MODES, Split, as_split, chunk_ids, index_tensor
+from .sharding import as_split, chunk_ids, chunks_per_rank, index_tensor
 
 
 def check_mode(mode, n: int | None = None) -> int:
     """Validate the split `mode` and (unless None) this rank's local length n;
     return m, the number of chunks a rank holds (1 contiguous, 2 zigzag, a Split's m)."""
-    if isinstance(mode, Split):
-        m = mode.m
-    elif mode in MODES:
-        m = 2 if mode == "zigzag" else 1
-    else:
-        raise ValueError(f"mode={mode!r}: allowed {', '.join(MODES)} or a parallel.sharding.Split")
+    m = chunks_per_rank(mode)
     if n is not None and m > 1 and (n % m or n == 0):
         what = "(global chunks r and 2P-1-r)" if mode == "zigzag" else "(its Split's chunks)"
         raise ValueError(f"mode={mode if isinstance(mode, str) else 'Split'!r} needs this rank's local length to be "

@@ -70,14 +70,22 @@ def _named_split(mode: str, cp: int) -> Split:
     return Split(tuple((r,) for r in range(cp)))
 
 
+def chunks_per_rank(mode) -> int:
+    """m of the split `mode` (1 contiguous, 2 zigzag, a Split's own); ValueError for any other mode."""
+    if isinstance(mode, Split):
+        return mode.m
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r}: allowed {', '.join(MODES)} or a parallel.sharding.Split")
+    return 2 if mode == "zigzag" else 1
+
+
 def as_split(mode, cp: int) -> Split:
     """mode ("zigzag", "contiguous" or a Split of cp ranks) -> its Split; ValueError otherwise."""
+    chunks_per_rank(mode)
     if isinstance(mode, Split):
         if mode.cp != cp:
             raise ValueError(f"a Split of {mode.cp} ranks used on a group of {cp}")
         return mode
-    if mode not in MODES:
-        raise ValueError(f"mode={mode!r}: allowed {', '.join(MODES)} or a parallel.sharding.Split")
     return _named_split(mode, cp)
 
 
@@ -162,8 +170,7 @@ def gather_doc_ids(doc_ids, q: torch.Tensor, group, *, mode, who: str):
 
 def check_sharded_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode) -> None:
     """The argument checks every sequence-parallel attention shares: ValueError naming what is wrong."""
-    if not isinstance(mode, Split) and mode not in MODES:
-        raise ValueError(f"mode={mode!r}: allowed {', '.join(MODES)} or a parallel.sharding.Split")
+    chunks_per_rank(mode)
     if (q.dim() != 4 or k.dim() != 4 or k.shape != v.shape or (q.shape[0], q.shape[2], q.shape[3])
             != (k.shape[0], k.shape[2], k.shape[3]) or q.shape[1] % k.shape[1]):
         raise ValueError(f"q must be [B, Hq, n, D] and k, v [B, Hkv, n, D] with Hkv dividing Hq, got "

@@ -47,7 +47,7 @@ from ltrain.attention.context import AttnContext
 from ltrain.kernels.layout import BlockLayout
 from ltrain.parallel.lasp2h import lasp2h_attention, lasp2h_sparse_attention
 from ltrain.parallel.ring import ring_attention
-from ltrain.parallel.sharding import as_split, dense_block_size
+from ltrain.parallel.sharding import chunks_per_rank, dense_block_size
 from ltrain.parallel.ulysses import ulysses_attention
 
 log = logging.getLogger("ltrain.attention")
@@ -93,7 +93,7 @@ def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: At
         return lasp2h_sparse_attention(q, k, v, select=select, group=group, mode=ctx.cp_mode, block_size=block_size,
                                        doc_ids=docs)
     if dense:
-        block_size = dense_block_size(q.shape[2] // as_split(ctx.cp_mode, P).m)  # a block divides every chunk
+        block_size = dense_block_size(q.shape[2] // chunks_per_rank(ctx.cp_mode))  # a block divides every chunk
         layout_fn = functools.partial(causal_layout, device=q.device)
     return ring_attention(q, k, v, layout_fn=layout_fn, group=group, block_size=block_size, mode=ctx.cp_mode,
                           doc_ids=docs)
