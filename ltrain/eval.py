@@ -26,7 +26,9 @@ from omegaconf import OmegaConf
 
 from ltrain.config import TrainConfig
 from ltrain.data.config import DataConfig
+from ltrain.data.loader import make_batch
 from ltrain.data.synthetic import SyntheticSource, multikey_accuracy, passkey_accuracy
+from ltrain.loss import IGNORE_INDEX
 from ltrain.models.transformer import Transformer
 
 MODEL_STATES = "mp_rank_00_model_states.pt"  # DeepSpeed's file of the full weights (ZeRO stages 0-2)
@@ -120,18 +122,31 @@ def multikey_by_depth(model: Callable[[torch.Tensor], torch.Tensor], seq_len: in
 
 
 @torch.no_grad()
-def token_losses(model: Callable[[torch.Tensor], torch.Tensor], tokens: torch.Tensor, batch_size: int = 8
-                 ) -> torch.Tensor:
+def token_losses(model: Callable[[torch.Tensor], torch.Tensor], tokens: torch.Tensor, batch_size: int = 8,
+                 docs: Optional[torch.Tensor] = None) -> torch.Tensor:
     """FloatTensor [n, seq_len] on the CPU (float32): the next-token cross-entropy at every position of
     `tokens` LongTensor [n, seq_len + 1], [i, p] that of logits model(tokens[i, :-1])[p] against
     tokens[i, p + 1]; its mean is heldout_loss's loss. In batches of `batch_size` sequences on the
-    device of the model's parameters (ltrain-eval's loss by position bucket)."""
+    device of the model's parameters (ltrain-eval's loss by position bucket).
+
+    docs: LongTensor [n, seq_len + 1], each token's document number (packed rows): the model then
+    attends within each token's document with positions restarting at each document, as training
+    with data.doc_boundaries does (ltrain.data.loader.make_batch), and a position whose next token
+    starts another document is NaN (nothing to predict there); `model` must take doc_ids."""
     params = next(iter(model.parameters()), None) if isinstance(model, torch.nn.Module) else None
     device = params.device if params is not None else torch.device("cpu")
     out = []
     for i in range(0, len(tokens), batch_size):
-        t = tokens[i : i + batch_size].to(device)
-        logits = model(t[:, :-1])  # [b, seq_len, V]
-        nll = F.cross_entropy(logits.flatten(0, 1).float(), t[:, 1:].flatten(), reduction="none")
-        out.append(nll.view(t.shape[0], -1).cpu())
+        t = tokens[i : i + batch_size]
+        if docs is None:
+            logits = model(t[:, :-1].to(device))  # [b, seq_len, V]
+            labels = t[:, 1:]
+        else:
+            b = make_batch(t.numpy(), docs[i : i + batch_size].numpy())
+            logits = model(b["input_ids"].to(device), positions=b["position_ids"].to(device),
+                           doc_ids=b["doc_ids"].to(device))
+            labels = b["labels"]
+        nll = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten().to(device), reduction="none",
+                              ignore_index=IGNORE_INDEX).view(t.shape[0], -1).cpu()
+        out.append(nll.masked_fill(labels == IGNORE_INDEX, float("nan")))
     return torch.cat(out)

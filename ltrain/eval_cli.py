@@ -2,7 +2,8 @@
 
     ltrain-eval eval.checkpoint=outputs/run/checkpoints/step_00000200 eval.out_dir=eval/run \\
         eval.lengths=[256,512,1024] eval.depths=[0.1,0.5,0.9] eval.n=20 eval.seed=1234 \\
-        [eval.tasks=[passkey,multikey,vartrack]] [eval.keys=4] [eval.variables=4] [eval.device=auto] [eval.data_path=MEMMAP_DIR] [eval.buckets=8] \\
+        [eval.tasks=[passkey,multikey,vartrack]] [eval.keys=4] [eval.variables=4] [eval.device=auto] [eval.data_path=MEMMAP_DIR]
+        [eval.doc_boundaries=null] [eval.buckets=8] \\
         [eval.overrides=[attention.pattern=I]] [eval.progress=false]
 
 The checkpoint is a step directory `<run dir>/checkpoints/step_<N>` (or the `latest` file beside
@@ -15,7 +16,10 @@ run's config; ltrain-eval quotes them for Hydra), holding the step's weights
   compared with near ones (does the context help?). The sequences: with eval.data_path (a directory
   written by ltrain-prepare) the last eval.n non-overlapping windows of L + 1 tokens counted back from
   the end of tokens.bin (ltrain-prepare has no split: point it at a directory prepared from
-  held-out text, or rely on the run not having reached the end of its file); without it, samples
+  held-out text, or rely on the run not having reached the end of its file), evaluated per document
+  as training with data.doc_boundaries does (attention within each token's document, positions
+  restarting, no loss on a token that starts a document; eval.doc_boundaries=false attends across
+  them; null follows the run's data.doc_boundaries, else true); without it, samples
   HELDOUT_INDEX + i (i < eval.n) of the run's synthetic task (its data.task settings) with data seed
   eval.seed, indices no training run reaches, so they are held out whatever trainer.seed was.
 - the probe tasks of eval.tasks (any of passkey, multikey, vartrack; all three by default), each
@@ -57,6 +61,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
 
@@ -88,6 +93,10 @@ class EvalSection:
     seed: int = 1234
     device: str = "auto"  # auto | cpu | cuda | cuda:<i>
     data_path: str = ""  # memmap directory (ltrain-prepare) for the loss; "" = synthetic
+    # Memmap windows pack documents: true attends within each token's document (positions restart,
+    # no loss across a boundary), as training with data.doc_boundaries; null: the run's
+    # data.doc_boundaries where it set one, else true.
+    doc_boundaries: Optional[bool] = None
     buckets: int = 8  # position buckets per length
     batch_size: int = 4  # sequences per forward
     overrides: list[str] = field(default_factory=list)  # dotlist over the run's config, e.g. attention.pattern=I
@@ -285,6 +294,11 @@ def validate(e: EvalSection):
             raise config_error(key, length, f"the run's data.task={cfg.data.task} needs at least {stream_min} tokens")
         if length < e.buckets:
             raise config_error(key, length, f"shorter than eval.buckets={e.buckets}")
+        doc_block = max([16] + [block for _, block in blocks])
+        if meta and window_doc_masking(e, cfg) and length % doc_block:
+            raise config_error(key, length, f"memmap windows are evaluated per document, masked per attention "
+                               f"block: use a multiple of {doc_block}, or eval.doc_boundaries=false to attend "
+                               "across documents")
         if meta and meta["num_tokens"] < length + 1:
             raise config_error(key, length, f"needs {length + 1} tokens but eval.data_path={e.data_path} "
                                f"has {meta['num_tokens']}")
@@ -308,36 +322,53 @@ def git_commit() -> str:
         return "unknown"
 
 
+def window_doc_masking(e: EvalSection, cfg) -> bool:
+    """Whether memmap windows are evaluated per document (eval.doc_boundaries resolved)."""
+    if e.doc_boundaries is not None:
+        return bool(e.doc_boundaries)
+    return True if cfg.data.doc_boundaries is None else bool(cfg.data.doc_boundaries)
+
+
 def loss_sequences(e: EvalSection, cfg, meta, length: int):
-    """LongTensor [n, length + 1] of the loss measurement, and a description of where it came from."""
+    """(LongTensor [n, length + 1] of the loss measurement, each token's document number [n, length + 1]
+    or None, a description of where they came from)."""
     import numpy as np
     import torch
 
     if meta is not None:
-        from ltrain.data.memmap import TOKENS
+        from ltrain.data.memmap import DOCS, TOKENS, doc_numbers
 
-        tokens = np.memmap(Path(e.data_path) / TOKENS, dtype=meta["dtype"], mode="r", shape=(meta["num_tokens"],))
+        root = Path(e.data_path)
+        tokens = np.memmap(root / TOKENS, dtype=meta["dtype"], mode="r", shape=(meta["num_tokens"],))
         count = min(e.n, len(tokens) // (length + 1))
         starts = [len(tokens) - (j + 1) * (length + 1) for j in range(count)]
         rows = [np.asarray(tokens[s : s + length + 1], dtype=np.int64) for s in starts]
-        return torch.from_numpy(np.stack(rows)), {"kind": "memmap", "path": str(e.data_path), "sequences": count,
-                                                  "windows": "last non-overlapping windows of the file"}
+        docs = None
+        if window_doc_masking(e, cfg):
+            offsets = np.memmap(root / DOCS, dtype=np.int64, mode="r", shape=(meta["num_docs"] + 1,))
+            docs = torch.from_numpy(np.stack([doc_numbers(offsets, s, length + 1) for s in starts]))
+        return torch.from_numpy(np.stack(rows)), docs, {
+            "kind": "memmap", "path": str(e.data_path), "sequences": count,
+            "windows": "last non-overlapping windows of the file", "doc_boundaries": docs is not None}
     from ltrain.data.synthetic import SyntheticSource
 
     src = SyntheticSource(dataclasses.replace(cfg.data, kind="synthetic", path=None, seq_len=length), e.seed)
     rows = [torch.from_numpy(src.sample(HELDOUT_INDEX + i)[0]) for i in range(e.n)]
-    return torch.stack(rows), {"kind": "synthetic", "task": cfg.data.task, "seed": e.seed, "sequences": e.n,
-                               "first_index": HELDOUT_INDEX}
+    return torch.stack(rows), None, {"kind": "synthetic", "task": cfg.data.task, "seed": e.seed, "sequences": e.n,
+                                     "first_index": HELDOUT_INDEX}
 
 
 def position_buckets(losses, buckets: int) -> list[dict]:
-    """Mean loss and perplexity of `losses` [n, L] in `buckets` equal position buckets."""
+    """Mean loss, perplexity and scored tokens of `losses` [n, L] in `buckets` equal position buckets
+    (a NaN loss, a document's last token with nothing to predict, is not scored)."""
     length = losses.shape[1]
     out = []
     for k in range(buckets):
         start, end = k * length // buckets, (k + 1) * length // buckets
-        loss = losses[:, start:end].double().mean().item()
-        out.append({"start": start, "end": end, "loss": loss, "perplexity": math.exp(loss)})
+        part = losses[:, start:end].double()
+        loss = part.nanmean().item()
+        out.append({"start": start, "end": end, "loss": loss, "perplexity": math.exp(loss),
+                    "tokens": int((~part.isnan()).sum())})
     return out
 
 
@@ -386,9 +417,9 @@ def evaluate(e: EvalSection, args: list[str]) -> dict:
     for length, task in bar:
         bar.set_postfix_str(f"L={length} {task}")
         if task == "perplexity":
-            tokens, data[str(length)] = loss_sequences(e, cfg, meta, length)
-            losses = token_losses(model, tokens, e.batch_size)
-            loss = losses.double().mean().item()
+            tokens, docs, data[str(length)] = loss_sequences(e, cfg, meta, length)
+            losses = token_losses(model, tokens, e.batch_size, docs)
+            loss = losses.double().nanmean().item()
             results["perplexity"][str(length)] = {"loss": loss, "perplexity": math.exp(loss),
                                                   "sequences": len(tokens),
                                                   "buckets": position_buckets(losses, e.buckets)}
@@ -414,7 +445,7 @@ def evaluate(e: EvalSection, args: list[str]) -> dict:
         "settings": {"lengths": list(e.lengths), "depths": list(e.depths), "n": e.n, "seed": e.seed,
                      "tasks": list(e.tasks), "keys": e.keys, "variables": e.variables,
                      "buckets": e.buckets, "batch_size": e.batch_size, "device": str(device),
-                     "data_path": e.data_path or None},
+                     "data_path": e.data_path or None, "doc_boundaries": e.doc_boundaries},
         "loss_data": data,
         "results": results,
         "seconds": round(time.time() - started, 2),
@@ -463,7 +494,8 @@ def markdown(record: dict) -> str:
         lines.append("")
     lines.pop()
     first = next(iter(record["loss_data"].values()))
-    source = (f"the last windows of `{first['path']}`" if first["kind"] == "memmap"
+    per_doc = ", each document on its own" if first.get("doc_boundaries") else ", across documents"
+    source = (f"the last windows of `{first['path']}`{per_doc}" if first["kind"] == "memmap"
               else f"held-out synthetic `{first['task']}` samples (seed {first['seed']})")
     lines += ["", "## Perplexity by position", "",
               f"Next-token perplexity over {source}, in {s['buckets']} equal position buckets (bucket k: "

@@ -100,8 +100,12 @@ class MemmapSource:
         tokens = np.asarray(self.tokens[start : start + n], dtype=np.int64)
         if not doc_masking(self.cfg):
             return tokens, None
-        docs = np.searchsorted(self.doc_offsets, np.arange(start, start + n), side="right") - 1
-        return tokens, docs.astype(np.int64, copy=False)
+        return tokens, doc_numbers(self.doc_offsets, start, n)
+
+
+def doc_numbers(doc_offsets: np.ndarray, start: int, n: int) -> np.ndarray:
+    """int64 [n]: the document (index into docs.idx) of each token start..start+n-1 of tokens.bin."""
+    return (np.searchsorted(doc_offsets, np.arange(start, start + n), side="right") - 1).astype(np.int64, copy=False)
 
 
 def open_memmap(cfg: DataConfig) -> MemmapSource:

@@ -70,8 +70,11 @@ def _check_results(record, lengths=LENGTHS, n=N):
                                                                  for k in range(BUCKETS)]
         for b in p["buckets"]:
             assert b["perplexity"] == pytest.approx(math.exp(b["loss"]), rel=1e-12)
-        # equal buckets: their mean loss is the length's loss
-        assert sum(b["loss"] for b in p["buckets"]) / BUCKETS == pytest.approx(p["loss"], rel=1e-6)
+        # the buckets' losses weighted by their scored tokens average to the length's loss (equal
+        # weights but for document ends in memmap windows, which score nothing)
+        tokens = [b["tokens"] for b in p["buckets"]]
+        assert sum(b["loss"] * t for b, t in zip(p["buckets"], tokens)) / sum(tokens) == pytest.approx(p["loss"], rel=1e-6)
+        assert all(0 < t <= n * (b["end"] - b["start"]) for b, t in zip(p["buckets"], tokens))
         for task in ("passkey", "multikey"):
             acc = r[task][str(length)]
             assert set(acc) == {f"{d:g}" for d in DEPTHS} | {"mean"}
@@ -124,27 +127,54 @@ def test_a_second_run_gives_identical_results_and_the_loss_is_the_models(run, tm
     assert other["results"]["perplexity"]["128"] != first["results"]["perplexity"]["128"]
 
 
-def test_memmap_loss_comes_from_the_last_windows(run, tmp_path):
+def test_memmap_windows_are_evaluated_per_document(run, tmp_path):
+    """The last windows of tokens.bin, each document on its own by default: the loss equals running every
+    document's piece of a window alone from position 0 (no attention across, no loss on a boundary);
+    eval.doc_boundaries=false scores the windows as plain rows."""
     src = tmp_path / "src"
     src.mkdir()
     rng = np.random.default_rng(0)
-    for i in range(4):  # ~3 KB of text per document
-        (src / f"d{i}.txt").write_text(" ".join("".join(rng.choice(list("abcdefgh"), 5)) for _ in range(500)))
+    for i in range(12):  # short documents (~50-180 tokens): every window crosses boundaries
+        words = rng.integers(8, 30)
+        (src / f"d{i:02d}.txt").write_text(" ".join("".join(rng.choice(list("abcdefgh"), 5)) for _ in range(words)))
     data = tmp_path / "data"
     prepare([str(src)], data)
     meta = json.loads((data / "meta.json").read_text())
-    e = EvalSection(checkpoint=str(run["ckpt"]), out_dir=str(tmp_path / "out"), lengths=[128], depths=DEPTHS, n=2,
-                    buckets=BUCKETS, data_path=str(data), progress=False,
-                    keys=KEYS, variables=VARIABLES)
-    record = evaluate(e, [])
-    assert record["loss_data"]["128"]["kind"] == "memmap" and record["loss_data"]["128"]["sequences"] == 2
+    base = dict(checkpoint=str(run["ckpt"]), lengths=[128], depths=DEPTHS, n=2, buckets=BUCKETS, data_path=str(data),
+                progress=False, keys=KEYS, variables=VARIABLES)
+    record = evaluate(EvalSection(**base, out_dir=str(tmp_path / "out")), [])
+    assert record["loss_data"]["128"] == {"kind": "memmap", "path": str(data), "sequences": 2,
+                                          "windows": "last non-overlapping windows of the file", "doc_boundaries": True}
+    assert "each document on its own" in (tmp_path / "out" / "eval.md").read_text()
     flat = np.memmap(data / "tokens.bin", dtype=meta["dtype"], mode="r")
-    total = len(flat)
-    windows = torch.from_numpy(np.stack([np.asarray(flat[total - (j + 1) * 129 : total - j * 129], dtype=np.int64)
-                                         for j in range(2)]))
-    expected = token_losses(run["model"], windows).double().mean().item()
-    assert record["results"]["perplexity"]["128"]["loss"] == pytest.approx(expected, rel=1e-6)
+    offsets = np.fromfile(data / "docs.idx", dtype=np.int64)
+    total, crossings, nll, count = len(flat), 0, 0.0, 0
+    windows = []
+    for j in range(2):
+        start = total - (j + 1) * 129
+        window = torch.from_numpy(np.asarray(flat[start : start + 129], dtype=np.int64))
+        windows.append(window)
+        cuts = [0] + [int(o) - start for o in offsets if start < o < start + 129] + [129]
+        crossings += len(cuts) - 2
+        for a, b in zip(cuts, cuts[1:]):
+            if b - a > 1:
+                losses = token_losses(run["model"], window[None, a:b])
+                nll, count = nll + losses.double().sum().item(), count + losses.numel()
+    assert crossings >= 2
+    assert record["results"]["perplexity"]["128"]["loss"] == pytest.approx(nll / count, rel=1e-5)
     _check_results(record, lengths=[128], n=2)
+    across = evaluate(EvalSection(**base, out_dir=str(tmp_path / "across"), doc_boundaries=False), [])
+    assert across["loss_data"]["128"]["doc_boundaries"] is False
+    plain = token_losses(run["model"], torch.stack(windows)).double().mean().item()
+    assert across["results"]["perplexity"]["128"]["loss"] == pytest.approx(plain, rel=1e-6)
+    from ltrain.errors import ConfigError
+
+    dense = dict(base, lengths=[120], overrides=["attention.pattern=D"], out_dir=str(tmp_path / "d"))
+    with pytest.raises(ConfigError, match=r"eval.lengths\[0\]=120 is invalid: memmap windows are evaluated per "
+                                          r"document, masked per attention block: use a multiple of 16, or "
+                                          r"eval.doc_boundaries=false"):
+        evaluate(EvalSection(**dense), [])
+    assert evaluate(EvalSection(**dense, doc_boundaries=False), [])["loss_data"]["120"]["doc_boundaries"] is False
 
 
 def test_bad_inputs_answer_one_line(run, tmp_path):
