@@ -1,17 +1,20 @@
-"""Short-to-long on CPU: a dense model learns passkey retrieval at a short length, then its
-weights continue at 4x the length as InfLLM-V2 (dense -> sparse switch) and as S2, each
-evaluated by `ltrain-eval` (perplexity by position, passkey accuracy over lengths x depths,
-heatmaps).
+"""Short-to-long on CPU: a dense model learns passkey retrieval on short rows, carries it to
+its training length, then its weights continue at 4x that length as InfLLM-V2 (dense -> sparse
+switch) and as S2, each evaluated by `ltrain-eval` (perplexity by position, passkey accuracy over
+lengths x depths, heatmaps).
 
     python benchmarks/short_to_long.py                   # the README recipe (see its results file for the time)
     python benchmarks/short_to_long.py --control         # also the dense continuation at the long length
-    python benchmarks/short_to_long.py --pretrain-steps 4 --continue-steps 2 --short 128 --long 256 \\
-        --probes 2 --depths 0.5 --tag smoke              # seconds: the plumbing only
+    python benchmarks/short_to_long.py --retrieval-steps 4 --pretrain-steps 4 --continue-steps 2 \\
+        --short 128 --long 256 --probes 2 --depths 0.5 --tag smoke   # seconds: the plumbing only
 
 Training runs (`ltrain-train` subprocesses, their run directories under --out-dir):
 
-  pretrain   experiment=short-to-long-dense: tiny model, every layer dense, passkey data at
-             --short tokens (1024), --pretrain-steps steps
+  retrieval  experiment=short-to-long-retrieval: nano model, every layer dense, passkey data at
+             --retrieval-len tokens (128), --retrieval-steps steps: where retrieval (an induction
+             head) forms, which takes far fewer steps, and far less time, on short rows
+  pretrain   experiment=short-to-long-dense trainer.init_from=<retrieval's final checkpoint>: the
+             same weights and data at --short tokens (1024), --pretrain-steps steps
   infllm_v2  experiment=short-to-long-sparse trainer.init_from=<pretrain's final checkpoint>: the
              same weights at --long tokens (4096), every layer InfLLM-V2 with dense_len = --short,
              so the layers run their top-k sparse mode; fresh optimizer and schedule
@@ -21,7 +24,8 @@ Training runs (`ltrain-train` subprocesses, their run directories under --out-di
 Then `ltrain-eval` (subprocess) on each final checkpoint, eval.tasks=[passkey], eval.n=--probes
 (probes per depth, and sequences for the perplexity), eval.depths=--depths:
 
-  pretrain at [short, long] as trained (dense) and, with eval.overrides, as each continuation's
+  retrieval at [retrieval-len, short] (dense), pretrain at [short, long] as trained (dense) and,
+  with eval.overrides, as each continuation's
   attention without any continued training (the switch alone); each continuation at
   [short, 2 short, long].
 
@@ -125,7 +129,9 @@ def train_summary(out: Path, run: str, wall: float) -> dict:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--pretrain-steps", type=int, default=600)
+    ap.add_argument("--retrieval-steps", type=int, default=8000)
+    ap.add_argument("--retrieval-len", type=int, default=128, help="stage 0 seq_len (short rows: retrieval forms)")
+    ap.add_argument("--pretrain-steps", type=int, default=300)
     ap.add_argument("--continue-steps", type=int, default=100)
     ap.add_argument("--short", type=int, default=1024, help="pretraining seq_len (= the continuation's dense_len)")
     ap.add_argument("--long", type=int, default=4096, help="continuation seq_len")
@@ -142,11 +148,17 @@ def main(argv=None):
     out = args.out_dir.resolve()
     out.mkdir(parents=True, exist_ok=True)
     kinds = ["infllm_v2", "s2"] + (["dense"] if args.control else [])
-    short_steps = ["optim.warmup_steps=2"] if min(args.pretrain_steps, args.continue_steps) <= 10 else []
+    short_steps = (["optim.warmup_steps=2"]
+                   if min(args.retrieval_steps, args.pretrain_steps, args.continue_steps) <= 10 else [])
 
     walls = {}
     if not args.skip_train:
+        walls["retrieval"] = train(out, "retrieval", ["experiment=short-to-long-retrieval", "trainer.resume=none",
+                                                      f"data.seq_len={args.retrieval_len}",
+                                                      f"trainer.max_steps={args.retrieval_steps}", *short_steps],
+                                   args.threads)
         walls["pretrain"] = train(out, "pretrain", ["experiment=short-to-long-dense", "trainer.resume=none",
+                                                    f"trainer.init_from={final_checkpoint(out, 'retrieval')}",
                                                     f"data.seq_len={args.short}",
                                                     f"trainer.max_steps={args.pretrain_steps}", *short_steps],
                                   args.threads)
@@ -155,9 +167,10 @@ def main(argv=None):
             walls[kind] = train(out, kind, [*CONTINUATIONS[kind], "trainer.resume=none", f"trainer.init_from={init}",
                                             f"data.seq_len={args.long}", f"attention.infllm_v2.dense_len={args.short}",
                                             f"trainer.max_steps={args.continue_steps}", *short_steps], args.threads)
-    runs = {run: train_summary(out, run, walls.get(run, float("nan"))) for run in ["pretrain", *kinds]}
+    runs = {run: train_summary(out, run, walls.get(run, float("nan"))) for run in ["retrieval", "pretrain", *kinds]}
 
-    evals = {"pretrain": evaluate(out, "pretrain", "pretrain", [args.short, args.long], args)}
+    evals = {"retrieval": evaluate(out, "retrieval", "retrieval", [args.retrieval_len, args.short], args),
+             "pretrain": evaluate(out, "pretrain", "pretrain", [args.short, args.long], args)}
     for kind in kinds:
         if kind != "dense":
             evals[f"pretrain-as-{kind}"] = evaluate(out, f"pretrain-as-{kind}", "pretrain", [args.short, args.long],
@@ -172,11 +185,14 @@ def write(r: dict, tag: str) -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"short_to_long-{tag}.json").write_text(json.dumps(r, indent=1) + "\n")
     s, runs, ev = r["settings"], r["train"], r["eval"]
-    lines = [f"# Short-to-long: dense at {s['short']} tokens -> InfLLM-V2 and S2 at {s['long']}", "",
-             markdown_line(r), "",
+    to_short = runs["retrieval"]["wall_s"] + runs["pretrain"]["wall_s"]
+    lines = [f"# Short-to-long: dense at {s['retrieval_len']} -> {s['short']} tokens -> InfLLM-V2 and S2 at {s['long']}",
+             "", markdown_line(r), "",
              "Training runs (`ltrain-train`, one after another, "
-             f"{s['threads']} torch threads each; continuations start from the pretrain run's final weights, "
-             "`trainer.init_from`, with a fresh optimizer and schedule):", "",
+             f"{s['threads']} torch threads each; each run starts from the previous stage's final weights, "
+             "`trainer.init_from`, with a fresh optimizer and schedule: pretrain from retrieval, the "
+             f"continuations from pretrain). Training to the {s['short']}-token model (retrieval + pretrain): "
+             f"{to_short:.0f} s wall.", "",
              "| run | steps | seq_len | layer modes | attended fraction | first logged loss | final loss "
              "| mean step time (s) | wall (s) |", "|---|---|---|---|---|---|---|---|---|"]
     for run, t in runs.items():
@@ -189,7 +205,7 @@ def write(r: dict, tag: str) -> None:
               "| heatmap |", "|---|---|---|---|---|---|---|---|"]
     for case, e in ev.items():
         weights, as_ = (case.split("-as-") + [None])[:2] if "-as-" in case else (case, None)
-        kind = as_ or ("dense" if weights in ("pretrain", "dense") else weights)
+        kind = as_ or ("dense" if weights in ("retrieval", "pretrain", "dense") else weights)
         for length, acc in e["results"]["passkey"].items():
             depths = ", ".join(f"{d}: {v:.1f}" for d, v in acc.items() if d != "mean")
             modes = ", ".join(sorted(set(e["results"]["layer_modes"][length]))) or "dense"
