@@ -169,7 +169,7 @@ def main(argv=None):
                                             f"trainer.max_steps={args.continue_steps}", *short_steps], args.threads)
     runs = {run: train_summary(out, run, walls.get(run, float("nan"))) for run in ["retrieval", "pretrain", *kinds]}
 
-    evals = {"retrieval": evaluate(out, "retrieval", "retrieval", [args.retrieval_len, args.short], args),
+    evals = {"retrieval": evaluate(out, "retrieval", "retrieval", sorted({args.retrieval_len, args.short}), args),
              "pretrain": evaluate(out, "pretrain", "pretrain", [args.short, args.long], args)}
     for kind in kinds:
         if kind != "dense":
