@@ -33,10 +33,10 @@ ARCHS = (80, 90)
 SHARED_LIMITS = {80: 163 * 1024, 90: 227 * 1024}
 
 # What ltrain's shipped presets launch (tests/kernels/test_aot.py derives the same from conf/):
-# head dims dim / n_heads and GQA groups n_heads / n_kv_heads of conf/model/*.yaml (tiny 32 / 2,
-# small 64 / 3, llama-1b 64 / 4); block sizes of conf/attention/*.yaml (CPU-scaled 16, paper 64;
+# head dims dim / n_heads and GQA groups n_heads / n_kv_heads of conf/model/*.yaml (nano 32 / 1,
+# tiny 32 / 2, small 64 / 3, llama-1b 64 / 4); block sizes of conf/attention/*.yaml (CPU-scaled 16, paper 64;
 # dense layers' ring tiles are 64); trainer.precision fp32 or bf16; every ltrain layer is causal.
-PRESET_MODELS = ((32, 2), (64, 3), (64, 4))
+PRESET_MODELS = ((32, 1), (32, 2), (64, 3), (64, 4))
 PRESET_BLOCK_SIZES = (16, 64)
 PRESET_DTYPES = (torch.bfloat16, torch.float32)
 
