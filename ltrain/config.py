@@ -322,7 +322,7 @@ def resolve_run_paths(cfg: TrainConfig, run_dir: str) -> None:
         cfg.trainer.ckpt_dir = os.path.join(run_dir, "checkpoints")
 
 
-def _attention_block(cfg: TrainConfig, layer_kinds: list) -> int:
+def attention_block(cfg: TrainConfig, layer_kinds: list) -> int:
     """Tokens per attention block that fit every kind the model has (16 tokens at least)."""
     return max([16] + [kind.block_size(cfg) for kind in layer_kinds if kind.block_size is not None])
 
@@ -332,7 +332,7 @@ def _validate_documents(cfg: TrainConfig, layer_kinds: list) -> None:
     masked inside the block-sparse kernels, whose blocks must tile the row. A document
     shorter than a block, or than one InfLLM-V2 summary window, is fine (kernels/infllm_v2.py)."""
     n = cfg.data.seq_len
-    block = _attention_block(cfg, layer_kinds)
+    block = attention_block(cfg, layer_kinds)
     if doc_masking(cfg.data) and n % block:
         _fail("data.seq_len", n, f"packed documents are masked per attention block (data.doc_boundaries): use a "
               f"multiple of {block}, or data.doc_boundaries=false to attend across documents")
@@ -344,7 +344,7 @@ def _validate_cp_split(cfg: TrainConfig, layer_kinds: list) -> None:
     documents split's cp x parallel.cp_split_chunks; the chunks hold whole attention
     blocks of every kind the model has (16 tokens at least)."""
     n, cp, p = cfg.data.seq_len, cfg.parallel.cp, cfg.parallel
-    block = _attention_block(cfg, layer_kinds)
+    block = attention_block(cfg, layer_kinds)
     if p.cp_split == "documents" and not doc_masking(cfg.data):
         _fail("parallel.cp_split", p.cp_split, "balances packed documents, and these rows are not masked per "
               "document: set data.doc_boundaries=true (packed data) or parallel.cp_split=zigzag")
@@ -369,7 +369,7 @@ def document_balance(cfg: TrainConfig, block: int | None = None) -> tuple[int, i
     if block is None:
         registered = attention_kinds()
         kinds = set(resolve_layer_kinds(cfg.attention.pattern, cfg.attention.layers, cfg.model.n_layers))
-        block = _attention_block(cfg, [registered[k] for k in sorted(kinds)])
+        block = attention_block(cfg, [registered[k] for k in sorted(kinds)])
     return p.cp_split_chunks, block
 
 

@@ -243,6 +243,7 @@ def validate(e: EvalSection):
     cfg.parallel.cp = 1  # one process: the kinds' context-parallel checks do not apply
     from ltrain.attention.registry import kinds as registered_kinds
     from ltrain.attention.registry import resolve_layer_kinds
+    from ltrain.config import attention_block
     from ltrain.data.config import DataConfigError
     from ltrain.data.synthetic import min_seq_len
 
@@ -259,6 +260,7 @@ def validate(e: EvalSection):
                 raise ConfigError(f"the model of {run_dir}/config.yaml with eval.overrides: {exc}") from None
     blocks = [(name, registered[name].block_size(cfg)) for name in sorted(set(layer_kinds))
               if registered[name].block_size is not None]
+    doc_block = attention_block(cfg, [registered[name] for name in sorted(set(layer_kinds))])
 
     meta = None
     if e.data_path:
@@ -294,7 +296,6 @@ def validate(e: EvalSection):
             raise config_error(key, length, f"the run's data.task={cfg.data.task} needs at least {stream_min} tokens")
         if length < e.buckets:
             raise config_error(key, length, f"shorter than eval.buckets={e.buckets}")
-        doc_block = max([16] + [block for _, block in blocks])
         if meta and window_doc_masking(e, cfg) and length % doc_block:
             raise config_error(key, length, f"memmap windows are evaluated per document, masked per attention "
                                f"block: use a multiple of {doc_block}, or eval.doc_boundaries=false to attend "
