@@ -14,7 +14,9 @@ Training runs (`ltrain-train` subprocesses, their run directories under --out-di
              --retrieval-len tokens (128), --retrieval-steps steps: where retrieval (an induction
              head) forms, which takes far fewer steps, and far less time, on short rows
   pretrain   experiment=short-to-long-dense trainer.init_from=<retrieval's final checkpoint>: the
-             same weights and data at --short tokens (1024), --pretrain-steps steps
+             same weights at --short tokens (1024), --pretrain-steps steps, each row packing
+             passkey samples of log-uniform lengths in [128, --short] (data.doc_len_min): the
+             short ones keep the retrieval, the long ones stretch it to every distance
   infllm_v2  experiment=short-to-long-sparse trainer.init_from=<pretrain's final checkpoint>: the
              same weights at --long tokens (4096), every layer InfLLM-V2 with dense_len = --short,
              so the layers run their top-k sparse mode; fresh optimizer and schedule
@@ -131,7 +133,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--retrieval-steps", type=int, default=8000)
     ap.add_argument("--retrieval-len", type=int, default=128, help="stage 0 seq_len (short rows: retrieval forms)")
-    ap.add_argument("--pretrain-steps", type=int, default=300)
+    ap.add_argument("--pretrain-steps", type=int, default=1500)
     ap.add_argument("--continue-steps", type=int, default=100)
     ap.add_argument("--short", type=int, default=1024, help="pretraining seq_len (= the continuation's dense_len)")
     ap.add_argument("--long", type=int, default=4096, help="continuation seq_len")

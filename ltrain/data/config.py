@@ -28,8 +28,13 @@ class DataConfig:
     # Packed documents: emit doc_ids and per-document position_ids, mask the labels across a
     # boundary, and every attention layer attends within a token's own document only (the
     # model takes doc_ids). None: on exactly where a row packs several documents (memmap with
-    # pack=true); synthetic rows and pack=false rows are one document each (doc_masking()).
+    # pack=true, synthetic with doc_len_min > 0); other rows are one document each (doc_masking()).
     doc_boundaries: Optional[bool] = None
+    # synthetic: 0 = every sample fills its row (one document per row); > 0 = every row packs
+    # task samples (documents) of log-uniform random lengths in [doc_len_min, seq_len+1]
+    # tokens, so one run trains every needle distance up to the row length, with the short
+    # ones, where retrieval is learned soonest, among them (data.doc_boundaries on by default).
+    doc_len_min: int = 0
 
     # passkey: a `passkey_digits` number hidden at a depth drawn uniformly from
     # [depth_min, depth_max] (fraction of the filler before it).
@@ -54,10 +59,11 @@ class DataConfig:
 
 
 def doc_masking(cfg: DataConfig) -> bool:
-    """data.doc_boundaries resolved: an explicit true / false, else (None) on for packed memmap rows."""
+    """data.doc_boundaries resolved: an explicit true / false, else (None) on where rows pack
+    several documents (memmap with pack=true, synthetic with doc_len_min > 0)."""
     if cfg.doc_boundaries is not None:
         return bool(cfg.doc_boundaries)
-    return cfg.kind == "memmap" and cfg.pack
+    return cfg.pack if cfg.kind == "memmap" else cfg.doc_len_min > 0
 
 
 def positive_int(cfg: DataConfig, key: str) -> None:

@@ -16,6 +16,9 @@ vartrack (RULER's variable tracking): a chain "VAR QWER = 12345. ... VAR ASDF =
     QWER. ... VAR ZXCV = ASDF. " scattered in order through the filler, then
     "\\nWhich variables hold 12345? " and the chain's names in order
     ("QWER ASDF ZXCV").
+
+With data.doc_len_min > 0 a row packs several samples (documents) of log-uniform
+random lengths in [doc_len_min, seq_len+1], each ending with its own answer.
 """
 
 from __future__ import annotations
@@ -199,23 +202,48 @@ class SyntheticSource:
                   cfg.recall_pairs, cfg.recall_key_len, cfg.recall_value_len)
         if cfg.task in ("multikey", "vartrack"):  # only these tasks' settings: older fingerprints stay as they were
             params += (cfg.multikey_keys,) if cfg.task == "multikey" else (cfg.vartrack_vars,)
+        if cfg.doc_len_min:  # only packed rows' setting: older fingerprints stay as they were
+            params += (("doc_len_min", cfg.doc_len_min),)
         self.fingerprint = "synthetic-v1:" + hashlib.sha256(repr(params).encode()).hexdigest()[:16]
 
-    def sample(self, index: int) -> tuple[np.ndarray, None]:
-        """int64 tokens [seq_len+1]; no document ids (a sample is one document)."""
+    def sample(self, index: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """int64 tokens [seq_len+1] and, for packed rows (data.doc_len_min > 0), their
+        document numbers [seq_len+1]; None: the row is one sample, one document."""
         cfg, rng = self.cfg, np.random.default_rng([self.seed, int(index)])
+        if not cfg.doc_len_min:
+            return _encode(self._text(rng, cfg.seq_len + 1)), None
+        texts = [self._text(rng, n) for n in doc_lengths(rng, cfg.seq_len + 1, cfg.doc_len_min)]
+        docs = np.concatenate([np.full(len(t), i, dtype=np.int64) for i, t in enumerate(texts)])
+        return _encode("".join(texts)), docs
+
+    def _text(self, rng: np.random.Generator, length: int) -> str:
+        """One sample of the configured task, `length` characters ending with its answer."""
+        cfg = self.cfg
         task = cfg.task if cfg.task != "mixed" else ("passkey", "recall")[int(rng.integers(2))]
         if task == "passkey":
             depth = rng.uniform(cfg.depth_min, cfg.depth_max)
-            text, _ = _passkey_text(rng, cfg.seq_len + 1, depth, cfg.passkey_digits)
+            text, _ = _passkey_text(rng, length, depth, cfg.passkey_digits)
         elif task == "multikey":
             depth = rng.uniform(cfg.depth_min, cfg.depth_max)
-            text, _ = _multikey_text(rng, cfg.seq_len + 1, depth, cfg.multikey_keys, cfg.passkey_digits)
+            text, _ = _multikey_text(rng, length, depth, cfg.multikey_keys, cfg.passkey_digits)
         elif task == "vartrack":
-            text, _ = _vartrack_text(rng, cfg.seq_len + 1, cfg.vartrack_vars, cfg.passkey_digits)
+            text, _ = _vartrack_text(rng, length, cfg.vartrack_vars, cfg.passkey_digits)
         else:
-            text, _ = _recall_text(rng, cfg.seq_len + 1, cfg.recall_pairs, cfg.recall_key_len, cfg.recall_value_len)
-        return _encode(text), None
+            text, _ = _recall_text(rng, length, cfg.recall_pairs, cfg.recall_key_len, cfg.recall_value_len)
+        return text
+
+
+def doc_lengths(rng: np.random.Generator, total: int, low: int) -> list[int]:
+    """Lengths (each >= low, summing to total >= low) of the documents packed into one row: each
+    drawn log-uniform in [low, what is left], so every scale up to the row is as likely; one that
+    would leave less than `low` behind takes the rest."""
+    out = []
+    while total:
+        n = total if total < 2 * low else int(round(np.exp(rng.uniform(np.log(low), np.log(total)))))
+        n = total if total - n < low else n
+        out.append(n)
+        total -= n
+    return out
 
 
 @torch.no_grad()
@@ -284,3 +312,10 @@ def validate_synthetic(cfg: DataConfig) -> None:
     need = min_seq_len(cfg)
     if cfg.seq_len < need:
         raise DataConfigError(f"data.seq_len={cfg.seq_len} is too short for data.task={cfg.task} (needs >= {need})")
+    if isinstance(cfg.doc_len_min, bool) or not isinstance(cfg.doc_len_min, int) or cfg.doc_len_min < 0:
+        raise DataConfigError(f"data.doc_len_min={cfg.doc_len_min!r} must be an integer >= 0 (0 = one sample per row)")
+    if cfg.doc_len_min and not need + 1 <= cfg.doc_len_min <= cfg.seq_len + 1:
+        raise DataConfigError(
+            f"data.doc_len_min={cfg.doc_len_min} must lie in [{need + 1}, data.seq_len+1 = {cfg.seq_len + 1}]: "
+            f"the shortest data.task={cfg.task} sample is {need + 1} tokens, and a document fits in its row "
+            "(or 0 for one sample per row)")

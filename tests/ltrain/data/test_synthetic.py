@@ -238,3 +238,58 @@ def test_new_task_accuracy_is_one_for_an_oracle_and_zero_for_a_constant():
     probes = [make_vartrack((2, i), 200, 3) for i in range(4)]
     assert vartrack_accuracy(full_oracle(probes), seq_len=200, n=4, seed=2, variables=3) == 1.0
     assert vartrack_accuracy(zero, seq_len=200, n=4, seed=2, variables=3) == 0.0
+
+
+@pytest.mark.parametrize("task", ["passkey", "multikey", "mixed"])
+def test_packed_rows_hold_whole_samples_of_log_uniform_lengths(task):
+    from ltrain.data.synthetic import _passkey_text, doc_lengths, validate_synthetic
+
+    low = min_seq_len(DataConfig(task=task)) + 1
+    cfg = DataConfig(task=task, seq_len=1023, doc_len_min=low)
+    validate_synthetic(cfg)
+    src = SyntheticSource(cfg, seed=3)
+    counts = []
+    for i in range(30):
+        tokens, docs = src.sample(i)
+        assert tokens.shape == docs.shape == (1024,) and docs[0] == 0
+        assert (np.diff(docs) >= 0).all() and (np.diff(docs) <= 1).all()
+        pieces = [text(tokens[docs == d]) for d in range(docs[-1] + 1)]
+        assert min(map(len, pieces)) >= low
+        for s in pieces:  # every document is one whole sample, ending with its own answer
+            if task == "multikey":
+                assert read_multikey(s) == s[-5:]
+            elif "What is the pass key?" in s:
+                assert s[-5:].isdigit() and f"The pass key is {s[-5:]}. Remember it." in s
+            else:  # recall (mixed): the queried key's value
+                body, query = s.rsplit("\n", 1)
+                assert dict(p.split(":") for p in body.split(" ") if ":" in p)[query[:4]] == query[5:] == s[-4:]
+        counts.append(len(pieces))
+        assert np.array_equal(tokens, SyntheticSource(cfg, seed=3).sample(i)[0])
+    assert max(counts) > 1  # rows do pack several documents
+    # log-uniform: documents shorter than sqrt(low * row) are about as common as longer ones
+    rng = np.random.default_rng(0)
+    lengths = [n for _ in range(2000) for n in doc_lengths(rng, 4097, 128)]
+    assert sum(lengths) == 2000 * 4097 and min(lengths) >= 128
+    short = np.mean([n < (128 * 4097) ** 0.5 for n in lengths])
+    assert 0.4 < short < 0.8, short
+
+
+def test_packed_rows_are_masked_per_document_and_fingerprinted():
+    from ltrain.data.config import DataConfigError, doc_masking
+    from ltrain.data.loader import build_loader
+    from ltrain.data.synthetic import validate_synthetic
+
+    cfg = DataConfig(seq_len=511, doc_len_min=128, micro_batch_size=4)
+    assert doc_masking(cfg) and not doc_masking(DataConfig(seq_len=511, doc_len_min=128, doc_boundaries=False))
+    b = build_loader(DataConfig(seq_len=512, doc_len_min=128, micro_batch_size=4), seed=0, dp_rank=0,
+                     dp_size=1).next_batch()
+    assert b["doc_ids"].max() > 0
+    starts = b["position_ids"] == 0
+    assert (b["labels"][:, :-1][starts[:, 1:]] == -100).all()  # no label crosses into the next document
+    fp = lambda **kw: SyntheticSource(DataConfig(**kw), seed=0).fingerprint
+    assert fp(doc_len_min=128) != fp() == fp(doc_len_min=0)
+    for value, needle in [(-1, "data.doc_len_min=-1 must be an integer >= 0"),
+                          (50, "data.doc_len_min=50 must lie in [102, data.seq_len+1 = 512]"),
+                          (600, "data.doc_len_min=600 must lie in [102,")]:
+        with pytest.raises(DataConfigError, match=needle.replace("[", r"\[").replace("+", r"\+")):
+            validate_synthetic(DataConfig(seq_len=511, doc_len_min=value))
