@@ -66,8 +66,19 @@ def doc_masking(cfg: DataConfig) -> bool:
     return cfg.pack if cfg.kind == "memmap" else cfg.doc_len_min > 0
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def positive_int(cfg: DataConfig, key: str) -> None:
     """DataConfigError unless data.<key> is a positive integer."""
     value = getattr(cfg, key)
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    if not _is_int(value) or value <= 0:
         raise DataConfigError(f"data.{key}={value!r} must be a positive integer")
+
+
+def non_negative_int(cfg: DataConfig, key: str, zero: str) -> None:
+    """DataConfigError unless data.<key> is an integer >= 0; `zero` says what 0 means."""
+    value = getattr(cfg, key)
+    if not _is_int(value) or value < 0:
+        raise DataConfigError(f"data.{key}={value!r} must be an integer >= 0 (0 = {zero})")

@@ -29,7 +29,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ltrain.data.config import TASKS, DataConfig, DataConfigError, positive_int
+from ltrain.data.config import TASKS, DataConfig, DataConfigError, non_negative_int, positive_int
 from ltrain.data.tokenizer import BYTE_VOCAB_SIZE
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
@@ -212,9 +212,9 @@ class SyntheticSource:
         cfg, rng = self.cfg, np.random.default_rng([self.seed, int(index)])
         if not cfg.doc_len_min:
             return _encode(self._text(rng, cfg.seq_len + 1)), None
-        texts = [self._text(rng, n) for n in doc_lengths(rng, cfg.seq_len + 1, cfg.doc_len_min)]
-        docs = np.concatenate([np.full(len(t), i, dtype=np.int64) for i, t in enumerate(texts)])
-        return _encode("".join(texts)), docs
+        lengths = doc_lengths(rng, cfg.seq_len + 1, cfg.doc_len_min)
+        text = "".join(self._text(rng, n) for n in lengths)
+        return _encode(text), np.repeat(np.arange(len(lengths), dtype=np.int64), lengths)
 
     def _text(self, rng: np.random.Generator, length: int) -> str:
         """One sample of the configured task, `length` characters ending with its answer."""
@@ -298,8 +298,7 @@ def validate_synthetic(cfg: DataConfig) -> None:
             f"data.depth_min={cfg.depth_min!r}, data.depth_max={cfg.depth_max!r}: "
             "need 0 <= depth_min <= depth_max <= 1"
         )
-    if isinstance(cfg.recall_pairs, bool) or not isinstance(cfg.recall_pairs, int) or cfg.recall_pairs < 0:
-        raise DataConfigError(f"data.recall_pairs={cfg.recall_pairs!r} must be an integer >= 0 (0 = as many as fit)")
+    non_negative_int(cfg, "recall_pairs", "as many as fit")
     if cfg.task != "passkey" and cfg.recall_pairs > 26**cfg.recall_key_len:
         raise DataConfigError(
             f"data.recall_pairs={cfg.recall_pairs} exceeds the {26**cfg.recall_key_len} distinct keys "
@@ -312,8 +311,7 @@ def validate_synthetic(cfg: DataConfig) -> None:
     need = min_seq_len(cfg)
     if cfg.seq_len < need:
         raise DataConfigError(f"data.seq_len={cfg.seq_len} is too short for data.task={cfg.task} (needs >= {need})")
-    if isinstance(cfg.doc_len_min, bool) or not isinstance(cfg.doc_len_min, int) or cfg.doc_len_min < 0:
-        raise DataConfigError(f"data.doc_len_min={cfg.doc_len_min!r} must be an integer >= 0 (0 = one sample per row)")
+    non_negative_int(cfg, "doc_len_min", "one sample per row")
     if cfg.doc_len_min and not need + 1 <= cfg.doc_len_min <= cfg.seq_len + 1:
         raise DataConfigError(
             f"data.doc_len_min={cfg.doc_len_min} must lie in [{need + 1}, data.seq_len+1 = {cfg.seq_len + 1}]: "

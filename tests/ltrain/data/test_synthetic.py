@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -242,7 +244,7 @@ def test_new_task_accuracy_is_one_for_an_oracle_and_zero_for_a_constant():
 
 @pytest.mark.parametrize("task", ["passkey", "multikey", "mixed"])
 def test_packed_rows_hold_whole_samples_of_log_uniform_lengths(task):
-    from ltrain.data.synthetic import _passkey_text, doc_lengths, validate_synthetic
+    from ltrain.data.synthetic import doc_lengths, validate_synthetic
 
     low = min_seq_len(DataConfig(task=task)) + 1
     cfg = DataConfig(task=task, seq_len=1023, doc_len_min=low)
@@ -291,5 +293,5 @@ def test_packed_rows_are_masked_per_document_and_fingerprinted():
     for value, needle in [(-1, "data.doc_len_min=-1 must be an integer >= 0"),
                           (50, "data.doc_len_min=50 must lie in [102, data.seq_len+1 = 512]"),
                           (600, "data.doc_len_min=600 must lie in [102,")]:
-        with pytest.raises(DataConfigError, match=needle.replace("[", r"\[").replace("+", r"\+")):
+        with pytest.raises(DataConfigError, match=re.escape(needle)):
             validate_synthetic(DataConfig(seq_len=511, doc_len_min=value))
