@@ -8,7 +8,8 @@ lengths x depths, heatmaps).
     python benchmarks/short_to_long.py --retrieval-steps 4 --pretrain-steps 4 --continue-steps 2 \\
         --short 128 --long 256 --probes 2 --depths 0.5 --tag smoke   # seconds: the plumbing only
 
-Training runs (`ltrain-train` subprocesses, their run directories under --out-dir):
+Training runs (`ltrain-train` subprocesses, their run directories under --out-dir), each on --ranks
+data-parallel ranks (2: torchrun over gloo, --threads torch threads shared among them):
 
   retrieval  experiment=short-to-long-retrieval: nano model, every layer dense, passkey data at
              --retrieval-len tokens (128), --retrieval-steps steps: where retrieval (an induction
@@ -78,11 +79,14 @@ def run_logged(cmd: list[str], log: Path, environ: dict) -> float:
     return time.perf_counter() - t
 
 
-def train(out: Path, run: str, overrides: list[str], threads: int) -> float:
+def train(out: Path, run: str, overrides: list[str], args) -> float:
+    """One `ltrain-train` run on args.ranks data-parallel ranks (torchrun, gloo), args.threads
+    torch threads shared among them."""
     shutil.rmtree(out / run, ignore_errors=True)  # a stale run dir would be auto-resumed
     (out / run).mkdir(parents=True)
-    cmd = [sys.executable, "-m", "ltrain.train", f"trainer.out_dir={out}", "trainer.progress=false", *overrides]
-    return run_logged(cmd, out / f"{run}.stdout", env(threads, run))
+    launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.ranks}"] if args.ranks > 1 else []
+    cmd = [sys.executable, *launch, "-m", "ltrain.train", f"trainer.out_dir={out}", "trainer.progress=false", *overrides]
+    return run_logged(cmd, out / f"{run}.stdout", env(max(1, args.threads // args.ranks), run))
 
 
 def final_checkpoint(out: Path, run: str) -> Path:
@@ -131,7 +135,7 @@ def train_summary(out: Path, run: str, wall: float) -> dict:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--retrieval-steps", type=int, default=8000)
+    ap.add_argument("--retrieval-steps", type=int, default=6000)
     ap.add_argument("--retrieval-len", type=int, default=128, help="stage 0 seq_len (short rows: retrieval forms)")
     ap.add_argument("--pretrain-steps", type=int, default=1500)
     ap.add_argument("--continue-steps", type=int, default=100)
@@ -141,11 +145,15 @@ def main(argv=None):
     ap.add_argument("--probes", type=int, default=10, help="ltrain-eval eval.n")
     ap.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9])
     ap.add_argument("--eval-seed", type=int, default=4321)
-    ap.add_argument("--threads", type=int, default=2, help="torch threads per process (runs are sequential)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads per run, shared by its ranks (runs are sequential)")
+    ap.add_argument("--ranks", type=int, default=2,
+                    help="data-parallel ranks per training run (each its data.micro_batch_size rows per step)")
     ap.add_argument("--out-dir", type=Path, default=REPO / "outputs" / "short_to_long")
     ap.add_argument("--skip-train", action="store_true", help="evaluate the runs already in --out-dir")
     ap.add_argument("--tag", default="cpu", help="results file suffix")
     args = ap.parse_args(argv)
+    if args.ranks < 1:
+        ap.error(f"--ranks={args.ranks}: need at least one data-parallel rank")
     prov = provenance(argv, __file__)
     out = args.out_dir.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -158,17 +166,17 @@ def main(argv=None):
         walls["retrieval"] = train(out, "retrieval", ["experiment=short-to-long-retrieval", "trainer.resume=none",
                                                       f"data.seq_len={args.retrieval_len}",
                                                       f"trainer.max_steps={args.retrieval_steps}", *short_steps],
-                                   args.threads)
+                                   args)
         walls["pretrain"] = train(out, "pretrain", ["experiment=short-to-long-dense", "trainer.resume=none",
                                                     f"trainer.init_from={final_checkpoint(out, 'retrieval')}",
                                                     f"data.seq_len={args.short}",
                                                     f"trainer.max_steps={args.pretrain_steps}", *short_steps],
-                                  args.threads)
+                                  args)
         init = final_checkpoint(out, "pretrain")
         for kind in kinds:
             walls[kind] = train(out, kind, [*CONTINUATIONS[kind], "trainer.resume=none", f"trainer.init_from={init}",
                                             f"data.seq_len={args.long}", f"attention.infllm_v2.dense_len={args.short}",
-                                            f"trainer.max_steps={args.continue_steps}", *short_steps], args.threads)
+                                            f"trainer.max_steps={args.continue_steps}", *short_steps], args)
     runs = {run: train_summary(out, run, walls.get(run, float("nan"))) for run in ["retrieval", "pretrain", *kinds]}
 
     evals = {"retrieval": evaluate(out, "retrieval", "retrieval", sorted({args.retrieval_len, args.short}), args),
@@ -191,7 +199,7 @@ def write(r: dict, tag: str) -> None:
     lines = [f"# Short-to-long: dense at {s['retrieval_len']} -> {s['short']} tokens -> InfLLM-V2 and S2 at {s['long']}",
              "", markdown_line(r), "",
              "Training runs (`ltrain-train`, one after another, "
-             f"{s['threads']} torch threads each; each run starts from the previous stage's final weights, "
+             f"{s.get('ranks', 1)} data-parallel rank(s) sharing {s['threads']} torch threads; each run starts from the previous stage's final weights, "
              "`trainer.init_from`, with a fresh optimizer and schedule: pretrain from retrieval, the "
              f"continuations from pretrain). Training to the {s['short']}-token model (retrieval + pretrain): "
              f"{to_short:.0f} s wall.", "",
