@@ -123,13 +123,14 @@ def evaluate(out: Path, case: str, run: str, lengths: list[int], args, overrides
     return {**record, "wall_s": round(wall, 1), "heatmap": f"short_to_long-{args.tag}/{case}.png"}
 
 
-def train_summary(out: Path, run: str, wall: float) -> dict:
+def train_summary(out: Path, run: str, wall: float | None) -> dict:
+    """The run's metrics.jsonl summarised; wall None: not timed (--skip-train)."""
     rows = [json.loads(line) for line in (out / run / "metrics.jsonl").read_text().splitlines()]
     modes = sorted({v for k, v in rows[-1].items() if k.endswith("/mode")})
     fractions = [v for k, v in rows[-1].items() if k.endswith("/block_fraction")]
     return {"steps": rows[-1]["step"], "seq_len": rows[-1]["seq_len"], "first_logged_loss": rows[0]["loss"],
             "first_logged_step": rows[0]["step"], "final_loss": rows[-1]["loss"],
-            "mean_step_time_s": sum(r["step_time_s"] for r in rows) / len(rows), "wall_s": round(wall, 1),
+            "mean_step_time_s": sum(r["step_time_s"] for r in rows) / len(rows), "wall_s": None if wall is None else round(wall, 1),
             "layer_modes": modes, "mean_block_fraction": sum(fractions) / len(fractions) if fractions else 1.0}
 
 
@@ -177,7 +178,7 @@ def main(argv=None):
             walls[kind] = train(out, kind, [*CONTINUATIONS[kind], "trainer.resume=none", f"trainer.init_from={init}",
                                             f"data.seq_len={args.long}", f"attention.infllm_v2.dense_len={args.short}",
                                             f"trainer.max_steps={args.continue_steps}", *short_steps], args)
-    runs = {run: train_summary(out, run, walls.get(run, float("nan"))) for run in ["retrieval", "pretrain", *kinds]}
+    runs = {run: train_summary(out, run, walls.get(run)) for run in ["retrieval", "pretrain", *kinds]}
 
     evals = {"retrieval": evaluate(out, "retrieval", "retrieval", sorted({args.retrieval_len, args.short}), args),
              "pretrain": evaluate(out, "pretrain", "pretrain", [args.short, args.long], args)}
@@ -195,20 +196,22 @@ def write(r: dict, tag: str) -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"short_to_long-{tag}.json").write_text(json.dumps(r, indent=1) + "\n")
     s, runs, ev = r["settings"], r["train"], r["eval"]
-    to_short = runs["retrieval"]["wall_s"] + runs["pretrain"]["wall_s"]
+    walls = [runs["retrieval"]["wall_s"], runs["pretrain"]["wall_s"]]
+    to_short = "not timed (--skip-train)" if None in walls else f"{sum(walls):.0f} s wall"
     lines = [f"# Short-to-long: dense at {s['retrieval_len']} -> {s['short']} tokens -> InfLLM-V2 and S2 at {s['long']}",
              "", markdown_line(r), "",
              "Training runs (`ltrain-train`, one after another, "
              f"{s.get('ranks', 1)} data-parallel rank(s) sharing {s['threads']} torch threads; each run starts from the previous stage's final weights, "
              "`trainer.init_from`, with a fresh optimizer and schedule: pretrain from retrieval, the "
              f"continuations from pretrain). Training to the {s['short']}-token model (retrieval + pretrain): "
-             f"{to_short:.0f} s wall.", "",
+             f"{to_short}.", "",
              "| run | steps | seq_len | layer modes | attended fraction | first logged loss | final loss "
              "| mean step time (s) | wall (s) |", "|---|---|---|---|---|---|---|---|---|"]
     for run, t in runs.items():
+        wall = "-" if t["wall_s"] is None else f"{t['wall_s']:.0f}"
         lines.append(f"| {run} | {t['steps']} | {t['seq_len']} | {', '.join(t['layer_modes'])} | "
                      f"{t['mean_block_fraction']:.3f} | {t['first_logged_loss']:.4f} (step {t['first_logged_step']}) "
-                     f"| {t['final_loss']:.4f} | {t['mean_step_time_s']:.2f} | {t['wall_s']:.0f} |")
+                     f"| {t['final_loss']:.4f} | {t['mean_step_time_s']:.2f} | {wall} |")
     lines += ["", f"`ltrain-eval` (greedy passkey retrieval, {s['probes']} probes per depth; perplexity over "
               f"{s['probes']} held-out sequences): mean accuracy over depths {s['depths']}, and the heatmap", "",
               "| weights | evaluated as | length | passkey accuracy (mean) | per depth | perplexity | layer modes "
