@@ -12,24 +12,27 @@ Training runs (`ltrain-train` subprocesses, their run directories under --out-di
 data-parallel ranks (2: torchrun over gloo, --threads torch threads shared among them):
 
   retrieval  experiment=short-to-long-retrieval: nano model, every layer dense, passkey data at
-             --retrieval-len tokens (128), --retrieval-steps steps: where retrieval (an induction
-             head) forms, which takes far fewer steps, and far less time, on short rows
+             --retrieval-len tokens (128), --retrieval-steps steps of 8 rows per rank: where
+             retrieval (an induction head) forms, which takes far fewer steps, and far less time,
+             on short rows (and at 16 rows per step formed where 8 did not)
   pretrain   experiment=short-to-long-dense trainer.init_from=<retrieval's final checkpoint>: the
              same weights at --short tokens (1024), --pretrain-steps steps, each row packing
              passkey samples of log-uniform lengths in [128, --short] (data.doc_len_min): the
              short ones keep the retrieval, the long ones stretch it to every distance
   infllm_v2  experiment=short-to-long-sparse trainer.init_from=<pretrain's final checkpoint>: the
              same weights at --long tokens (4096), every layer InfLLM-V2 with dense_len = --short,
-             so the layers run their top-k sparse mode; fresh optimizer and schedule
-  s2         experiment=short-to-long-s2 trainer.init_from=<same>: S2 and dense layers alternating
+             so the layers run their top-k sparse mode, and YaRN RoPE scaling by --long / --short
+             from --short positions; fresh optimizer and schedule
+  s2         experiment=short-to-long-s2 trainer.init_from=<same>: S2 and dense layers alternating,
+             the same RoPE scaling
   dense      (--control) experiment=short-to-long-sparse attention=dense: the same continuation dense
 
 Then `ltrain-eval` (subprocess) on each final checkpoint, eval.tasks=[passkey], eval.n=--probes
 (probes per depth, and sequences for the perplexity), eval.depths=--depths:
 
   retrieval at [retrieval-len, short] (dense), pretrain at [short, long] as trained (dense) and,
-  with eval.overrides, as each continuation's
-  attention without any continued training (the switch alone); each continuation at
+  with eval.overrides, as each continuation's model (attention and RoPE scaling) without any
+  continued training (the switch alone); each continuation at
   [short, 2 short, long].
 
 Writes benchmarks/results/short_to_long-<tag>.{json,md} (benchmarks.provenance's keys, every
@@ -94,12 +97,17 @@ def final_checkpoint(out: Path, run: str) -> Path:
     return ckpt_dir / (ckpt_dir / "latest").read_text().strip()
 
 
-def attention_overrides(run_dir: Path) -> list[str]:
-    """eval.overrides that give another run's model this run's attention: its pattern, layers and
-    sparse kinds' settings."""
-    att = OmegaConf.load(run_dir / "config.yaml").attention
+ROPE_KEYS = ("rope_scaling", "rope_factor", "rope_original_max_positions", "rope_beta_fast", "rope_beta_slow")
+
+
+def switch_overrides(run_dir: Path) -> list[str]:
+    """eval.overrides that give another run's weights this run's model without its training: its
+    attention (pattern, layers, sparse kinds' settings) and its RoPE scaling."""
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    att = cfg.attention
     layers = "null" if att.layers is None else f"[{','.join(att.layers)}]"
     out = [f"attention.pattern={att.pattern}", f"attention.layers={layers}"]
+    out += [f"model.{k}={cfg.model[k]}" for k in ROPE_KEYS]
     for kind in ("s2", "infllm_v2"):
         out += [f"attention.{kind}.{k}={v}" for k, v in att[kind].items()]
     return [o.replace(" ", "") for o in out]
@@ -177,6 +185,8 @@ def main(argv=None):
         for kind in kinds:
             walls[kind] = train(out, kind, [*CONTINUATIONS[kind], "trainer.resume=none", f"trainer.init_from={init}",
                                             f"data.seq_len={args.long}", f"attention.infllm_v2.dense_len={args.short}",
+                                            f"model.rope_factor={args.long / args.short:g}",
+                                            f"model.rope_original_max_positions={args.short}",
                                             f"trainer.max_steps={args.continue_steps}", *short_steps], args)
     runs = {run: train_summary(out, run, walls.get(run)) for run in ["retrieval", "pretrain", *kinds]}
 
@@ -185,7 +195,7 @@ def main(argv=None):
     for kind in kinds:
         if kind != "dense":
             evals[f"pretrain-as-{kind}"] = evaluate(out, f"pretrain-as-{kind}", "pretrain", [args.short, args.long],
-                                                    args, attention_overrides(out / kind))
+                                                    args, switch_overrides(out / kind))
         evals[kind] = evaluate(out, kind, kind, sorted({args.short, 2 * args.short, args.long}), args)
     result = {**finish(prov), "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
               "train": runs, "eval": evals}

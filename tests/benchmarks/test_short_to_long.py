@@ -4,6 +4,8 @@ file, its table and the heatmaps say so; --skip-train re-evaluates without inven
 
 import json
 
+from omegaconf import OmegaConf
+
 from benchmarks import short_to_long as sts
 
 TOY = ["--retrieval-steps", "4", "--pretrain-steps", "4", "--continue-steps", "2", "--short", "128", "--long", "256",
@@ -21,6 +23,10 @@ def test_recipe_chains_stages_and_evaluates_every_case(tmp_path, monkeypatch):
         "retrieval": (4, 128), "pretrain": (4, 128), "infllm_v2": (2, 256), "s2": (2, 256)}
     for stage, parent in (("pretrain", "retrieval"), ("infllm_v2", "pretrain"), ("s2", "pretrain")):
         assert str(sts.final_checkpoint(out, parent)) in (out / stage / "config.yaml").read_text()
+    for kind in ("infllm_v2", "s2"):  # YaRN from the short length, by long / short
+        model = OmegaConf.load(out / kind / "config.yaml").model
+        assert (model.rope_scaling, model.rope_factor, model.rope_original_max_positions) == ("yarn", 2.0, 128)
+    assert "model.rope_scaling=yarn" in sts.switch_overrides(out / "s2")
     assert list(r["eval"]) == CASES
     assert r["eval"]["infllm_v2"]["results"]["layer_modes"]["256"] == ["sparse", "sparse"]
     assert "sparse" in r["eval"]["pretrain-as-s2"]["results"]["layer_modes"]["256"]
