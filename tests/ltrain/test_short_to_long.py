@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
 from tests.multiproc import run_ranks
 
@@ -75,11 +76,14 @@ def test_dense_checkpoint_seeds_sparse_past_dense_len_and_s2(tmp_path):
     assert math.isfinite(s2_row["loss"]) and s2_row["attn/layer0/block_fraction"] < 1
 
     # The dense checkpoint's weights load strictly (ltrain.eval.load_model) into an infllm_v2
-    # model, which is exactly the dense model up to dense_len and finite, sparse, past it.
+    # model, which is exactly the dense model up to dense_len and finite, sparse, past it. (The
+    # continuation also stretches RoPE, YaRN; with stage 1's positions only the attention differs.)
     from ltrain.eval import load_model
 
     ckpt = tmp_path / "short" / "checkpoints" / "step_00000002"
-    (dense, _), (sparse, _) = load_model(tmp_path / "short", ckpt), load_model(tmp_path / "long", ckpt)
+    (dense, _), (sparse, _) = (load_model(tmp_path / "short", ckpt),
+                              load_model(tmp_path / "long", ckpt, ["model.rope_scaling=none"]))
+    assert OmegaConf.load(tmp_path / "long" / "config.yaml").model.rope_scaling == "yarn"
     assert set(dense.kinds) == {"dense"} and set(sparse.kinds) == {"infllm_v2"}
     ids = torch.randint(0, 256, (1, 256), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
