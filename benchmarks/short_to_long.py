@@ -97,17 +97,14 @@ def final_checkpoint(out: Path, run: str) -> Path:
     return ckpt_dir / (ckpt_dir / "latest").read_text().strip()
 
 
-ROPE_KEYS = ("rope_scaling", "rope_factor", "rope_original_max_positions", "rope_beta_fast", "rope_beta_slow")
-
-
 def switch_overrides(run_dir: Path) -> list[str]:
     """eval.overrides that give another run's weights this run's model without its training: its
-    attention (pattern, layers, sparse kinds' settings) and its RoPE scaling."""
+    attention (pattern, layers, sparse kinds' settings) and its RoPE (every model.rope_* key)."""
     cfg = OmegaConf.load(run_dir / "config.yaml")
     att = cfg.attention
     layers = "null" if att.layers is None else f"[{','.join(att.layers)}]"
     out = [f"attention.pattern={att.pattern}", f"attention.layers={layers}"]
-    out += [f"model.{k}={cfg.model[k]}" for k in ROPE_KEYS]
+    out += [f"model.{k}={v}" for k, v in cfg.model.items() if k.startswith("rope_")]
     for kind in ("s2", "infllm_v2"):
         out += [f"attention.{kind}.{k}={v}" for k, v in att[kind].items()]
     return [o.replace(" ", "") for o in out]
@@ -211,7 +208,7 @@ def write(r: dict, tag: str) -> None:
     lines = [f"# Short-to-long: dense at {s['retrieval_len']} -> {s['short']} tokens -> InfLLM-V2 and S2 at {s['long']}",
              "", markdown_line(r), "",
              "Training runs (`ltrain-train`, one after another, "
-             f"{s.get('ranks', 1)} data-parallel rank(s) sharing {s['threads']} torch threads; each run starts from the previous stage's final weights, "
+             f"{s['ranks']} data-parallel rank(s) sharing {s['threads']} torch threads; each run starts from the previous stage's final weights, "
              "`trainer.init_from`, with a fresh optimizer and schedule: pretrain from retrieval, the "
              f"continuations from pretrain). Training to the {s['short']}-token model (retrieval + pretrain): "
              f"{to_short}.", "",
